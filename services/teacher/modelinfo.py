@@ -1,0 +1,105 @@
+"""Describes a model without loading its weights: `ModelInfo` from its config and tokenizer.
+
+The front-end needs the vocabulary size, context length and tokenizer fingerprint to validate requests
+before they are queued, but must not pay for the weights; workers build the same description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from services.teacher.types import ModelInfo
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Per-teacher limits, advertised in ModelInfo and enforced by validation."""
+
+    max_top_k: int = 64
+    """Largest accepted `top_k`."""
+    max_full_elements: int = 64 * 1024 * 1024
+    """Memory guard for full rows: completion positions x vocab per request (64M float32 = 256 MB)."""
+    max_batch_tokens: int = 8192
+    """Token budget of one forward pass (sum of prompt + completion lengths)."""
+    max_pending_per_job: int = 4096
+    """Pending requests one job may have queued before RESOURCE_EXHAUSTED."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_top_k", "max_full_elements", "max_batch_tokens", "max_pending_per_job"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the vocabulary (token -> id, added tokens included) and the special tokens.
+
+    Two tokenizers with the same fingerprint map every text to the same ids; a student and a teacher must
+    agree on it, or per-token distillation silently compares different tokens.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    special = {
+        name: str(getattr(tokenizer, name, None))
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
+    special["all"] = sorted(str(t) for t in tokenizer.all_special_tokens)
+    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def vocab_size_of(config) -> int:
+    """Rows of the output embedding, i.e. the size of the logit vector."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.vocab_size)
+
+
+def max_context_of(config, tokenizer) -> int:
+    """Longest sequence the model accepts: max_position_embeddings (capped by a sane tokenizer limit)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+    tok_max = int(getattr(tokenizer, "model_max_length", 0) or 0)
+    if 0 < tok_max < 10**7 and (n == 0 or tok_max < n):
+        n = tok_max
+    return n or 2048
+
+
+def build_model_info(
+    model_id: str, config, tokenizer, *, backend: str, dtype: str, device: str, limits: EngineLimits,
+    supports_full: bool = True,
+) -> ModelInfo:
+    """ModelInfo from a config and tokenizer (no weights needed)."""
+    eos = tokenizer.eos_token_id
+    return ModelInfo(
+        model_id=model_id,
+        vocab_size=vocab_size_of(config),
+        max_context=max_context_of(config, tokenizer),
+        backend=backend,
+        dtype=dtype,
+        max_top_k=limits.max_top_k,
+        max_full_elements=limits.max_full_elements,
+        supports_full=supports_full,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        max_batch_tokens=limits.max_batch_tokens,
+        max_pending_per_job=limits.max_pending_per_job,
+        eos_token_id=-1 if eos is None else int(eos),
+        device=device,
+    )
+
+
+def load_config_and_tokenizer(model: str):
+    """(config, tokenizer) of a model folder or hub id, without weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoConfig.from_pretrained(model), AutoTokenizer.from_pretrained(model)
+
+
+def describe(model: str, *, backend: str = "hf", dtype: str = "float32", device: str = "cpu",
+             limits: EngineLimits | None = None):
+    """(ModelInfo, tokenizer) of a model without loading its weights: what a front-end needs."""
+    config, tokenizer = load_config_and_tokenizer(model)
+    info = build_model_info(
+        model, config, tokenizer, backend=backend, dtype=dtype, device=device, limits=limits or EngineLimits(),
+        supports_full=backend != "vllm",
+    )
+    return info, tokenizer

@@ -1,0 +1,59 @@
+"""The text-level scoring contract shared by `POST /v1/logprobs` and `prefix-distill score`.
+
+Both must print the same JSON for the same input, so the resolution of text or ids and the body builder
+live here, once. Text is tokenized without special tokens, prompt and completion separately.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from services.teacher.errors import InvalidRequest
+from services.teacher.types import ScoreResult
+
+
+def resolve_ids(tokenizer, prompt, prompt_token_ids, completion, completion_token_ids) -> tuple[list[int], list[int]]:
+    """Token ids from exactly one of text / ids for each side; InvalidRequest naming the field otherwise."""
+
+    def one(text, ids, text_name: str, ids_name: str) -> list[int]:
+        if (text is None) == (ids is None):
+            raise InvalidRequest(f"exactly one of `{text_name}` and `{ids_name}` must be given.", text_name)
+        if text is not None:
+            if not isinstance(text, str):
+                raise InvalidRequest(f"`{text_name}` must be a string.", text_name)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(ids)
+
+    return (
+        one(prompt, prompt_token_ids, "prompt", "prompt_token_ids"),
+        one(completion, completion_token_ids, "completion", "completion_token_ids"),
+    )
+
+
+class TokenTexts:
+    """Decoded text of single token ids, cached (top-k lists repeat the same ids constantly)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._decode = lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i]))
+
+    def __call__(self, token_id: int) -> str:
+        return self._decode(int(token_id))
+
+
+def logprobs_body(model_id: str, texts: TokenTexts, prompt_ids, completion_ids, result: ScoreResult) -> dict:
+    """The response body of `POST /v1/logprobs` (DESIGN.md contract), one entry per completion token."""
+    lp = result.token_logprobs.tolist()
+    top_ids = result.top_k_ids.tolist() if result.top_k_ids is not None else None
+    top_lp = result.top_k_logprobs.tolist() if result.top_k_logprobs is not None else None
+    tokens = []
+    for t, tid in enumerate(np.asarray(completion_ids).tolist()):
+        top = []
+        if top_ids is not None:
+            top = [
+                {"token_id": i, "token": texts(i), "logprob": v}
+                for i, v in zip(top_ids[t], top_lp[t], strict=True)
+            ]
+        tokens.append({"token_id": tid, "token": texts(tid), "logprob": lp[t], "top": top})
+    return {"model": model_id, "prompt_token_ids": [int(i) for i in prompt_ids], "tokens": tokens}

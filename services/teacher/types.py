@@ -1,0 +1,240 @@
+"""Domain dataclasses of the teacher: requests, results and model info, with `from_pb` / `to_pb`.
+
+Transports (gRPC, HTTP, the Redis queue) convert to and from these; engines only ever see these.
+Static validation (checks that need no model) runs when a request is built, so a malformed request can
+never reach a queue; model-dependent checks live in `validation.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.teacher import codec
+from services.teacher.errors import InvalidRequest
+from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+
+
+def _as_ids(values, param: str) -> np.ndarray:
+    """Token ids as a 1-D int64 array; InvalidRequest naming `param` for non-integers or negatives."""
+    try:
+        arr = np.asarray(values)
+        if arr.size == 0:
+            return np.zeros((0,), dtype=np.int64)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"`{param}` must be a list of integer token ids.", param) from None
+    if arr.min() < 0:
+        raise InvalidRequest(f"`{param}` must be >= 0, got {int(arr.min())}.", param)
+    return arr.astype(np.int64, copy=False)
+
+
+@dataclass
+class ScoreRequest:
+    """One (prompt, completion) pair to score: the teacher returns log p(c_t | prompt, c_<t) per t."""
+
+    prompt_token_ids: np.ndarray
+    """(P,) int64 context ids, P >= 1."""
+    completion_token_ids: np.ndarray
+    """(T,) int64 ids to score, T >= 1."""
+    request_id: str = ""
+    """Client-chosen id echoed in the result; retries reuse it."""
+    job_id: str = "default"
+    """Student job: queueing and fairness are per job."""
+    top_k: int = 0
+    """Most likely next tokens to return per position (0: none)."""
+    full: bool = False
+    """Return full vocabulary rows (bounded by the engine's memory guard)."""
+    temperature: float = 1.0
+    """Divides the logits before log_softmax; finite and > 0."""
+    full_dtype: str = "float32"
+    """Element type of full rows: float32, float16 or bfloat16."""
+    timeout_ms: int = 0
+    """Client deadline in ms (0: server default); expired requests are dropped, not scored."""
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = _as_ids(self.prompt_token_ids, "prompt_token_ids")
+        self.completion_token_ids = _as_ids(self.completion_token_ids, "completion_token_ids")
+        if self.prompt_token_ids.size == 0:
+            raise InvalidRequest("`prompt_token_ids` must hold at least one token.", "prompt_token_ids")
+        if self.completion_token_ids.size == 0:
+            raise InvalidRequest("`completion_token_ids` must hold at least one token.", "completion_token_ids")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
+            raise InvalidRequest(f"`top_k` must be an integer, got {self.top_k!r}.", "top_k")
+        if self.top_k < 0:
+            raise InvalidRequest(f"`top_k` must be >= 0, got {self.top_k}.", "top_k")
+        try:
+            temperature = float(self.temperature)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"`temperature` must be a number, got {self.temperature!r}.", "temperature") from None
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise InvalidRequest(f"`temperature` must be finite and > 0, got {self.temperature}.", "temperature")
+        self.temperature = temperature
+        if self.full_dtype not in codec.FLOAT_DTYPES:
+            raise InvalidRequest(
+                f"`full_dtype` must be one of {list(codec.FLOAT_DTYPES)}, got {self.full_dtype!r}.", "full_dtype"
+            )
+        if self.timeout_ms < 0:
+            raise InvalidRequest(f"`timeout_ms` must be >= 0, got {self.timeout_ms}.", "timeout_ms")
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus completion length: what the request costs in a batch's token budget."""
+        return int(self.prompt_token_ids.size + self.completion_token_ids.size)
+
+    @classmethod
+    def from_pb(cls, m: pb.ScoreRequest) -> ScoreRequest:
+        """Builds (and statically validates) a request from its wire form."""
+        if m.full_dtype == pb.DTYPE_UNSPECIFIED:
+            full_dtype = "float32"
+        elif m.full_dtype in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
+            full_dtype = codec.dtype_name(m.full_dtype)
+        else:
+            full_dtype = f"enum {m.full_dtype}"  # rejected with the field named by __post_init__
+        return cls(
+            prompt_token_ids=np.array(m.prompt_token_ids, dtype=np.int64),
+            completion_token_ids=np.array(m.completion_token_ids, dtype=np.int64),
+            request_id=m.request_id,
+            job_id=m.job_id or "default",
+            top_k=m.top_k,
+            full=m.full,
+            temperature=m.temperature if m.temperature != 0 else 1.0,
+            full_dtype=full_dtype,
+            timeout_ms=m.timeout_ms,
+        )
+
+    def to_pb(self) -> pb.ScoreRequest:
+        """The wire form of this request."""
+        return pb.ScoreRequest(
+            request_id=self.request_id,
+            job_id=self.job_id,
+            prompt_token_ids=self.prompt_token_ids.tolist(),
+            completion_token_ids=self.completion_token_ids.tolist(),
+            top_k=self.top_k,
+            full=self.full,
+            temperature=self.temperature,
+            full_dtype=codec.dtype_enum(self.full_dtype),
+            timeout_ms=self.timeout_ms,
+        )
+
+
+@dataclass
+class ScoreResult:
+    """The teacher's scores of one request, indexed by completion position t."""
+
+    request_id: str
+    token_logprobs: np.ndarray
+    """(T,) float32."""
+    top_k_ids: np.ndarray | None = None
+    """(T, k) int32, most likely first; None when top_k = 0."""
+    top_k_logprobs: np.ndarray | None = None
+    """(T, k) float32; None when top_k = 0."""
+    full_logprobs: np.ndarray | None = None
+    """(T, V) in storage form of `full_dtype` (bfloat16 as raw uint16 bits); None unless asked."""
+    full_dtype: str = "float32"
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+    worker_id: str = ""
+
+    def full_float32(self) -> np.ndarray | None:
+        """The full rows widened to float32 (exact for every storage dtype)."""
+        if self.full_logprobs is None:
+            return None
+        if self.full_dtype == "bfloat16" and self.full_logprobs.dtype == np.uint16:
+            return codec.bf16_bits_to_float32(self.full_logprobs)
+        return self.full_logprobs.astype(np.float32, copy=False)
+
+    def to_pb(self) -> pb.ScoreResponse:
+        """The wire form (arrays packed as `Tensor`)."""
+        m = pb.ScoreResponse(
+            request_id=self.request_id,
+            queue_ms=self.queue_ms,
+            compute_ms=self.compute_ms,
+            batch_size=self.batch_size,
+            worker_id=self.worker_id,
+        )
+        codec.encode(self.token_logprobs, "float32", out=m.token_logprobs)
+        if self.top_k_ids is not None:
+            codec.encode(self.top_k_ids, "int32", out=m.top_k_ids)
+            codec.encode(self.top_k_logprobs, "float32", out=m.top_k_logprobs)
+        if self.full_logprobs is not None:
+            codec.encode(self.full_logprobs, self.full_dtype, out=m.full_logprobs)
+        return m
+
+    @classmethod
+    def from_pb(cls, m: pb.ScoreResponse) -> ScoreResult:
+        """Decodes a response; bfloat16 full rows are kept as raw bits (see `full_float32`)."""
+        has_topk = m.HasField("top_k_ids")
+        has_full = m.HasField("full_logprobs")
+        return cls(
+            request_id=m.request_id,
+            token_logprobs=codec.decode(m.token_logprobs),
+            top_k_ids=codec.decode(m.top_k_ids) if has_topk else None,
+            top_k_logprobs=codec.decode(m.top_k_logprobs) if has_topk else None,
+            full_logprobs=codec.decode(m.full_logprobs, raw_bf16=True) if has_full else None,
+            full_dtype=codec.dtype_name(m.full_logprobs.dtype) if has_full else "float32",
+            queue_ms=m.queue_ms,
+            compute_ms=m.compute_ms,
+            batch_size=m.batch_size,
+            worker_id=m.worker_id,
+        )
+
+
+@dataclass
+class ModelInfo:
+    """What a client needs to know about a teacher before sending work (mirrors `teacher.v1.ModelInfo`)."""
+
+    model_id: str
+    vocab_size: int
+    max_context: int
+    backend: str = "hf"
+    dtype: str = "float32"
+    max_top_k: int = 64
+    max_full_elements: int = 64 * 1024 * 1024
+    supports_full: bool = True
+    tokenizer_fingerprint: str = ""
+    max_batch_tokens: int = 8192
+    max_pending_per_job: int = 4096
+    eos_token_id: int = -1
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+    """Not on the wire: backend-specific details for logs."""
+
+    def to_pb(self) -> pb.ModelInfo:
+        return pb.ModelInfo(
+            model_id=self.model_id,
+            vocab_size=self.vocab_size,
+            max_context=self.max_context,
+            backend=self.backend,
+            dtype=self.dtype,
+            max_top_k=self.max_top_k,
+            max_full_elements=self.max_full_elements,
+            supports_full=self.supports_full,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+            max_batch_tokens=self.max_batch_tokens,
+            max_pending_per_job=self.max_pending_per_job,
+            eos_token_id=self.eos_token_id,
+            device=self.device,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
+        return cls(
+            model_id=m.model_id,
+            vocab_size=m.vocab_size,
+            max_context=m.max_context,
+            backend=m.backend,
+            dtype=m.dtype,
+            max_top_k=m.max_top_k,
+            max_full_elements=m.max_full_elements,
+            supports_full=m.supports_full,
+            tokenizer_fingerprint=m.tokenizer_fingerprint,
+            max_batch_tokens=m.max_batch_tokens,
+            max_pending_per_job=m.max_pending_per_job,
+            eos_token_id=m.eos_token_id,
+            device=m.device,
+        )

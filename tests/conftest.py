@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny real models (built once per session) and a real Redis database per test module.
+
+Nothing here is a fake: models are real transformers models with a locally trained tokenizer, Redis is the
+real server at 127.0.0.1:6379 (or $TEST_REDIS_URL), each module getting its own database number, flushed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(models_dir) -> Path:
+    """A 2-layer random Llama (hidden 64) with peaky logits: the teacher of the tests."""
+    from services.models.tiny import build_tiny
+
+    return build_tiny(models_dir / "teacher", layers=2, hidden=64, seed=1, init_std=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(models_dir) -> Path:
+    """A different random Llama sharing the teacher's tokenizer: the student of the tests."""
+    from services.models.tiny import build_tiny
+
+    return build_tiny(models_dir / "student", layers=2, hidden=64, seed=2, init_std=0.02)
+
+
+@pytest.fixture(scope="session")
+def tiny_other_tokenizer(models_dir) -> Path:
+    """A tiny model whose tokenizer differs (smaller vocabulary): fingerprints must differ."""
+    from services.models.tiny import build_tiny
+
+    return build_tiny(models_dir / "other", layers=1, hidden=32, seed=3, vocab_size=400)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_DB_COUNTER = iter(range(1, 16))
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    """A flushed database of the real Redis server for this test module."""
+    import redis
+
+    base = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+    db = next(_DB_COUNTER, None)
+    if db is None:
+        pytest.skip("out of Redis database numbers")
+    url = f"{base}/{db}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {base}")
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A private redis-server on a free port (for tests that stop and restart Redis)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not on PATH")
+    port = free_port()
+    args = [exe, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+
+    class Server:
+        url = f"redis://127.0.0.1:{port}/0"
+        proc = None
+
+        def start(self):
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            import redis
+
+            for _ in range(100):
+                try:
+                    redis.Redis(port=port).ping()
+                    return
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            raise RuntimeError("redis-server did not start")
+
+        def stop(self):
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.wait()
+                self.proc = None
+
+    server = Server()
+    server.start()
+    yield server
+    server.stop()
