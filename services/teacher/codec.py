@@ -16,7 +16,12 @@ from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 DTYPE_NAMES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16, "int32": pb.INT32}
 _ENUM_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 _STORAGE = {pb.FLOAT32: "<f4", pb.FLOAT16: "<f2", pb.BFLOAT16: "<u2", pb.INT32: "<i4"}
-_TORCH = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16, pb.INT32: torch.int32}
+_TORCH = {
+    pb.FLOAT32: torch.float32,
+    pb.FLOAT16: torch.float16,
+    pb.BFLOAT16: torch.bfloat16,
+    pb.INT32: torch.int32,
+}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -45,11 +50,12 @@ def to_storage(x: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
             return t.view(torch.int16).numpy().view("<u2")
         return t.numpy()
     arr = np.asarray(x)
+    # np.asarray(order="C") rather than np.ascontiguousarray, which turns a 0-d array into shape (1,).
     if enum == pb.BFLOAT16:
         if arr.dtype == np.uint16:  # already raw bf16 bits
-            return np.ascontiguousarray(arr, dtype="<u2")
-        return to_storage(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), dtype)
-    return np.ascontiguousarray(arr, dtype=_STORAGE[enum])
+            return np.asarray(arr, dtype="<u2", order="C")
+        return to_storage(torch.from_numpy(np.asarray(arr, dtype=np.float32, order="C")), dtype)
+    return np.asarray(arr, dtype=_STORAGE[enum], order="C")
 
 
 def encode(x: np.ndarray | torch.Tensor, dtype: str, out: pb.Tensor | None = None) -> pb.Tensor:
