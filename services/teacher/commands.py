@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import typer
 
-from services.teacher.errors import TeacherError
+from services.teacher.errors import InvalidRequest, TeacherError
 
 teacher_app = typer.Typer(help="Run the teacher service.", no_args_is_help=True)
 
@@ -18,7 +17,15 @@ def _parse_ids(text: str | None, param: str) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",") if x.strip() != ""]
     except ValueError:
-        raise TeacherError(f"`{param}` must be comma-separated integers, got {text!r}.", param) from None
+        raise InvalidRequest(f"`{param}` must be comma-separated integers, got {text!r}.", param) from None
+
+
+def quiet_progress_bars() -> None:
+    """Turns off transformers' / huggingface_hub's tqdm bars ("Loading weights", "Writing model shards"):
+    a CLI's stderr is for errors, and bars from every load would bury the one-line error messages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def fail(err: TeacherError | ValueError, param: str = "") -> None:
@@ -44,9 +51,10 @@ def register_score(app: typer.Typer) -> None:
     ) -> None:
         """Score a completion in-process and print exactly the JSON body of POST /v1/logprobs."""
         from services.teacher.engine import load_engine
-        from services.teacher.textapi import TokenTexts, logprobs_body, resolve_ids
+        from services.teacher.textapi import TokenTexts, logprobs_body, render_json, resolve_ids
         from services.teacher.types import ScoreRequest
 
+        quiet_progress_bars()
         try:
             p_ids = _parse_ids(prompt_ids, "prompt_token_ids")
             c_ids = _parse_ids(completion_ids, "completion_token_ids")
@@ -59,4 +67,60 @@ def register_score(app: typer.Typer) -> None:
         except OSError as err:
             fail(err, "model")
         body = logprobs_body(engine.info.model_id, TokenTexts(engine.tokenizer), p, c, result)
-        sys.stdout.write(json.dumps(body) + "\n")
+        sys.stdout.write(render_json(body) + "\n")
+
+
+# -- teacher serve | frontend | worker -------------------------------------------------------------------------
+# The flags are generated from TeacherSettings, so each is documented once (its field) and also readable from
+# the environment as TEACHER_<NAME>; a flag that is not given leaves the environment or default in charge.
+
+
+def _settings(flags: dict):
+    from pydantic import ValidationError
+
+    from services.teacher.settings import TeacherSettings
+
+    try:
+        return TeacherSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        typer.echo(f"error: {field}: {first['msg']} (flag --{field.replace('_', '-')} or TEACHER_{field.upper()})",
+                   err=True)
+        raise typer.Exit(2) from None
+
+
+def _make_command(name: str, doc: str, runner_name: str) -> None:
+    import inspect
+    import logging
+
+    from services.teacher.settings import TeacherSettings
+
+    params = []
+    for field, info in TeacherSettings.model_fields.items():
+        ann = info.annotation
+        base = int if ann is int else float if ann is float else str
+        params.append(
+            inspect.Parameter(
+                field, inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, f"--{field.replace('_', '-')}", help=info.description),
+                annotation=base | None,
+            )
+        )
+
+    def command(**flags) -> None:
+        from services.teacher import server
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        settings = _settings(flags)
+        getattr(server, runner_name)(settings)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    command.__name__ = name
+    teacher_app.command(name)(command)
+
+
+_make_command("serve", "Run a front-end (gRPC + HTTP) and --workers worker processes.", "serve")
+_make_command("frontend", "Run only the front-end (loads the tokenizer and config, no weights).", "frontend")
+_make_command("worker", "Run one worker: loads the model, serves batches from Redis.", "worker")

@@ -6,6 +6,7 @@ live here, once. Text is tokenized without special tokens, prompt and completion
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 import numpy as np
@@ -57,3 +58,8 @@ def logprobs_body(model_id: str, texts: TokenTexts, prompt_ids, completion_ids, 
             ]
         tokens.append({"token_id": tid, "token": texts(tid), "logprob": lp[t], "top": top})
     return {"model": model_id, "prompt_token_ids": [int(i) for i in prompt_ids], "tokens": tokens}
+
+
+def render_json(body: dict) -> str:
+    """The exact bytes both the HTTP API and the CLI emit (compact, like FastAPI's JSONResponse)."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))

@@ -1,0 +1,152 @@
+"""The gRPC transport: `teacher.v1.Teacher` (Score, ScoreStream, GetModelInfo), health and reflection.
+
+The servicer only converts and delegates to the `Dispatcher`. Responses are forwarded as the bytes the worker
+serialized (a pass-through serializer), so the front-end never re-encodes large arrays. All exceptions are
+mapped to status codes in one place (`_status`): bad input is INVALID_ARGUMENT with the field named, never
+INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from services.teacher.errors import Internal, TeacherError
+from services.teacher.frontend import Dispatcher
+from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+from services.teacher.types import ScoreRequest
+
+log = logging.getLogger("prefix_distill.grpc")
+SERVICE = "teacher.v1.Teacher"
+
+
+def _passthrough(msg) -> bytes:
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def _error_response(request_id: str, err: TeacherError) -> pb.ScoreResponse:
+    return pb.ScoreResponse(request_id=request_id, error=pb.Error(code=err.code, param=err.param, message=err.message))
+
+
+def _as_teacher_error(err: Exception) -> TeacherError:
+    if isinstance(err, TeacherError):
+        return err
+    log.exception("unexpected error", exc_info=err)
+    return Internal(f"internal error: {type(err).__name__}")
+
+
+async def _status(context: grpc.aio.ServicerContext, err: Exception) -> None:
+    """The one place that turns an exception into a gRPC status (and aborts the RPC)."""
+    terr = _as_teacher_error(err)
+    context.set_trailing_metadata((("x-error-param", terr.param),))
+    await context.abort(grpc.StatusCode[terr.code], terr.message)
+
+
+class TeacherServicer:
+    """Implements teacher.v1.Teacher over a Dispatcher."""
+
+    def __init__(self, dispatcher: Dispatcher, stream_window: int) -> None:
+        self.d = dispatcher
+        self.stream_window = stream_window
+
+    async def Score(self, request: pb.ScoreRequest, context) -> bytes:
+        try:
+            body, _ = await self.d.submit(ScoreRequest.from_pb(request), "grpc")
+            return body
+        except Exception as err:  # noqa: BLE001 - mapped to a status
+            await _status(context, err)
+
+    async def ScoreStream(self, request_iterator, context):
+        """Answers each request as soon as it is ready. At most `stream_window` requests are in flight: the
+        reader stops pulling from the client until responses drain, so HTTP/2 flow control pushes back."""
+        out: asyncio.Queue = asyncio.Queue()
+        window = asyncio.Semaphore(self.stream_window)
+        tasks: set[asyncio.Task] = set()
+        done = object()
+
+        async def one(m: pb.ScoreRequest) -> None:
+            try:
+                body, _ = await self.d.submit(ScoreRequest.from_pb(m), "grpc_stream")
+            except Exception as err:  # noqa: BLE001 - reported in-band, the stream goes on
+                body = _error_response(m.request_id, _as_teacher_error(err))
+            await out.put(body)
+
+        async def reader() -> None:
+            try:
+                async for m in request_iterator:
+                    await window.acquire()
+                    t = asyncio.create_task(one(m))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                await out.put(done)
+
+        reader_task = asyncio.create_task(reader())
+        try:
+            while True:
+                item = await out.get()
+                if item is done:
+                    break
+                yield item
+                window.release()
+        finally:
+            reader_task.cancel()
+            for t in list(tasks):
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader_task
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        return self.d.info.to_pb()
+
+
+def _handler(servicer: TeacherServicer) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Score": grpc.unary_unary_rpc_method_handler(
+                servicer.Score, request_deserializer=pb.ScoreRequest.FromString, response_serializer=_passthrough
+            ),
+            "ScoreStream": grpc.stream_stream_rpc_method_handler(
+                servicer.ScoreStream, request_deserializer=pb.ScoreRequest.FromString,
+                response_serializer=_passthrough,
+            ),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                servicer.GetModelInfo, request_deserializer=pb.ModelInfoRequest.FromString,
+                response_serializer=_passthrough,
+            ),
+        },
+    )
+
+
+async def build_grpc_server(dispatcher: Dispatcher, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A started gRPC server for `dispatcher` (with health and reflection); returns it and its bound port."""
+    s = dispatcher.settings
+    server = grpc.aio.server(options=s.grpc_options())
+    server.add_generic_rpc_handlers((_handler(TeacherServicer(dispatcher, s.stream_window)),))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+
+    async def on_health(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health.set("", status)
+        await health.set(SERVICE, status)
+
+    dispatcher.health_listeners.append(on_health)
+    await on_health(dispatcher.serving)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,122 @@
+"""The HTTP transport (FastAPI): POST /v1/logprobs, GET /v1/models, /healthz, /metrics, /docs.
+
+For analysis and humans (curl, notebooks); students use gRPC. Errors are always
+`{"error": {"param": ..., "message": ...}}`: 400 for bad values, 422 for a malformed body, 429 for a full job
+queue, 503 when Redis or every worker is unreachable; never a 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.teacher.errors import TeacherError, http_status
+from services.teacher.frontend import Dispatcher
+from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+from services.teacher.textapi import TokenTexts, logprobs_body, render_json, resolve_ids
+from services.teacher.types import ScoreRequest, ScoreResult
+
+
+class LogprobsRequest(BaseModel):
+    """Body of POST /v1/logprobs: exactly one of prompt / prompt_token_ids and of completion / completion_token_ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, description="Prompt text (tokenized without special tokens).")
+    prompt_token_ids: list[int] | None = Field(None, description="Prompt as token ids.")
+    completion: str | None = Field(None, description="Completion text to score.")
+    completion_token_ids: list[int] | None = Field(None, description="Completion as token ids.")
+    top_k: int = Field(0, description="Most likely next tokens to list per position.")
+    temperature: float = Field(1.0, description="Softmax temperature (> 0).")
+    job_id: str = Field("http", description="Job the request is queued under (fairness, quotas).")
+
+
+def _error(status: int, param: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"param": param, "message": message}})
+
+
+def create_app(dispatcher: Dispatcher) -> FastAPI:
+    """The FastAPI app over a started Dispatcher (which must carry the tokenizer)."""
+    app = FastAPI(
+        title="prefix-distill teacher",
+        description="Token-level teacher log-probabilities for on-policy (prefix) distillation.",
+        version="1.0",
+    )
+    info = dispatcher.info
+    texts = TokenTexts(dispatcher.tokenizer)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ""
+        for part in first.get("loc", ()):
+            if isinstance(part, int):
+                param += f"[{part}]" if param else ""
+            elif part != "body":
+                param += ("." if param else "") + str(part)
+        return _error(422, param or "body", first.get("msg", "invalid request body"))
+
+    @app.exception_handler(TeacherError)
+    async def teacher_error(_request: Request, exc: TeacherError) -> JSONResponse:
+        return _error(http_status(exc), exc.param, exc.message)
+
+    @app.post("/v1/logprobs")
+    async def logprobs(body: LogprobsRequest) -> Response:
+        """The teacher's log-probability of each completion token, with its top-k alternatives."""
+        p, c = await asyncio.to_thread(
+            resolve_ids, dispatcher.tokenizer, body.prompt, body.prompt_token_ids, body.completion,
+            body.completion_token_ids,
+        )
+        req = ScoreRequest(p, c, request_id="http", job_id=body.job_id, top_k=body.top_k,
+                           temperature=body.temperature)
+        raw, _ = await dispatcher.submit(req, "http")
+        result = ScoreResult.from_pb(pb.ScoreResponse.FromString(raw))
+        return Response(render_json(logprobs_body(info.model_id, texts, p, c, result)), media_type="application/json")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        """The model behind this teacher, its limits and tokenizer fingerprint."""
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": info.model_id,
+                    "object": "model",
+                    "backend": info.backend,
+                    "dtype": info.dtype,
+                    "device": info.device,
+                    "vocab_size": info.vocab_size,
+                    "max_context": info.max_context,
+                    "max_top_k": info.max_top_k,
+                    "max_full_elements": info.max_full_elements,
+                    "supports_full": info.supports_full,
+                    "max_batch_tokens": info.max_batch_tokens,
+                    "max_pending_per_job": info.max_pending_per_job,
+                    "eos_token_id": info.eos_token_id,
+                    "tokenizer_fingerprint": info.tokenizer_fingerprint,
+                }
+            ],
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """200 while Redis answers and a worker is alive, else 503."""
+        body = {
+            "status": "ok" if dispatcher.serving else "unavailable",
+            "redis": dispatcher.redis_ok,
+            "workers": dispatcher.live_workers,
+            "model": info.model_id,
+        }
+        return JSONResponse(status_code=200 if dispatcher.serving else 503, content=body)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        """Prometheus exposition: queue depth per job, batch sizes, tokens/s, latencies, errors by code."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,63 @@
+"""Prometheus metrics of a teacher front-end (served at GET /metrics).
+
+Worker-side figures (batch size, compute time, tokens) arrive in each reply's header, so one front-end's
+/metrics describes the whole pipeline it uses without scraping the workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("teacher_requests_total", "Requests answered, by transport and status code.", ["transport", "code"])
+LATENCY = Histogram(
+    "teacher_request_latency_seconds", "End-to-end latency seen by the front-end.", ["transport"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+QUEUE_WAIT = Histogram(
+    "teacher_queue_wait_seconds", "Time a request waited in Redis before its batch started.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+COMPUTE = Histogram(
+    "teacher_batch_compute_seconds", "Forward pass + post-processing time of the batch of each request.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCH_SIZE = Histogram(
+    "teacher_batch_size", "Requests in the batch that scored each request.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+TOKENS = Counter("teacher_tokens_scored_total", "Prompt + completion tokens of answered requests.")
+TOKENS_PER_S = Gauge("teacher_tokens_per_second", "Tokens scored per second over the last 10 s.")
+QUEUE_DEPTH = Gauge("teacher_queue_depth", "Queued (unclaimed) requests per job.", ["job"])
+INFLIGHT = Gauge("teacher_inflight_requests", "Requests claimed by workers and not yet answered.")
+PENDING = Gauge("teacher_frontend_pending", "Requests this front-end is waiting on.")
+WORKERS = Gauge("teacher_live_workers", "Workers heard from within their TTL.")
+REDIS_UP = Gauge("teacher_redis_up", "1 when Redis answered the last health probe.")
+
+
+class TokenRate:
+    """Tokens per second over a sliding window (for the gauge; Prometheus users can also rate() the counter)."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.events: collections.deque[tuple[float, int]] = collections.deque()
+
+    def add(self, tokens: int) -> None:
+        self.events.append((time.monotonic(), tokens))
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        while self.events and self.events[0][0] < now - self.window_s:
+            self.events.popleft()
+        return sum(t for _, t in self.events) / self.window_s
+
+
+def set_depths(depths: dict[str, int], known: set[str]) -> set[str]:
+    """Updates the per-job depth gauge; jobs that drained drop to 0 then disappear. Returns the jobs shown."""
+    for job in known - set(depths):
+        QUEUE_DEPTH.remove(job)
+    for job, n in depths.items():
+        QUEUE_DEPTH.labels(job=job).set(n)
+    return set(depths)

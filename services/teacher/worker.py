@@ -1,0 +1,178 @@
+"""A teacher worker: claims fair batches from the Redis queue, runs the engine, answers, acknowledges.
+
+One loop per process (the engine owns the CPU/GPU). While a batch computes, a lease thread keeps extending
+its visibility, so only a dead (or hung) worker's batch is re-claimed. A batch that raises is retried request by
+request, so one poisonous request fails alone; requests on their second or later attempt are scored alone too
+(a crash that killed the process leaves no exception to catch). SIGTERM/SIGINT: stop claiming, finish the
+batch in hand, leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+import redis
+
+from services.teacher.errors import DeadlineExceeded, Internal, TeacherError
+from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+from services.teacher.queue import Claimed, QueueConfig, ReplyStats, WorkerQueue, encode_err, encode_ok
+from services.teacher.types import ScoreRequest
+
+log = logging.getLogger("prefix_distill.worker")
+
+
+class Worker:
+    """Serves one engine from the queue until `stop()`."""
+
+    def __init__(self, engine, redis_url: str, qcfg: QueueConfig, *, max_batch_tokens: int, max_batch_size: int,
+                 batch_wait_ms: float = 2.0, worker_id: str | None = None) -> None:
+        self.engine = engine
+        self.redis_url = redis_url
+        self.qcfg = qcfg
+        self.queue = WorkerQueue(redis_url, qcfg)
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._held: list[str] = []  # rids of the batch in hand (read by the lease thread)
+        self._held_lock = threading.Lock()
+        self.batches = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def stop(self, *_args) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        """Main loop: heartbeat, claim, score, answer; survives Redis outages by backing off."""
+        lease = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
+        lease.start()
+        log.info("worker %s serving %s", self.worker_id, self.qcfg.prefix)
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self.queue.heartbeat(self.worker_id)
+                items = self.queue.claim(self.max_batch_tokens, self.max_batch_size)
+                if not items:
+                    if self.queue.wait_for_work(0.25) and self.batch_wait_s:
+                        time.sleep(self.batch_wait_s)  # let a burst arrive: bigger batches
+                    continue
+                self._process(items)
+                backoff = 0.1
+            except redis.RedisError as err:
+                log.warning("redis unavailable (%s); retrying in %.1fs", err, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+        try:
+            self.queue.leave(self.worker_id)
+        except redis.RedisError:
+            pass
+        self.queue.close()
+        log.info("worker %s stopped after %d batches", self.worker_id, self.batches)
+
+    def _lease_loop(self) -> None:
+        """Extends the leases of the batch in hand every third of the visibility timeout; heartbeats too."""
+        q = WorkerQueue(self.redis_url, self.qcfg)
+        period = max(0.05, min(self.qcfg.visibility_ms, self.qcfg.worker_ttl_ms) / 3000.0)
+        while not self._stop.wait(period):
+            with self._held_lock:
+                rids = list(self._held)
+            try:
+                q.heartbeat(self.worker_id)
+                q.extend(rids)
+            except redis.RedisError:
+                pass
+        q.close()
+
+    # -- work --------------------------------------------------------------------------------------------------
+    def _process(self, items: list[Claimed]) -> None:
+        with self._held_lock:
+            self._held = [it.rid for it in items]
+        try:
+            now_ms = int(time.time() * 1000)
+            replies: list[tuple[Claimed, bytes]] = []
+            fresh: list[tuple[Claimed, ScoreRequest]] = []
+            retried: list[tuple[Claimed, ScoreRequest]] = []
+            for it in items:
+                if it.deadline_ms and it.deadline_ms < now_ms:
+                    replies.append((it, encode_err(it.rid, DeadlineExceeded("the request's deadline passed in the queue"))))
+                    continue
+                try:
+                    req = ScoreRequest.from_pb(pb.ScoreRequest.FromString(it.payload))
+                except TeacherError as err:
+                    replies.append((it, encode_err(it.rid, err)))
+                    continue
+                (retried if it.attempts > 1 else fresh).append((it, req))
+            if fresh:
+                replies += self._score_group(fresh)
+            for one in retried:
+                replies += self._score_group([one])
+            if replies:
+                self.queue.complete_many(replies)
+            self.batches += 1
+        finally:
+            with self._held_lock:
+                self._held = []
+
+    def _score_group(self, group: list[tuple[Claimed, ScoreRequest]]) -> list[tuple[Claimed, bytes]]:
+        """Scores a group; on an engine exception, retries each request alone and nacks those that fail."""
+        try:
+            results = self.engine.score([req for _, req in group])
+        except Exception as err:  # noqa: BLE001 - any engine failure must not kill the worker
+            if len(group) > 1:
+                log.warning("batch of %d failed (%r); retrying one by one", len(group), err)
+                out = []
+                for one in group:
+                    out += self._score_group([one])
+                return out
+            it, _ = group[0]
+            log.warning("request %s failed on attempt %d: %r", it.rid, it.attempts, err)
+            if self.queue.nack(it, f"{type(err).__name__}: {err}") == 2:
+                log.error("request %s failed for good after %d attempts", it.rid, it.attempts)
+            return []
+        out = []
+        for (it, req), res in zip(group, results, strict=True):
+            if isinstance(res, TeacherError):
+                out.append((it, encode_err(it.rid, res)))
+                continue
+            res.queue_ms = float(it.waited_ms)
+            res.worker_id = self.worker_id
+            stats = ReplyStats(res.batch_size, req.num_tokens, res.queue_ms, res.compute_ms)
+            out.append((it, encode_ok(it.rid, res.to_pb().SerializeToString(), stats)))
+        return out
+
+
+def run_worker(settings, *, ready: threading.Event | None = None) -> None:
+    """Entry point of one worker process: loads the engine, then serves until SIGTERM/SIGINT."""
+    import torch
+
+    from services.teacher.engine import load_engine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
+    torch.set_num_threads(threads)
+    engine = load_engine(
+        settings.model, backend=settings.backend, dtype=settings.dtype, device=settings.device,
+        limits=settings.limits(),
+    )
+    worker = Worker(
+        engine, settings.redis_url, QueueConfig.from_settings(settings),
+        max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+    )
+    worker.install_signal_handlers()
+    if ready is not None:
+        ready.set()
+    worker.run()
+
+
+__all__ = ["Internal", "Worker", "run_worker"]
