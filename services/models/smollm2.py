@@ -53,13 +53,25 @@ def load_gguf():
 
 
 def _save_atomically(out: Path, write) -> None:
-    """Runs write(tmp_dir) and renames it to `out`, so a crash never leaves a half-written cache."""
-    tmp = out.with_name(out.name + ".tmp")
+    """Runs write(tmp_dir) and renames it to `out`, so a crash never leaves a half-written cache.
+
+    The temporary folder is per process, so concurrent preparations (parallel test runs) never delete each
+    other's work; whichever finishes first wins and the others discard their copy.
+    """
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        write(tmp)
+        if not (out / "config.json").exists():
+            shutil.rmtree(out, ignore_errors=True)  # an incomplete leftover
+            try:
+                tmp.rename(out)
+            except OSError:
+                if not (out / "config.json").exists():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _plain_llama(model, num_layers: int | None = None):
@@ -77,7 +89,8 @@ def _plain_llama(model, num_layers: int | None = None):
         if getattr(cfg, "layer_types", None):
             cfg.layer_types = cfg.layer_types[:num_layers]
         state = {
-            k: v for k, v in state.items()
+            k: v
+            for k, v in state.items()
             if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers
         }
     plain = LlamaForCausalLM(cfg)

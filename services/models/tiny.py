@@ -26,7 +26,9 @@ def corpus() -> list[str]:
         w1, w2, w3 = _WORDS[i % len(_WORDS)], _WORDS[(i * 7) % len(_WORDS)], _WORDS[(i * 13) % len(_WORDS)]
         lines.append(f"Question: what is {a} + {b}? Answer: {a + b}.")
         lines.append(f"{w1} {w2} {w3}: {a} * {b} = {a * b}, {a} - {b} = {a - b}.")
-    lines.append("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()[]{}+-*/=<>#%&_\n")
+    lines.append(
+        "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()[]{}+-*/=<>#%&_\n"
+    )
     return lines
 
 

@@ -40,10 +40,16 @@ def register_score(app: typer.Typer) -> None:
     @app.command()
     def score(
         model: str = typer.Option(..., "--model", help="Model folder or hub id."),
-        prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (tokenized without special tokens)."),
+        prompt: str | None = typer.Option(
+            None, "--prompt", help="Prompt text (tokenized without special tokens)."
+        ),
         completion: str | None = typer.Option(None, "--completion", help="Completion text to score."),
-        prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="Prompt as comma-separated token ids."),
-        completion_ids: str | None = typer.Option(None, "--completion-ids", help="Completion as comma-separated ids."),
+        prompt_ids: str | None = typer.Option(
+            None, "--prompt-ids", help="Prompt as comma-separated token ids."
+        ),
+        completion_ids: str | None = typer.Option(
+            None, "--completion-ids", help="Completion as comma-separated ids."
+        ),
         top_k: int = typer.Option(0, "--top-k", help="Most likely next tokens to list per position."),
         temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature (> 0)."),
         dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32 | bfloat16."),
@@ -85,8 +91,10 @@ def _settings(flags: dict):
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        typer.echo(f"error: {field}: {first['msg']} (flag --{field.replace('_', '-')} or TEACHER_{field.upper()})",
-                   err=True)
+        typer.echo(
+            f"error: {field}: {first['msg']} (flag --{field.replace('_', '-')} or TEACHER_{field.upper()})",
+            err=True,
+        )
         raise typer.Exit(2) from None
 
 
@@ -102,7 +110,8 @@ def _make_command(name: str, doc: str, runner_name: str) -> None:
         base = int if ann is int else float if ann is float else str
         params.append(
             inspect.Parameter(
-                field, inspect.Parameter.KEYWORD_ONLY,
+                field,
+                inspect.Parameter.KEYWORD_ONLY,
                 default=typer.Option(None, f"--{field.replace('_', '-')}", help=info.description),
                 annotation=base | None,
             )

@@ -68,7 +68,9 @@ HTTP_STATUS = {
     "DEADLINE_EXCEEDED": 504,
 }
 
-_BY_CODE = {cls.code: cls for cls in (InvalidRequest, QueueFull, Unavailable, DeadlineExceeded, Unauthenticated)}
+_BY_CODE = {
+    cls.code: cls for cls in (InvalidRequest, QueueFull, Unavailable, DeadlineExceeded, Unauthenticated)
+}
 
 
 def from_code(code: str, message: str, param: str = "") -> TeacherError:

@@ -65,7 +65,14 @@ def max_context_of(config, tokenizer) -> int:
 
 
 def build_model_info(
-    model_id: str, config, tokenizer, *, backend: str, dtype: str, device: str, limits: EngineLimits,
+    model_id: str,
+    config,
+    tokenizer,
+    *,
+    backend: str,
+    dtype: str,
+    device: str,
+    limits: EngineLimits,
     supports_full: bool = True,
 ) -> ModelInfo:
     """ModelInfo from a config and tokenizer (no weights needed)."""
@@ -94,12 +101,24 @@ def load_config_and_tokenizer(model: str):
     return AutoConfig.from_pretrained(model), AutoTokenizer.from_pretrained(model)
 
 
-def describe(model: str, *, backend: str = "hf", dtype: str = "float32", device: str = "cpu",
-             limits: EngineLimits | None = None):
+def describe(
+    model: str,
+    *,
+    backend: str = "hf",
+    dtype: str = "float32",
+    device: str = "cpu",
+    limits: EngineLimits | None = None,
+):
     """(ModelInfo, tokenizer) of a model without loading its weights: what a front-end needs."""
     config, tokenizer = load_config_and_tokenizer(model)
     info = build_model_info(
-        model, config, tokenizer, backend=backend, dtype=dtype, device=device, limits=limits or EngineLimits(),
+        model,
+        config,
+        tokenizer,
+        backend=backend,
+        dtype=dtype,
+        device=device,
+        limits=limits or EngineLimits(),
         supports_full=backend != "vllm",
     )
     return info, tokenizer

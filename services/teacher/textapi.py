@@ -15,7 +15,9 @@ from services.teacher.errors import InvalidRequest
 from services.teacher.types import ScoreResult
 
 
-def resolve_ids(tokenizer, prompt, prompt_token_ids, completion, completion_token_ids) -> tuple[list[int], list[int]]:
+def resolve_ids(
+    tokenizer, prompt, prompt_token_ids, completion, completion_token_ids
+) -> tuple[list[int], list[int]]:
     """Token ids from exactly one of text / ids for each side; InvalidRequest naming the field otherwise."""
 
     def one(text, ids, text_name: str, ids_name: str) -> list[int]:

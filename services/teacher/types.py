@@ -61,7 +61,9 @@ class ScoreRequest:
         if self.prompt_token_ids.size == 0:
             raise InvalidRequest("`prompt_token_ids` must hold at least one token.", "prompt_token_ids")
         if self.completion_token_ids.size == 0:
-            raise InvalidRequest("`completion_token_ids` must hold at least one token.", "completion_token_ids")
+            raise InvalidRequest(
+                "`completion_token_ids` must hold at least one token.", "completion_token_ids"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
             raise InvalidRequest(f"`top_k` must be an integer, got {self.top_k!r}.", "top_k")
         if self.top_k < 0:
@@ -69,13 +71,18 @@ class ScoreRequest:
         try:
             temperature = float(self.temperature)
         except (TypeError, ValueError):
-            raise InvalidRequest(f"`temperature` must be a number, got {self.temperature!r}.", "temperature") from None
+            raise InvalidRequest(
+                f"`temperature` must be a number, got {self.temperature!r}.", "temperature"
+            ) from None
         if not math.isfinite(temperature) or temperature <= 0:
-            raise InvalidRequest(f"`temperature` must be finite and > 0, got {self.temperature}.", "temperature")
+            raise InvalidRequest(
+                f"`temperature` must be finite and > 0, got {self.temperature}.", "temperature"
+            )
         self.temperature = temperature
         if self.full_dtype not in codec.FLOAT_DTYPES:
             raise InvalidRequest(
-                f"`full_dtype` must be one of {list(codec.FLOAT_DTYPES)}, got {self.full_dtype!r}.", "full_dtype"
+                f"`full_dtype` must be one of {list(codec.FLOAT_DTYPES)}, got {self.full_dtype!r}.",
+                "full_dtype",
             )
         if self.timeout_ms < 0:
             raise InvalidRequest(f"`timeout_ms` must be >= 0, got {self.timeout_ms}.", "timeout_ms")

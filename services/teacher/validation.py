@@ -13,7 +13,10 @@ from services.teacher.types import ModelInfo, ScoreRequest
 
 def validate_request(req: ScoreRequest, info: ModelInfo) -> None:
     """Raises InvalidRequest (with `param`) if `req` exceeds a limit of the model described by `info`."""
-    for param, ids in (("prompt_token_ids", req.prompt_token_ids), ("completion_token_ids", req.completion_token_ids)):
+    for param, ids in (
+        ("prompt_token_ids", req.prompt_token_ids),
+        ("completion_token_ids", req.completion_token_ids),
+    ):
         top = int(ids.max())
         if top >= info.vocab_size:
             raise InvalidRequest(

@@ -9,7 +9,11 @@ BACKENDS = ("hf", "vllm")
 
 
 def load_engine(
-    model: str, *, backend: str = "hf", dtype: str = "float32", device: str = "cpu",
+    model: str,
+    *,
+    backend: str = "hf",
+    dtype: str = "float32",
+    device: str = "cpu",
     limits: EngineLimits | None = None,
 ) -> Engine:
     """Builds the engine for `backend` over `model` (a folder or hub id)."""

@@ -60,8 +60,13 @@ class HFEngine(Engine):
         self.logit_scale = getattr(cfg, "logit_scale", None)
         self.limits = limits or EngineLimits()
         self.info = build_model_info(
-            model, self.model.config, self.tokenizer, backend="hf", dtype=dtype,
-            device=self.device.type, limits=self.limits,
+            model,
+            self.model.config,
+            self.tokenizer,
+            backend="hf",
+            dtype=dtype,
+            device=self.device.type,
+            limits=self.limits,
         )
         assert self.lm_head.weight.shape[0] == self.info.vocab_size, "lm_head rows must equal vocab_size"
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
