@@ -7,10 +7,7 @@ real server at 127.0.0.1:6379 (or $TEST_REDIS_URL), each module getting its own 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -82,36 +79,13 @@ def redis_url() -> str:
 
 @pytest.fixture
 def own_redis(tmp_path):
-    """A private redis-server on a free port (for tests that stop and restart Redis)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server not on PATH")
-    port = free_port()
-    args = [exe, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    """A private redis-server on a free port (for tests that stop and restart Redis or measure its memory)."""
+    from services.teacher.redis_server import RedisProcess
 
-    class Server:
-        url = f"redis://127.0.0.1:{port}/0"
-        proc = None
-
-        def start(self):
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            import redis
-
-            for _ in range(100):
-                try:
-                    redis.Redis(port=port).ping()
-                    return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            raise RuntimeError("redis-server did not start")
-
-        def stop(self):
-            if self.proc is not None:
-                self.proc.kill()
-                self.proc.wait()
-                self.proc = None
-
-    server = Server()
+    try:
+        server = RedisProcess(workdir=str(tmp_path))
+    except FileNotFoundError:
+        pytest.skip("no redis-server available")
     server.start()
     yield server
     server.stop()

@@ -65,7 +65,9 @@ class TeacherClient:
 
     def _unary(self, name: str, resp):
         return self._ch().unary_unary(
-            _METHOD + name, request_serializer=lambda m: m.SerializeToString(), response_deserializer=resp.FromString
+            _METHOD + name,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=resp.FromString,
         )
 
     async def _backoff(self, attempt: int) -> None:
@@ -101,7 +103,8 @@ class TeacherClient:
         from grpc_health.v1 import health_pb2
 
         check = self._ch().unary_unary(
-            "/grpc.health.v1.Health/Check", request_serializer=lambda m: m.SerializeToString(),
+            "/grpc.health.v1.Health/Check",
+            request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
         loop = asyncio.get_running_loop()
@@ -158,7 +161,9 @@ class TeacherClient:
             if attempt < self.retries:
                 await self._backoff(attempt)
         if remaining:
-            raise last_err or Unavailable(f"{len(remaining)} requests unanswered after {self.retries} retries")
+            raise last_err or Unavailable(
+                f"{len(remaining)} requests unanswered after {self.retries} retries"
+            )
         for r, res in zip(requests, results, strict=True):
             res.request_id = r.request_id
         return results  # type: ignore[return-value]
@@ -176,7 +181,8 @@ class TeacherClient:
                 yield wire[i]
 
         stream = self._ch().stream_stream(
-            _METHOD + "ScoreStream", request_serializer=lambda m: m.SerializeToString(),
+            _METHOD + "ScoreStream",
+            request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=pb.ScoreResponse.FromString,
         )
         call = stream(requests_gen(), metadata=self.metadata)
@@ -185,7 +191,9 @@ class TeacherClient:
                 try:
                     resp = await asyncio.wait_for(call.read(), self.timeout_s + 10.0)
                 except asyncio.TimeoutError:
-                    raise DeadlineExceeded(f"no response from the teacher within {self.timeout_s + 10:.0f}s") from None
+                    raise DeadlineExceeded(
+                        f"no response from the teacher within {self.timeout_s + 10:.0f}s"
+                    ) from None
                 if resp is grpc.aio.EOF:
                     break
                 window.release()

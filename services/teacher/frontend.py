@@ -101,7 +101,12 @@ class Dispatcher:
         try:
             try:
                 accepted = await self.queue.enqueue(
-                    rid, req.to_pb().SerializeToString(), req.job_id, req.num_tokens, self.reply_key, deadline_ms
+                    rid,
+                    req.to_pb().SerializeToString(),
+                    req.job_id,
+                    req.num_tokens,
+                    self.reply_key,
+                    deadline_ms,
                 )
             except redis.RedisError as err:
                 self.redis_ok = False

