@@ -1,0 +1,112 @@
+"""The async client against a real teacher: it survives a front-end restart mid-call by retrying UNAVAILABLE
+(idempotent by request id), honours deadlines, and a SIGTERM'd teacher shuts down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from teacher_proc import Proc, Teacher
+
+from services.teacher.client import TeacherClient
+from services.teacher.engine import load_engine
+from services.teacher.errors import DeadlineExceeded, Unavailable
+from services.teacher.settings import TeacherSettings
+from services.teacher.types import ScoreRequest
+
+
+def reqs(n: int, seed: int = 0) -> list[ScoreRequest]:
+    rng = np.random.default_rng(seed)
+    return [
+        ScoreRequest(rng.integers(0, 512, 20), rng.integers(0, 512, 10), request_id=f"r{i}", job_id="client")
+        for i in range(n)
+    ]
+
+
+def test_survives_frontend_restart(tiny_teacher, redis_url, tmp_path):
+    t = Teacher(tiny_teacher, redis_url, tmp_path, mode="frontend")
+    t.add_worker()
+    try:
+        t.wait_healthy()
+        work = reqs(400)
+
+        async def go():
+            async with TeacherClient(t.target, max_in_flight=8, retries=20) as c:
+                task = asyncio.create_task(c.score_many(work))
+                await asyncio.sleep(0.5)
+                t.front.signal(signal.SIGKILL)  # the front-end dies mid-stream
+                t.front.p.wait()
+                await asyncio.sleep(0.5)
+                t.front = Proc(t.front.args, tmp_path / "frontend-2.log")  # same ports
+                return await task
+
+        results = asyncio.run(go())
+        assert [r.request_id for r in results] == [q.request_id for q in work]
+        expected = load_engine(str(tiny_teacher)).score(work)
+        for got, exp in zip(results, expected, strict=True):
+            np.testing.assert_allclose(got.token_logprobs, exp.token_logprobs, atol=1e-5)
+    finally:
+        t.stop()
+
+
+def test_unreachable_teacher_raises_unavailable_after_retries():
+    async def go():
+        async with TeacherClient("127.0.0.1:1", retries=2, timeout_s=2) as c:
+            await c.score_many(reqs(2))
+
+    t0 = time.perf_counter()
+    with pytest.raises(Unavailable):
+        asyncio.run(go())
+    assert time.perf_counter() - t0 < 15
+
+
+def test_deadline_without_worker(tiny_teacher, redis_url, tmp_path):
+    """A front-end whose worker vanished after accepting answers DEADLINE_EXCEEDED at the request's deadline."""
+    t = Teacher(tiny_teacher, redis_url, tmp_path, mode="frontend", flags={"worker-ttl-s": "30"})
+    w = t.add_worker()
+    try:
+        t.wait_healthy()
+        w.signal(signal.SIGKILL)  # still counted alive for 30 s, so requests are accepted and wait
+        w.p.wait()
+        q = reqs(1)[0]
+        q.timeout_ms = 1500
+
+        async def go():
+            async with TeacherClient(t.target, retries=0) as c:
+                return await c.score(q)
+
+        t0 = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(go())
+        assert 1.4 < time.perf_counter() - t0 < 5
+    finally:
+        t.stop()
+
+
+def test_sigterm_shuts_serve_down_cleanly(tiny_teacher, redis_url, tmp_path):
+    t = Teacher(tiny_teacher, redis_url, tmp_path, workers=2)
+    t.wait_healthy()
+    children = subprocess.check_output(["pgrep", "-P", str(t.front.pid)]).split()
+    assert len(children) >= 2
+    t.front.p.send_signal(signal.SIGTERM)  # the front-end only: it must stop its workers itself
+    assert t.front.p.wait(30) == 0
+
+    def alive():
+        return [
+            c
+            for c in children
+            if subprocess.run(["kill", "-0", c.decode()], capture_output=True).returncode == 0
+        ]
+
+    end = time.monotonic() + 5  # multiprocessing's resource tracker exits a moment after its parent
+    while alive() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert alive() == []
+    assert "teacher front-end stopped" in t.front.text()
+    workers_key = TeacherSettings(model=str(tiny_teacher)).key_prefix() + "workers"
+    assert t.redis().zcard(workers_key) == 0  # workers left the registry on their way out
+    t.front.fh.close()
