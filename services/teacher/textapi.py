@@ -26,7 +26,10 @@ def resolve_ids(
         if text is not None:
             if not isinstance(text, str):
                 raise InvalidRequest(f"`{text_name}` must be a string.", text_name)
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise InvalidRequest(f"`{text_name}` must not be empty (it tokenizes to no tokens).", text_name)
+            return ids
         return list(ids)
 
     return (
