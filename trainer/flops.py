@@ -1,0 +1,127 @@
+"""FLOP accounting of a distillation step: student sampling, student training and teacher scoring. Pure.
+
+The model of a decoder-only transformer (Kaplan et al. 2020, Table 1, with the attention-value product
+counted as well, as in Chinchilla's appendix F):
+
+    forward FLOPs of n tokens at absolute positions c+1 .. c+n (c tokens already in the KV cache), with
+    logits computed for g of them:
+
+        F(n, c, g) = 2 * N_layers * n                       parameter term of the decoder layers
+                   + 2 * N_head * g                         the LM head (vocab x d_model) on g positions
+                   + 4 * n_layer * d_attn * sum_{p=c+1}^{c+n} p     attention: QK^T and AV, each 2 * p * d_attn
+                                                             for a query at position p attending p keys
+
+    N_layers counts the weight matrices of the decoder layers (embeddings, norms and biases excluded:
+    a lookup and elementwise work are not matrix FLOPs); d_attn = heads x head_dim is the query width.
+    Grouped-query attention is covered because N_layers counts the real (smaller) K/V projections.
+
+Per rollout with a P-token prompt and G generated tokens:
+    sampling  = F(P, 0, 1) + sum_{j=1}^{G-1} F(1, P + j - 1, 1)   prefill, then one cached step per token
+                                                                     after the first (the last token is never fed)
+    training  = 3 * F(P + G, 0, G)                                 forward + backward (backward = 2 x forward)
+    teacher   = F_teacher(P + G, 0, G)                             one scoring forward pass
+
+Counts are ideal per sequence: padding inside a batch and rows that keep running after their EOS are not
+counted, because they depend on batching, not on the method being compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the FLOP formula needs to know about a model."""
+
+    n_layer: int
+    """Decoder layers."""
+    d_attn: int
+    """Query width: attention heads x head dimension."""
+    layer_params: int
+    """Weight-matrix parameters of all decoder layers (N_layers)."""
+    head_params: int
+    """LM head parameters: vocab x d_model (N_head)."""
+
+    def __post_init__(self) -> None:
+        assert min(self.n_layer, self.d_attn, self.layer_params, self.head_params) > 0, f"bad dims {self}"
+
+
+def dims_from_model(model) -> ModelDims:
+    """ModelDims of a transformers causal LM, counting its layers' matrix parameters (no I/O)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    layers = model.get_decoder().layers
+    layer_params = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
+    head = model.get_output_embeddings().weight
+    return ModelDims(n_layer=len(layers), d_attn=heads * head_dim, layer_params=layer_params,
+                     head_params=head.shape[0] * head.shape[1])
+
+
+def forward_flops(d: ModelDims, n_tokens: int, n_cached: int = 0, n_logits: int | None = None) -> int:
+    """F(n, c, g) of the module docstring: `n_tokens` new tokens after `n_cached`, logits on `n_logits`."""
+    assert n_tokens >= 0 and n_cached >= 0
+    g = n_tokens if n_logits is None else n_logits
+    pos_sum = n_tokens * (2 * n_cached + n_tokens + 1) // 2  # sum of positions c+1 .. c+n
+    return 2 * d.layer_params * n_tokens + 2 * d.head_params * g + 4 * d.n_layer * d.d_attn * pos_sum
+
+
+def sampling_flops(d: ModelDims, prompt_len: int, gen_len: int) -> int:
+    """Generating `gen_len` tokens after a `prompt_len`-token prompt with a KV cache."""
+    if gen_len <= 0:
+        return 0
+    total = forward_flops(d, prompt_len, 0, 1)
+    # Decode steps: feed token j (position P + j) to get token j + 1, for j = 1 .. G - 1.
+    n = gen_len - 1
+    # sum over j of F(1, P + j - 1, 1): parameter terms n times, attention positions P+1 .. P+n.
+    total += 2 * (d.layer_params + d.head_params) * n
+    total += 4 * d.n_layer * d.d_attn * (n * (2 * prompt_len + n + 1) // 2)
+    return total
+
+
+def training_flops(d: ModelDims, prompt_len: int, gen_len: int) -> int:
+    """Forward and backward over prompt + completion, loss on the completion positions."""
+    if gen_len <= 0:
+        return 0
+    return 3 * forward_flops(d, prompt_len + gen_len, 0, gen_len)
+
+
+def teacher_flops(d: ModelDims, prompt_len: int, gen_len: int) -> int:
+    """One teacher forward pass scoring the completion positions."""
+    if gen_len <= 0:
+        return 0
+    return forward_flops(d, prompt_len + gen_len, 0, gen_len)
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one step (or a sum of steps), by component."""
+
+    sampling: int = 0
+    training: int = 0
+    teacher: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.sampling + self.training + self.teacher
+
+    def __add__(self, other: StepFlops) -> StepFlops:
+        return StepFlops(self.sampling + other.sampling, self.training + other.training,
+                         self.teacher + other.teacher)
+
+    def as_metrics(self, prefix: str = "flops/") -> dict[str, float]:
+        return {f"{prefix}sampling": float(self.sampling), f"{prefix}training": float(self.training),
+                f"{prefix}teacher": float(self.teacher), f"{prefix}total": float(self.total)}
+
+
+def step_flops(
+    student: ModelDims, teacher: ModelDims | None, prompt_lens: Sequence[int], gen_lens: Sequence[int]
+) -> StepFlops:
+    """FLOPs of a step's rollouts (one entry per rollout); teacher FLOPs are 0 when its dims are unknown."""
+    assert len(prompt_lens) == len(gen_lens)
+    s = sum(sampling_flops(student, p, g) for p, g in zip(prompt_lens, gen_lens, strict=True))
+    t = sum(training_flops(student, p, g) for p, g in zip(prompt_lens, gen_lens, strict=True))
+    te = 0 if teacher is None else sum(teacher_flops(teacher, p, g) for p, g in zip(prompt_lens, gen_lens, strict=True))
+    return StepFlops(s, t, te)

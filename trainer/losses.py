@@ -1,0 +1,186 @@
+"""Distillation losses: pure functions over tensors, masked to the trained positions, with a `reduction`.
+
+Notation: B rollouts, T completion positions (the prefix, EOS included), V vocabulary, K teacher top-k.
+`mask_BT` is 1.0 where a position is trained (a generated token up to and including EOS) and 0.0 on padding.
+All log-probabilities are natural-log, normalised over the vocabulary (the teacher's as returned by the
+service, the student's from `log_softmax` of its logits).
+
+Reductions: "mean" averages over trained tokens (sum / number of trained tokens), "sum" adds them, "none"
+returns the masked per-token losses (B, T).
+
+- `reverse_kl_sampled`: KL(student || teacher) through the sampled token only, in policy-gradient form. With
+  x ~ student, advantage A = log p_T(x) - log p_S(x) (no gradient through A) and loss -A * log p_S(x), the
+  expected gradient is E_x[(log p_S(x) - log p_T(x)) grad log p_S(x)] = grad KL(p_S || p_T), because
+  E_x[grad log p_S(x)] = 0. Per token, each position's context taken as given (no credit to later positions).
+- `*_topk`: the distributions are reduced to K + 1 buckets: the teacher's top-k tokens and one tail bucket
+  holding the remaining mass of each side. Bucketing can only lose information, so the bucketed KL is <= the
+  exact KL, with equality when K = V (then there is no tail).
+- `jsd_topk`: generalized JSD(beta) of TRL's GKD: beta * KL(T || M) + (1 - beta) * KL(S || M) with
+  M = beta * T + (1 - beta) * S; beta = 0 is forward KL(T || S), beta = 1 reverse KL(S || T).
+- `*_full`: exact KL over the full vocabulary rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+# log of the smallest tail mass we represent: a teacher tail that rounds to <= 0 in float32 is floored here,
+# so a student tail > 0 gives a large but finite reverse KL instead of inf.
+_LOG_TINY = math.log(1e-12)
+
+
+def masked_reduce(loss_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Applies `mask_BT` (1 = trained) to per-token losses (B, T) and reduces them."""
+    assert loss_BT.shape == mask_BT.shape, f"loss {tuple(loss_BT.shape)} vs mask {tuple(mask_BT.shape)}"
+    mask_BT = mask_BT.to(loss_BT.dtype)
+    loss_BT = torch.where(mask_BT > 0, loss_BT, torch.zeros_like(loss_BT)) * mask_BT
+    if reduction == "none":
+        return loss_BT
+    if reduction == "sum":
+        return loss_BT.sum()
+    if reduction == "mean":
+        return loss_BT.sum() / mask_BT.sum().clamp(min=1.0)
+    raise ValueError(f"`reduction` must be one of {list(REDUCTIONS)}, got {reduction!r}.")
+
+
+def kl_divergence(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_i p_i (log p_i - log q_i) over the last dim, from log-probabilities (..., N) -> (...).
+
+    Terms with p_i = 0 are 0 (also when q_i = 0), and stay NaN-free in the backward pass.
+    """
+    p = p_lp.exp()
+    live = p > 0
+    zeros = torch.zeros((), dtype=p_lp.dtype, device=p_lp.device)
+    diff = torch.where(live, p_lp, zeros) - torch.where(live, q_lp, zeros)
+    return (p * diff).sum(-1)
+
+
+def generalized_jsd(s_lp: torch.Tensor, t_lp: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized JSD(beta) between student and teacher log-probabilities over the last dim (..., N) -> (...)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"`beta` must be in [0, 1], got {beta}.")
+    if beta == 0.0:
+        return kl_divergence(t_lp, s_lp)
+    if beta == 1.0:
+        return kl_divergence(s_lp, t_lp)
+    m_lp = torch.logsumexp(torch.stack([s_lp + math.log(1.0 - beta), t_lp + math.log(beta)]), dim=0)
+    return beta * kl_divergence(t_lp, m_lp) + (1.0 - beta) * kl_divergence(s_lp, m_lp)
+
+
+def bucket_topk(
+    student_lp_BTV: torch.Tensor, topk_ids_BTK: torch.Tensor, teacher_topk_lp_BTK: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions over the teacher's K top tokens plus a tail bucket: (B, T, K+1) each (K if K = V).
+
+    The student's tail is the log-sum-exp of its log-probabilities outside the top-k ids (exact, with gradient);
+    the teacher's tail is log(1 - sum of its top-k probabilities), floored at 1e-12.
+    """
+    K, V = topk_ids_BTK.shape[-1], student_lp_BTV.shape[-1]
+    ids = topk_ids_BTK.long()
+    s_topk_BTK = student_lp_BTV.gather(-1, ids)
+    t_topk_BTK = teacher_topk_lp_BTK.to(student_lp_BTV.dtype)
+    if K >= V:
+        return s_topk_BTK, t_topk_BTK
+    in_topk_BTV = torch.zeros_like(student_lp_BTV, dtype=torch.bool).scatter_(-1, ids, True)
+    fill = torch.finfo(student_lp_BTV.dtype).min
+    s_tail_BT = torch.logsumexp(student_lp_BTV.masked_fill(in_topk_BTV, fill), dim=-1)
+    t_mass_BT = torch.logsumexp(t_topk_BTK, dim=-1).clamp(max=0.0)
+    t_tail_BT = torch.log(-torch.expm1(t_mass_BT)).clamp(min=_LOG_TINY)
+    s_BTK1 = torch.cat([s_topk_BTK, s_tail_BT.unsqueeze(-1)], dim=-1)
+    t_BTK1 = torch.cat([t_topk_BTK, t_tail_BT.unsqueeze(-1)], dim=-1)
+    return s_BTK1, t_BTK1
+
+
+def reverse_kl_sampled(
+    student_token_lp_BT: torch.Tensor, teacher_token_lp_BT: torch.Tensor, mask_BT: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Policy-gradient surrogate of KL(student || teacher) on sampled tokens (B, T).
+
+    The value is -A * log p_S(x) with A = (log p_T(x) - log p_S(x)).detach(): its gradient, not its value, is
+    the point (see the module docstring). The Monte-Carlo KL estimate itself is `sampled_kl_estimate`.
+    """
+    advantage_BT = (teacher_token_lp_BT.to(student_token_lp_BT.dtype) - student_token_lp_BT).detach()
+    return masked_reduce(-advantage_BT * student_token_lp_BT, mask_BT, reduction)
+
+
+def sampled_kl_estimate(
+    student_token_lp_BT: torch.Tensor, teacher_token_lp_BT: torch.Tensor, mask_BT: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Unbiased Monte-Carlo estimate of the per-token reverse KL: log p_S(x) - log p_T(x) for x ~ student."""
+    return masked_reduce(student_token_lp_BT - teacher_token_lp_BT.to(student_token_lp_BT.dtype), mask_BT, reduction)
+
+
+def reverse_kl_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, reduction="mean"):
+    """KL(student || teacher) over the teacher's top-k plus a tail bucket."""
+    s, t = bucket_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK)
+    return masked_reduce(kl_divergence(s, t), mask_BT, reduction)
+
+
+def forward_kl_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, reduction="mean"):
+    """KL(teacher || student) over the teacher's top-k plus a tail bucket."""
+    s, t = bucket_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK)
+    return masked_reduce(kl_divergence(t, s), mask_BT, reduction)
+
+
+def jsd_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, beta=0.5, reduction="mean"):
+    """Generalized JSD(beta) over the teacher's top-k plus a tail bucket."""
+    s, t = bucket_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK)
+    return masked_reduce(generalized_jsd(s, t, beta), mask_BT, reduction)
+
+
+def reverse_kl_full(student_lp_BTV, teacher_lp_BTV, mask_BT, reduction="mean"):
+    """Exact KL(student || teacher) over full vocabulary rows (B, T, V)."""
+    return masked_reduce(kl_divergence(student_lp_BTV, teacher_lp_BTV.to(student_lp_BTV.dtype)), mask_BT, reduction)
+
+
+def forward_kl_full(student_lp_BTV, teacher_lp_BTV, mask_BT, reduction="mean"):
+    """Exact KL(teacher || student) over full vocabulary rows (B, T, V)."""
+    return masked_reduce(kl_divergence(teacher_lp_BTV.to(student_lp_BTV.dtype), student_lp_BTV), mask_BT, reduction)
+
+
+@dataclass
+class TeacherBatch:
+    """The teacher's scores of a micro-batch, padded to (B, T[, K | V]) on the student's device."""
+
+    token_lp_BT: torch.Tensor
+    topk_ids_BTK: torch.Tensor | None = None
+    topk_lp_BTK: torch.Tensor | None = None
+    full_lp_BTV: torch.Tensor | None = None
+
+
+def needs(loss: str) -> str:
+    """What a loss needs from the teacher: "token" (sampled-token logprobs), "topk" or "full"."""
+    if loss == "reverse_kl_sampled":
+        return "token"
+    if loss.endswith("_topk"):
+        return "topk"
+    if loss.endswith("_full"):
+        return "full"
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def compute_loss(
+    name: str, student_lp_BTV: torch.Tensor, sampled_ids_BT: torch.Tensor, teacher: TeacherBatch,
+    mask_BT: torch.Tensor, *, beta: float = 0.5, reduction: str = "mean",
+) -> torch.Tensor:
+    """The loss `name` of the config, from the student's log-probabilities (B, T, V) at the rollout positions."""
+    if name == "reverse_kl_sampled":
+        s_tok_BT = student_lp_BTV.gather(-1, sampled_ids_BT.unsqueeze(-1)).squeeze(-1)
+        return reverse_kl_sampled(s_tok_BT, teacher.token_lp_BT, mask_BT, reduction)
+    if name in ("reverse_kl_topk", "forward_kl_topk", "jsd_topk"):
+        assert teacher.topk_ids_BTK is not None, f"{name} needs the teacher's top-k"
+        if name == "jsd_topk":
+            return jsd_topk(student_lp_BTV, teacher.topk_ids_BTK, teacher.topk_lp_BTK, mask_BT, beta, reduction)
+        fn = reverse_kl_topk if name == "reverse_kl_topk" else forward_kl_topk
+        return fn(student_lp_BTV, teacher.topk_ids_BTK, teacher.topk_lp_BTK, mask_BT, reduction)
+    if name in ("reverse_kl_full", "forward_kl_full"):
+        assert teacher.full_lp_BTV is not None, f"{name} needs the teacher's full rows"
+        fn = reverse_kl_full if name == "reverse_kl_full" else forward_kl_full
+        return fn(student_lp_BTV, teacher.full_lp_BTV, mask_BT, reduction)
+    raise ValueError(f"`loss` must be one of the known losses, got {name!r}.")

@@ -1,0 +1,158 @@
+"""Batched student generation with a KV cache: stops at L tokens or EOS; records ids and sampling logprobs.
+
+Prompts are left-padded into one (B, P) batch with explicit position ids, so every row computes what it would
+alone. Each step feeds one token per row through the cache; rows that finished keep being fed the pad token
+(their outputs are ignored) until every row is done or L tokens were generated. temperature = 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    """Generated completions of a batch of prompts, right-padded."""
+
+    prompt_ids: list[list[int]]
+    """Each row's prompt (unpadded)."""
+    ids_BT: torch.Tensor
+    """(B, T) int64 generated ids, padded with `pad_id` after each row's end (T = longest row)."""
+    sample_lp_BT: torch.Tensor
+    """(B, T) float32 log-probability of each sampled token under the sampling distribution (at temperature)."""
+    mask_BT: torch.Tensor
+    """(B, T) float32, 1 for generated tokens (EOS included), 0 for padding."""
+    pad_id: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [int(n) for n in self.mask_BT.sum(1).tolist()]
+
+    def completion(self, i: int) -> list[int]:
+        return self.ids_BT[i, : self.lengths[i]].tolist()
+
+    def slice(self, rows: slice) -> Rollouts:
+        """Rows `rows`, trimmed to their own longest completion."""
+        mask = self.mask_BT[rows]
+        T = max(1, int(mask.sum(1).max().item())) if mask.numel() else 1
+        return Rollouts(self.prompt_ids[rows], self.ids_BT[rows, :T], self.sample_lp_BT[rows, :T], mask[:, :T],
+                        self.pad_id)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5 names the KV cache argument `cache`; 4.x named it `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, P), attention mask (B, P)) with prompts right-aligned."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_id: int | None,
+    pad_id: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Rollouts:
+    """Samples up to `max_new_tokens` tokens per prompt (stopping a row at `eos_id`); temperature 0 = greedy.
+
+    Draws come from `generator` (on the CPU), so a seeded generator reproduces the same rollouts.
+    """
+    assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), "prompts must be non-empty"
+    assert max_new_tokens >= 1
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    B = len(prompts)
+    ids, attn = left_pad(prompts, pad_id, device)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    cache_kw = _cache_kwarg(model)
+    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    out_lp = torch.zeros((B, max_new_tokens), dtype=torch.float32)
+    out_mask = torch.zeros((B, max_new_tokens), dtype=torch.float32)
+    done = torch.zeros(B, dtype=torch.bool)
+    cache = None
+    feed, feed_pos = ids, pos
+    T = 0
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+    for t in range(max_new_tokens):
+        with autocast:
+            out = model(input_ids=feed, attention_mask=attn, position_ids=feed_pos, use_cache=True,
+                        logits_to_keep=1, **{cache_kw: cache})
+        cache = _output_cache(out)
+        logits_BV = out.logits[:, -1].float().cpu()
+        if temperature > 0:
+            lp_BV = torch.log_softmax(logits_BV / temperature, dim=-1)
+            tok_B = torch.multinomial(lp_BV.exp(), 1, generator=generator).squeeze(1)
+        else:
+            lp_BV = torch.log_softmax(logits_BV, dim=-1)
+            tok_B = lp_BV.argmax(-1)
+        live = ~done
+        out_ids[live, t] = tok_B[live]
+        out_lp[live, t] = lp_BV.gather(1, tok_B[:, None]).squeeze(1)[live]
+        out_mask[live, t] = 1.0
+        T = t + 1
+        if eos_id is not None:
+            done |= live & (tok_B == eos_id)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        feed = torch.where(done, torch.full_like(tok_B, pad_id), tok_B)[:, None].to(device)
+        feed_pos = feed_pos[:, -1:] + 1
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+    model.train(was_training)
+    return Rollouts([list(p) for p in prompts], out_ids[:, :T], out_lp[:, :T], out_mask[:, :T], pad_id)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def student_logprobs(
+    model, rollouts: Rollouts, *, autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The student's log-probabilities (B, T, V) at every completion position, with gradient (temperature 1).
+
+    Layout: [left-padded prompt | right-padded completion]; all prompts end at the same column, so the logits of
+    completion position t of every row sit at column P - 1 + t, and `logits_to_keep=T + 1` computes the LM head
+    only for those (plus the last column, dropped).
+    """
+    device = next(model.parameters()).device
+    ids_P, attn_P = left_pad(rollouts.prompt_ids, rollouts.pad_id, device)
+    comp = rollouts.ids_BT.to(device)
+    comp_mask = rollouts.mask_BT.to(device).long()
+    ids = torch.cat([ids_P, comp], dim=1)
+    attn = torch.cat([attn_P, comp_mask], dim=1)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    T = comp.shape[1]
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+    with autocast:
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
+    logits_BTV = out.logits[:, :-1].float()
+    return torch.log_softmax(logits_BTV, dim=-1)

@@ -1,0 +1,267 @@
+"""Everything the trainer says to the teacher: connecting, the compatibility check, requests and results.
+
+The async client runs on an event loop in a background thread, so the training thread can hand a micro-batch's
+requests to the teacher (`TeacherIO.submit` returns a future at once) and go on sampling the next micro-batch
+while the teacher scores this one. The client retries UNAVAILABLE itself (a teacher restart); on top of that a
+micro-batch that still fails with UNAVAILABLE is resubmitted a few times with back-off (request ids are stable,
+so a retry is idempotent).
+
+`teacher: inprocess:MODEL` swaps the service for `InProcessTeacher`, the same async API over an in-process
+engine: for trials without Redis and for unit tests of the trainer itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from services.teacher.errors import TeacherError
+from services.teacher.modelinfo import tokenizer_fingerprint
+from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
+from trainer.flops import ModelDims, dims_from_model
+from trainer.losses import TeacherBatch
+from trainer.sampling import Rollouts
+
+log = logging.getLogger(__name__)
+
+
+class TeacherMismatch(ValueError):
+    """The teacher cannot serve this student (tokenizer, vocabulary or a capability the loss needs)."""
+
+
+class InProcessTeacher:
+    """The TeacherClient API over an engine in this process (no Redis, no gRPC)."""
+
+    def __init__(self, model: str, *, dtype: str = "float32", device: str = "cpu") -> None:
+        from services.teacher.engine import load_engine
+
+        self.engine = load_engine(model, dtype=dtype, device=device)
+        self._lock: asyncio.Lock | None = None
+
+    async def model_info(self) -> ModelInfo:
+        return self.engine.info
+
+    async def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one engine, one forward at a time
+            results = await asyncio.to_thread(self.engine.score, requests)
+        for res in results:
+            if isinstance(res, TeacherError):
+                raise res
+        return results
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        (res,) = await self.score_many([request])
+        return res
+
+    async def close(self) -> None:
+        return None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+@dataclass
+class TeacherStats:
+    """Counters of the teacher traffic since the last `take()`."""
+
+    requests: int = 0
+    tokens: int = 0
+    batches: int = 0
+    latency_s: float = 0.0
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    retries: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def take(self) -> dict[str, float]:
+        """`teacher/*` metrics of the traffic since the previous call, and a reset."""
+        with self.lock:
+            n = max(1, self.requests)
+            out = {
+                "teacher/requests": float(self.requests),
+                "teacher/tokens_scored": float(self.tokens),
+                "teacher/latency_s": self.latency_s / max(1, self.batches),
+                "teacher/queue_ms": self.queue_ms / n,
+                "teacher/compute_ms": self.compute_ms / n,
+                "teacher/retries": float(self.retries),
+            }
+            self.requests = self.tokens = self.batches = self.retries = 0
+            self.latency_s = self.queue_ms = self.compute_ms = 0.0
+        return out
+
+
+class TeacherIO:
+    """A teacher client living on its own event-loop thread; `submit` returns concurrent futures."""
+
+    RESUBMITS = 3
+
+    def __init__(self, target: str, *, max_in_flight: int = 64, timeout_s: float = 120.0, retries: int = 8,
+                 token: str | None = None) -> None:
+        self.target = target
+        self.stats = TeacherStats()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-io", daemon=True)
+        self._thread.start()
+        try:
+            self.client = self._run(self._connect(target, max_in_flight, timeout_s, retries, token))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @staticmethod
+    async def _connect(target, max_in_flight, timeout_s, retries, token):
+        if target.startswith("inprocess:"):
+            return InProcessTeacher(target.split(":", 1)[1])
+        try:
+            from services.teacher.client import TeacherClient
+        except ImportError as err:  # pragma: no cover - the client ships with the service
+            raise RuntimeError(f"the teacher client (services.teacher.client) is unavailable: {err}") from err
+        return TeacherClient(target, max_in_flight=max_in_flight, timeout_s=timeout_s, retries=retries, token=token)
+
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def model_info(self) -> ModelInfo:
+        return self._run(self._with_resubmit(self.client.model_info))
+
+    async def _with_resubmit(self, call):
+        delay = 1.0
+        for attempt in range(self.RESUBMITS + 1):
+            try:
+                return await call()
+            except TeacherError as err:
+                if err.code != "UNAVAILABLE" or attempt == self.RESUBMITS:
+                    raise
+                with self.stats.lock:
+                    self.stats.retries += 1
+                log.warning("teacher unavailable (%s); retrying in %.0f s", err.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(10.0, delay * 2)
+
+    async def _score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        t0 = time.perf_counter()
+        results = await self._with_resubmit(lambda: self.client.score_many(requests))
+        assert len(results) == len(requests), "the teacher must answer every request"
+        with self.stats.lock:
+            s = self.stats
+            s.batches += 1
+            s.requests += len(requests)
+            s.tokens += sum(int(r.completion_token_ids.size) for r in requests)
+            s.latency_s += time.perf_counter() - t0
+            s.queue_ms += sum(float(r.queue_ms) for r in results)
+            s.compute_ms += sum(float(r.compute_ms) for r in results)
+        return results
+
+    def submit(self, requests: list[ScoreRequest]) -> concurrent.futures.Future:
+        """Sends `requests` now; the future yields their results in request order."""
+        return asyncio.run_coroutine_threadsafe(self._score(requests), self._loop)
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        return self.submit(requests).result()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def close(self) -> None:
+        try:
+            self._run(self.client.close(), timeout=10)
+        except Exception as err:  # closing must never mask the run's own outcome
+            log.warning("closing the teacher client failed: %s", err)
+        self._stop_loop()
+
+
+def check_teacher(info: ModelInfo, tokenizer, student_vocab: int, *, student: str, need: str, top_k: int = 0) -> None:
+    """Refuses a teacher this student cannot be distilled from, with a message saying why and what to do."""
+    fp = tokenizer_fingerprint(tokenizer)
+    if info.tokenizer_fingerprint != fp:
+        theirs = info.tokenizer_fingerprint[:12] or "(none advertised)"
+        raise TeacherMismatch(
+            f"the teacher {info.model_id!r} uses a different tokenizer than the student {student!r} "
+            f"(tokenizer fingerprint {theirs} vs {fp[:12]}). Per-token distillation compares token ids, so a "
+            "tokenizer mismatch would silently train on the wrong tokens; use a student and a teacher that share "
+            "one tokenizer (e.g. the same model family)."
+        )
+    if need == "full":
+        if not info.supports_full:
+            raise TeacherMismatch(f"the loss needs full vocabulary rows but the teacher's {info.backend!r} backend "
+                                  "cannot return them; use a *_topk loss or reverse_kl_sampled.")
+        if info.vocab_size != student_vocab:
+            raise TeacherMismatch(f"full-row losses need equal vocabulary sizes: teacher {info.vocab_size}, "
+                                  f"student {student_vocab}; use a *_topk loss.")
+    if need == "topk" and top_k > info.max_top_k:
+        raise TeacherMismatch(f"`top_k` must be <= {info.max_top_k} (the teacher's max_top_k), got {top_k}.")
+
+
+def teacher_dims(info: ModelInfo) -> ModelDims | None:
+    """FLOP dims of the teacher from its config (no weights: a meta-device model); None when not resolvable."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(info.model_id)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return dims_from_model(model)
+    except Exception as err:  # a remote teacher's model id may not resolve here
+        log.warning("teacher FLOPs are not counted: cannot read the config of %r (%s)", info.model_id, err)
+        return None
+
+
+def build_requests(
+    rollouts: Rollouts, *, need: str, job_id: str, id_prefix: str, top_k: int, temperature: float,
+    full_dtype: str = "float32",
+) -> list[ScoreRequest]:
+    """One ScoreRequest per rollout (prompt ids + its completion); `need` is token | topk | full."""
+    return [
+        ScoreRequest(
+            prompt_token_ids=np.asarray(rollouts.prompt_ids[i], dtype=np.int64),
+            completion_token_ids=np.asarray(rollouts.completion(i), dtype=np.int64),
+            request_id=f"{id_prefix}:{i}",
+            job_id=job_id,
+            top_k=top_k if need == "topk" else 0,
+            full=need == "full",
+            temperature=temperature,
+            full_dtype=full_dtype,
+        )
+        for i in range(len(rollouts.prompt_ids))
+    ]
+
+
+def to_teacher_batch(results: list[ScoreResult], T: int, device, need: str, vocab: int | None = None) -> TeacherBatch:
+    """Pads the results of a micro-batch to (B, T[, K | V]) tensors; padded positions are masked by the loss."""
+    B = len(results)
+    token = np.zeros((B, T), dtype=np.float32)
+    for i, r in enumerate(results):
+        token[i, : r.token_logprobs.shape[0]] = r.token_logprobs
+    batch = TeacherBatch(token_lp_BT=torch.from_numpy(token).to(device))
+    if need == "topk":
+        K = results[0].top_k_ids.shape[1]
+        ids = np.tile(np.arange(K, dtype=np.int64), (B, T, 1))
+        lp = np.full((B, T, K), -np.log(K), dtype=np.float32)
+        for i, r in enumerate(results):
+            n = r.top_k_ids.shape[0]
+            ids[i, :n], lp[i, :n] = r.top_k_ids, r.top_k_logprobs
+        batch.topk_ids_BTK = torch.from_numpy(ids).to(device)
+        batch.topk_lp_BTK = torch.from_numpy(lp).to(device)
+    elif need == "full":
+        assert vocab is not None
+        full = np.full((B, T, vocab), -np.log(vocab), dtype=np.float32)
+        for i, r in enumerate(results):
+            rows = r.full_float32()
+            full[i, : rows.shape[0]] = rows
+        batch.full_lp_BTV = torch.from_numpy(full).to(device)
+    return batch
