@@ -47,6 +47,13 @@ def masked_reduce(loss_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: str =
     raise ValueError(f"`reduction` must be one of {list(REDUCTIONS)}, got {reduction!r}.")
 
 
+def _neutral_where_masked(t_lp: torch.Tensor, s_lp: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """The teacher's values with masked positions replaced by the (detached) student's: those positions then
+    have a finite, zero loss whatever the padding held, so no inf * 0 can turn a gradient into NaN."""
+    keep = (mask_BT > 0).reshape(mask_BT.shape + (1,) * (t_lp.dim() - mask_BT.dim()))
+    return torch.where(keep, t_lp.to(s_lp.dtype), s_lp.detach())
+
+
 def kl_divergence(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_i p_i (log p_i - log q_i) over the last dim, from log-probabilities (..., N) -> (...).
 
@@ -104,7 +111,8 @@ def reverse_kl_sampled(
     The value is -A * log p_S(x) with A = (log p_T(x) - log p_S(x)).detach(): its gradient, not its value, is
     the point (see the module docstring). The Monte-Carlo KL estimate itself is `sampled_kl_estimate`.
     """
-    advantage_BT = (teacher_token_lp_BT.to(student_token_lp_BT.dtype) - student_token_lp_BT).detach()
+    teacher_token_lp_BT = _neutral_where_masked(teacher_token_lp_BT, student_token_lp_BT, mask_BT)
+    advantage_BT = (teacher_token_lp_BT - student_token_lp_BT).detach()
     return masked_reduce(-advantage_BT * student_token_lp_BT, mask_BT, reduction)
 
 
@@ -119,29 +127,34 @@ def sampled_kl_estimate(
 def reverse_kl_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, reduction="mean"):
     """KL(student || teacher) over the teacher's top-k plus a tail bucket."""
     s, t = bucket_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK)
+    t = _neutral_where_masked(t, s, mask_BT)
     return masked_reduce(kl_divergence(s, t), mask_BT, reduction)
 
 
 def forward_kl_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, reduction="mean"):
     """KL(teacher || student) over the teacher's top-k plus a tail bucket."""
     s, t = bucket_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK)
+    t = _neutral_where_masked(t, s, mask_BT)
     return masked_reduce(kl_divergence(t, s), mask_BT, reduction)
 
 
 def jsd_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, beta=0.5, reduction="mean"):
     """Generalized JSD(beta) over the teacher's top-k plus a tail bucket."""
     s, t = bucket_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK)
+    t = _neutral_where_masked(t, s, mask_BT)
     return masked_reduce(generalized_jsd(s, t, beta), mask_BT, reduction)
 
 
 def reverse_kl_full(student_lp_BTV, teacher_lp_BTV, mask_BT, reduction="mean"):
     """Exact KL(student || teacher) over full vocabulary rows (B, T, V)."""
-    return masked_reduce(kl_divergence(student_lp_BTV, teacher_lp_BTV.to(student_lp_BTV.dtype)), mask_BT, reduction)
+    t = _neutral_where_masked(teacher_lp_BTV, student_lp_BTV, mask_BT)
+    return masked_reduce(kl_divergence(student_lp_BTV, t), mask_BT, reduction)
 
 
 def forward_kl_full(student_lp_BTV, teacher_lp_BTV, mask_BT, reduction="mean"):
     """Exact KL(teacher || student) over full vocabulary rows (B, T, V)."""
-    return masked_reduce(kl_divergence(teacher_lp_BTV.to(student_lp_BTV.dtype), student_lp_BTV), mask_BT, reduction)
+    t = _neutral_where_masked(teacher_lp_BTV, student_lp_BTV, mask_BT)
+    return masked_reduce(kl_divergence(t, student_lp_BTV), mask_BT, reduction)
 
 
 @dataclass

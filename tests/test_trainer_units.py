@@ -1,0 +1,277 @@
+"""Trainer parts without a teacher: config parsing, schedules, FLOP formula (against torch's FlopCounterMode on
+the real model), KV-cache sampling (against full forward passes and transformers' own greedy generate), tasks."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from trainer import flops as F
+from trainer.config import ConfigError, PrefixConfig, describe, load_config
+from trainer.schedule import learning_rate, prefix_length
+from trainer.tasks import arith_task, extract_answer, is_correct, load_task, render
+
+REQ = ["student=s", "teacher=t"]
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def test_config_yaml_nesting_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "student: /m/s\nteacher: grpc://h:1\nsteps: 7\nlr: 3.0e-4\n"
+        "prefix: {schedule: linear, start: 4, end: 32}\neval: {every: 2, prompts: 5, max_new_tokens: 40}\n"
+    )
+    cfg = load_config(path, ["prefix.end=48", "lr=1e-3", "eval.prompts=builtin:arith", "stop_at_eos=false"])
+    assert (cfg.steps, cfg.lr, cfg.stop_at_eos) == (7, 1e-3, False)
+    assert (cfg.prefix.schedule, cfg.prefix.start, cfg.prefix.end) == ("linear", 4, 48)
+    assert (cfg.eval.every, cfg.eval.prompts, cfg.eval.max_new_tokens) == (2, "builtin:arith", 40)
+    assert cfg.run_job_id == "run" and cfg.to_dict()["prefix"]["end"] == 48
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["prefix.lenght=3"], "unknown key `prefix.lenght`; valid keys here: prefix.end, prefix.length"),
+        (["steps=0"], "`steps` must be >= 1, got 0."),
+        (["steps=ten"], "`steps` must be an integer, got 'ten'."),
+        (["lr=-1"], "`lr` must be > 0"),
+        (["loss=kl"], "`loss` must be one of"),
+        (["prefix.schedule=cosine"], "`prefix.schedule` must be one of"),
+        (["prefix.length=100"], "`prefix.length` must be in [1, max_new_tokens=64], got 100."),
+        (["prefix.schedule=linear", "prefix.start=10", "prefix.end=5"], "`prefix.end` must be in [prefix.start=10"),
+        (["jsd_beta=1.5"], "`jsd_beta` must be in [0, 1]"),
+        (["eval.every=-1"], "`eval.every` must be >= 0"),
+        (["prefix=3"], "`prefix` is a section"),
+        (["dtype=float8"], "`dtype` must be one of"),
+        (["stop_at_eos=maybe"], "`stop_at_eos` must be true or false"),
+        (["nokey"], "must look like key=value"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, REQ + overrides)
+    assert message in str(err.value)
+
+
+def test_config_requires_student_and_teacher_and_every_field_is_documented():
+    with pytest.raises(ConfigError, match="`student` is required"):
+        load_config(None, ["teacher=t"])
+    rows = describe()
+    keys = {k for k, _, _ in rows}
+    for key in ("student", "teacher", "job_id", "prompts", "steps", "batch_size", "samples_per_prompt", "lr",
+                "max_new_tokens", "prefix.schedule", "prefix.length", "prefix.start", "prefix.end", "loss", "top_k",
+                "temperature", "eval.every", "eval.prompts", "eval.max_new_tokens", "output_dir", "seed", "dtype"):
+        assert key in keys, key
+    assert all(len(h) > 15 for _, _, h in rows)
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+def test_prefix_schedules():
+    total, M = 11, 64
+    full = [prefix_length(PrefixConfig(schedule="full"), s, total, M) for s in range(total)]
+    const = [prefix_length(PrefixConfig(schedule="constant", length=8), s, total, M) for s in range(total)]
+    lin = [prefix_length(PrefixConfig(schedule="linear", start=8, end=58), s, total, M) for s in range(total)]
+    step = [prefix_length(PrefixConfig(schedule="step", start=8, end=32, stages=4), s, 12, M) for s in range(12)]
+    assert full == [64] * total and const == [8] * total
+    assert lin == [8, 13, 18, 23, 28, 33, 38, 43, 48, 53, 58]
+    assert step == [8, 8, 8, 16, 16, 16, 24, 24, 24, 32, 32, 32]
+    # capped by max_new_tokens; a single-step linear run uses the end
+    assert prefix_length(PrefixConfig(schedule="linear", start=8, end=64), 0, 1, 16) == 16
+    with pytest.raises(AssertionError):
+        prefix_length(PrefixConfig(), total, total, M)
+
+
+def test_learning_rate_schedules():
+    assert [learning_rate(s, 10, peak=1.0, warmup_steps=4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos = [learning_rate(s, 10, peak=1.0, kind="cosine") for s in range(10)]
+    assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5) and 0 < cos[-1] < 0.03
+    assert learning_rate(5, 10, peak=2.0, kind="linear") == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- FLOPs
+@pytest.fixture(scope="module")
+def eager_student(tiny_student):
+    """The tiny student with eager attention, whose QK^T / AV matmuls torch's FlopCounterMode can see."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_student, attn_implementation="eager").eval()
+
+
+def counted(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def square_excess(d: F.ModelDims, S: int) -> int:
+    """Eager attention multiplies the full S x S score matrix; the formula counts the causal half (ideal)."""
+    return 4 * d.n_layer * d.d_attn * (S * S - S * (S + 1) // 2)
+
+
+def test_model_dims_by_hand(eager_student):
+    cfg = eager_student.config
+    d, kv, ff = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads), cfg.intermediate_size
+    per_layer = d * d + 2 * d * kv + d * d + 3 * d * ff
+    dims = F.dims_from_model(eager_student)
+    assert dims == F.ModelDims(cfg.num_hidden_layers, d, cfg.num_hidden_layers * per_layer, cfg.vocab_size * d)
+
+
+def test_flop_formula_matches_torch_flop_counter(eager_student):
+    from trainer.sampling import generate
+
+    dims = F.dims_from_model(eager_student)
+    P, G = 13, 9
+    ids = torch.randint(4, 500, (1, P + G))
+    with torch.no_grad():  # one full forward: everything but the causal half of attention is counted the same
+        got = counted(lambda: eager_student(ids))
+    assert got == F.forward_flops(dims, P + G) + square_excess(dims, P + G)
+    # training: forward + backward with logits on the G completion positions = 3 x forward
+    eager_student.train()
+    got = counted(lambda: eager_student(ids, logits_to_keep=G).logits.sum().backward())
+    eager_student.eval()
+    assert got == F.training_flops(dims, P, G) + 3 * square_excess(dims, P + G)
+    # sampling with our KV-cache generator: prefill (square) + G - 1 cached steps (each exactly as counted)
+    got = counted(lambda: generate(eager_student, [ids[0, :P].tolist()], G, eos_id=None, pad_id=0))
+    assert got == F.sampling_flops(dims, P, G) + square_excess(dims, P)
+    assert F.teacher_flops(dims, P, G) == F.forward_flops(dims, P + G, 0, G)
+
+
+def test_prefix_costs_less_than_full_and_step_flops_sum():
+    d = F.ModelDims(n_layer=4, d_attn=256, layer_params=3_000_000, head_params=12_000_000)
+    t = F.ModelDims(n_layer=8, d_attn=512, layer_params=25_000_000, head_params=25_000_000)
+    P = [30, 41]
+    full = F.step_flops(d, t, P, [256, 256])
+    pref = F.step_flops(d, t, P, [16, 16])
+    assert pref.total < full.total / 5
+    assert full.sampling == sum(F.sampling_flops(d, p, 256) for p in P)
+    assert (full + pref).total == full.total + pref.total
+    assert F.step_flops(d, None, P, [16, 16]).teacher == 0
+    assert F.sampling_flops(d, 10, 0) == 0 and F.sampling_flops(d, 10, 1) == F.forward_flops(d, 10, 0, 1)
+    # sampling = prefill + one forward per later token, by the definition
+    assert F.sampling_flops(d, 10, 5) == F.forward_flops(d, 10, 0, 1) + sum(
+        F.forward_flops(d, 1, 10 + j, 1) for j in range(4))
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+@pytest.fixture(scope="module")
+def student(tiny_student):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_student).eval(), AutoTokenizer.from_pretrained(tiny_student)
+
+
+def test_sampling_records_logprobs_of_a_full_forward_and_is_seeded(student):
+    from trainer.sampling import generate, student_logprobs
+
+    model, tok = student
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20]]
+    ro = generate(model, prompts, 10, eos_id=None, pad_id=tok.pad_token_id, temperature=1.0,
+                  generator=torch.Generator().manual_seed(0))
+    assert ro.ids_BT.shape == (3, 10) and ro.lengths == [10, 10, 10]
+    for i, p in enumerate(prompts):  # each row alone, no cache, no padding
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([p + ro.completion(i)])).logits[0].float(), -1)
+        want = lp[len(p) - 1: len(p) - 1 + 10].gather(1, torch.tensor(ro.completion(i))[:, None]).squeeze(1)
+        torch.testing.assert_close(ro.sample_lp_BT[i], want, atol=1e-5, rtol=0)
+    # the training-time layout computes the same log-probabilities, with a gradient
+    lp_BTV = student_logprobs(model, ro)
+    assert lp_BTV.requires_grad and lp_BTV.shape == (3, 10, model.config.vocab_size)
+    torch.testing.assert_close(lp_BTV.gather(-1, ro.ids_BT[..., None]).squeeze(-1).detach(), ro.sample_lp_BT,
+                               atol=1e-5, rtol=0)
+    again = generate(model, prompts, 10, eos_id=None, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.ids_BT, ro.ids_BT)
+    other = generate(model, prompts, 10, eos_id=None, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(other.ids_BT, ro.ids_BT)
+
+
+def test_greedy_matches_transformers_generate_and_temperature_scales(student):
+    from trainer.sampling import generate
+
+    model, tok = student
+    prompt = tok("Question: what is 3 + 4?\nAnswer:", add_special_tokens=False)["input_ids"]
+    ro = generate(model, [prompt], 12, eos_id=None, pad_id=tok.pad_token_id, temperature=0.0)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    assert ro.completion(0) == ref[0, len(prompt):].tolist()
+    # at temperature T the recorded log-probability is log softmax(logits / T) of the sampled token
+    ro = generate(model, [prompt], 1, eos_id=None, pad_id=tok.pad_token_id, temperature=0.5,
+                  generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].float()
+    assert ro.sample_lp_BT[0, 0].item() == pytest.approx(
+        torch.log_softmax(logits / 0.5, -1)[ro.ids_BT[0, 0]].item(), abs=1e-5)
+
+
+def test_generation_stops_rows_at_eos_and_masks_after(student):
+    from trainer.sampling import generate
+
+    model, tok = student
+    prompts = [[5, 7, 9], [30, 31], [44]]
+    free = generate(model, prompts, 12, eos_id=None, pad_id=tok.pad_token_id, temperature=0.0)
+    stop = free.completion(0)[3]  # treat row 0's 4th greedy token as EOS
+    ro = generate(model, prompts, 12, eos_id=stop, pad_id=tok.pad_token_id, temperature=0.0)
+    for i in range(3):  # each row: its free-running greedy answer cut right after its first `stop` (kept)
+        row = free.completion(i)
+        want = row[: row.index(stop) + 1] if stop in row else row
+        assert ro.completion(i) == want
+        assert ro.mask_BT[i, len(want):].sum() == 0 and (ro.ids_BT[i, len(want):] == tok.pad_token_id).all()
+    assert ro.lengths[0] <= 4 and ro.ids_BT.shape[1] == max(ro.lengths)
+    torch.testing.assert_close(ro.sample_lp_BT[0, : ro.lengths[0]], free.sample_lp_BT[0, : ro.lengths[0]])
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+def test_arith_task_is_deterministic_disjoint_and_correct():
+    a, b = arith_task(), arith_task()
+    assert a.heldout == b.heldout and a.train[:50] == b.train[:50]
+    assert len(a.heldout) == 200 and len(a.train) == 2000
+    assert not {e.prompt for e in a.heldout} & {e.prompt for e in a.train}
+    for ex in a.heldout[:100]:  # recompute every answer from the question text
+        nums = [int(x) for x in re.findall(r"\d+", ex.prompt.split(" Think")[0])]
+        q = ex.prompt
+        if "+" in q or "more" in q and "loses" not in q:
+            want = nums[0] + nums[1]
+        elif "loses" in q:
+            want = nums[0] + nums[1] - nums[2]
+        elif "bags" in q:
+            want = nums[0] * nums[1]
+        else:
+            want = nums[0] - nums[1]
+        assert ex.answer == str(want), q
+
+
+def test_answer_checker():
+    assert extract_answer("3 + 4 = 7. Answer: 7") == "7"
+    assert extract_answer("First 2 + 2 = 4, then the answer is 12.") == "12"
+    assert extract_answer("so we get 1,000 apples") == "1000"
+    assert extract_answer("#### 42") == "42" and extract_answer("no digits") is None
+    assert is_correct("The answer is: 6", "6") and is_correct("Answer: 7.0", "7")
+    assert not is_correct("Answer: 17", "7") and not is_correct("", "7")
+    # the marked answer wins over a later number
+    assert extract_answer("Answer: 9. (3 + 6 = 9 is 1 step)") == "9"
+
+
+def test_jsonl_prompts_and_rendering(tmp_path, student):
+    _, tok = student
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join(f'{{"prompt": "q{i}", "answer": "{i}"}}' for i in range(20)) + "\n")
+    task = load_task(str(p))
+    assert len(task.train) == 18 and [e.prompt for e in task.heldout] == ["q9", "q19"]
+    p.write_text('{"prompt": "a", "split": "eval"}\n{"prompt": "b"}\n')
+    task = load_task(str(p))
+    assert [e.prompt for e in task.train] == ["b"] and [e.prompt for e in task.heldout] == ["a"]
+    p.write_text('{"answer": 3}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: each line needs a non-empty string `prompt`"):
+        load_task(str(p))
+    with pytest.raises(ValueError, match="builtin:arith"):
+        load_task("builtin:nope")
+    ex = task.train[0]
+    assert render(ex, tok, "raw") == tok("b", add_special_tokens=False)["input_ids"]
+    assert tok.decode(render(ex, tok, "auto")) == "Question: b\nAnswer:"  # no chat template: plain format
+    with pytest.raises(ValueError, match="no chat template"):
+        render(ex, tok, "chat")
