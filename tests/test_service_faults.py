@@ -47,6 +47,16 @@ def requests(n: int, seed: int, job: str, prompt_len=(1, 40), completion_len=(1,
     ]
 
 
+def grpc_health(port: int) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="teacher.v1.Teacher")
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
 def prefix_of(model) -> str:
     return TeacherSettings(model=str(model)).key_prefix()
 
@@ -197,9 +207,11 @@ def test_redis_down_fails_fast_then_recovers(tiny_teacher, own_redis, tmp_path):
         assert h.status_code == 503 and time.perf_counter() - t0 < 3.0
         assert "redis" in h.json()["error"]["message"].lower()
         assert httpx.get(t.http + "/healthz").status_code == 503
+        assert grpc_health(t.grpc_port) == "NOT_SERVING"
 
         own_redis.start()  # same port, empty
         t.wait_healthy(timeout=20)  # the front-end and the worker reconnect by themselves
+        assert grpc_health(t.grpc_port) == "SERVING"
         res = asyncio.run(score_once(0))
         assert res.token_logprobs.shape == (req.completion_token_ids.size,)
         assert t.front.alive()

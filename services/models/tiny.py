@@ -60,15 +60,20 @@ def build_tiny(
     vocab_size: int = 512,
     init_std: float = 0.02,
     max_context: int = 1024,
+    model_vocab: int | None = None,
 ) -> Path:
-    """Writes a random LlamaForCausalLM + tokenizer to `out` (save_pretrained); returns the folder."""
+    """Writes a random LlamaForCausalLM + tokenizer to `out` (save_pretrained); returns the folder.
+
+    `model_vocab` gives the embedding more rows than the tokenizer has tokens (as real models pad theirs),
+    e.g. to make full vocabulary rows large in tests.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
     tokenizer = build_tokenizer(vocab_size)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=model_vocab or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
