@@ -29,6 +29,11 @@ except ImportError:  # pragma: no cover - trainer not built yet
     pass
 
 
+from services.demo import register as register_demo  # noqa: E402 - demo and config-reference
+
+register_demo(app)
+
+
 def main() -> None:
     app()
 
