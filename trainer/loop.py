@@ -237,6 +237,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
                     vocab=vocab, job_id=job_id, teacher_temperature=cfg.teacher_temperature,
                     max_top_k=min(64, info.max_top_k, vocab), n_samples=cfg.eval.samples, autocast_dtype=autocast)
                 writer.log(step, {"progress/step": step, **result.metrics, **cum.as_metrics("flops/cum_")})
+                teacher.stats.take()  # eval traffic is not training traffic
                 writer.log_samples(step, result.samples)
                 progress.note("  " + "  ".join(f"{k[5:]}={v:.4g}" for k, v in result.metrics.items()
                                                if k in ("eval/accuracy", "eval/kl_head", "eval/kl_tail")))
