@@ -30,7 +30,9 @@ def service(tiny_teacher, redis_url, tmp_path_factory):
     instead of spinning against each other."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    t = Teacher(tiny_teacher, redis_url, tmp_path_factory.mktemp("teacher"), workers=1, flags={"torch-threads": "1"})
+    t = Teacher(
+        tiny_teacher, redis_url, tmp_path_factory.mktemp("teacher"), workers=1, flags={"torch-threads": "1"}
+    )
     try:
         t.wait_healthy()
         yield t
@@ -40,10 +42,19 @@ def service(tiny_teacher, redis_url, tmp_path_factory):
 
 
 def base(student, service, out, *extra):
-    return load_config(None, [
-        f"student={student}", f"teacher={service.target}", f"output_dir={out}", "progress_bar=false",
-        "max_new_tokens=16", "eval.max_new_tokens=16", "eval.head_tokens=8", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"student={student}",
+            f"teacher={service.target}",
+            f"output_dir={out}",
+            "progress_bar=false",
+            "max_new_tokens=16",
+            "eval.max_new_tokens=16",
+            "eval.head_tokens=8",
+            *extra,
+        ],
+    )
 
 
 def load(path):
@@ -53,7 +64,9 @@ def load(path):
 
 
 @torch.no_grad()
-def reverse_kl(student_path, teacher, prompts: list[str], tok, *, sample: bool, n: int = 8, T: int = 16) -> float:
+def reverse_kl(
+    student_path, teacher, prompts: list[str], tok, *, sample: bool, n: int = 8, T: int = 16
+) -> float:
     """Mean per-token KL(student || teacher) over T-token continuations of `prompts` drawn from the student
     (transformers' generate, sampled or greedy), with exact full-vocabulary rows of both models."""
     s = load(student_path)
@@ -62,12 +75,23 @@ def reverse_kl(student_path, teacher, prompts: list[str], tok, *, sample: bool, 
     P = enc.input_ids.shape[1]
     torch.manual_seed(0)
     reps = n if sample else 1
-    out = s.generate(**enc, max_new_tokens=T, min_new_tokens=T, do_sample=sample, num_return_sequences=reps,
-                     top_k=0, pad_token_id=tok.pad_token_id)
-    mask = torch.cat([enc.attention_mask.repeat_interleave(reps, 0), torch.ones(out.shape[0], T, dtype=torch.long)], 1)
+    out = s.generate(
+        **enc,
+        max_new_tokens=T,
+        min_new_tokens=T,
+        do_sample=sample,
+        num_return_sequences=reps,
+        top_k=0,
+        pad_token_id=tok.pad_token_id,
+    )
+    mask = torch.cat(
+        [enc.attention_mask.repeat_interleave(reps, 0), torch.ones(out.shape[0], T, dtype=torch.long)], 1
+    )
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    ls = torch.log_softmax(s(out, attention_mask=mask, position_ids=pos).logits[:, P - 1:-1].float(), -1)
-    lt = torch.log_softmax(teacher(out, attention_mask=mask, position_ids=pos).logits[:, P - 1:-1].float(), -1)
+    ls = torch.log_softmax(s(out, attention_mask=mask, position_ids=pos).logits[:, P - 1 : -1].float(), -1)
+    lt = torch.log_softmax(
+        teacher(out, attention_mask=mask, position_ids=pos).logits[:, P - 1 : -1].float(), -1
+    )
     return float((ls.exp() * (ls - lt)).sum(-1).mean())
 
 
@@ -75,8 +99,19 @@ def test_30_steps_lower_the_reverse_kl_to_the_teacher(tiny_student, tiny_teacher
     from transformers import AutoTokenizer
 
     out = tmp_path / "run"
-    cfg = base(tiny_student, service, out, "steps=30", "batch_size=32", "micro_batch_size=16", "prefix.length=8",
-               "lr=1e-3", "eval.prompts=16", "eval.batch_size=16", "seed=0")
+    cfg = base(
+        tiny_student,
+        service,
+        out,
+        "steps=30",
+        "batch_size=32",
+        "micro_batch_size=16",
+        "prefix.length=8",
+        "lr=1e-3",
+        "eval.prompts=16",
+        "eval.batch_size=16",
+        "seed=0",
+    )
     summary = train(cfg)
 
     # Independently: plain transformers forward passes of the teacher, the initial and the trained student.
@@ -101,7 +136,9 @@ def test_30_steps_lower_the_reverse_kl_to_the_teacher(tiny_student, tiny_teacher
         assert any(k.startswith(ns) for k in steps[0]), ns
     assert steps[0]["teacher/requests"] == 32 and steps[0]["loss/sample_logprob_gap"] < 1e-4
     cum = [r["flops/cum_total"] for r in steps]
-    assert all(b > a for a, b in zip(cum, cum[1:], strict=False)) and summary.flops["flops/cum_total"] == cum[-1]
+    assert (
+        all(b > a for a, b in zip(cum, cum[1:], strict=False)) and summary.flops["flops/cum_total"] == cum[-1]
+    )
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "final" / "model.safetensors").exists() and (out / "config.yaml").exists()
     assert summary.samples_before and summary.samples_after
@@ -109,8 +146,19 @@ def test_30_steps_lower_the_reverse_kl_to_the_teacher(tiny_student, tiny_teacher
 
 def test_every_loss_trains_through_the_service(tiny_student, service, tmp_path):
     for loss in ("reverse_kl_topk", "forward_kl_topk", "jsd_topk", "reverse_kl_full", "forward_kl_full"):
-        cfg = base(tiny_student, service, tmp_path / loss, "steps=2", "batch_size=4", "prefix.length=4",
-                   f"loss={loss}", "top_k=8", "eval.at_start=false", "eval.prompts=2", "tensorboard=false")
+        cfg = base(
+            tiny_student,
+            service,
+            tmp_path / loss,
+            "steps=2",
+            "batch_size=4",
+            "prefix.length=4",
+            f"loss={loss}",
+            "top_k=8",
+            "eval.at_start=false",
+            "eval.prompts=2",
+            "tensorboard=false",
+        )
         train(cfg)
         rows = [r for r in read_metrics(tmp_path / loss) if f"loss/{loss}" in r]
         assert len(rows) == 2 and all(np.isfinite(r[f"loss/{loss}"]) and r[f"loss/{loss}"] >= 0 for r in rows)
@@ -137,7 +185,9 @@ def closed_form(model, P: int, G: int) -> tuple[int, int, int]:
     return sampling, 3 * forward, forward
 
 
-def test_flops_of_full_and_prefix_runs_follow_the_formula_and_cli_plot(tiny_student, tiny_teacher, service, tmp_path):
+def test_flops_of_full_and_prefix_runs_follow_the_formula_and_cli_plot(
+    tiny_student, tiny_teacher, service, tmp_path
+):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_student)
@@ -149,7 +199,14 @@ def test_flops_of_full_and_prefix_runs_follow_the_formula_and_cli_plot(tiny_stud
     )
     runs = {"full": ["prefix.schedule=full"], "prefix": ["prefix.schedule=constant", "prefix.length=3"]}
     for name, sets in runs.items():
-        args = [*CLI, "train", "--config", str(tmp_path / "run.yaml"), "--set", f"output_dir={tmp_path / name}"]
+        args = [
+            *CLI,
+            "train",
+            "--config",
+            str(tmp_path / "run.yaml"),
+            "--set",
+            f"output_dir={tmp_path / name}",
+        ]
         for s in sets:
             args += ["--set", s]
         r = subprocess.run(args, capture_output=True, text=True, env=env(), timeout=300)
@@ -171,8 +228,13 @@ def test_flops_of_full_and_prefix_runs_follow_the_formula_and_cli_plot(tiny_stud
     print("prefix / full FLOPs:", totals["prefix"] / totals["full"])
     assert totals["prefix"] < 0.5 * totals["full"]
 
-    r = subprocess.run([*CLI, "plot", str(tmp_path / "full"), str(tmp_path / "prefix"), "--out", str(tmp_path / "plots")],
-                       capture_output=True, text=True, env=env(), timeout=120)
+    r = subprocess.run(
+        [*CLI, "plot", str(tmp_path / "full"), str(tmp_path / "prefix"), "--out", str(tmp_path / "plots")],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     for name in ("kl_vs_flops.png", "accuracy_vs_flops.png"):
         data = (tmp_path / "plots" / name).read_bytes()
@@ -181,9 +243,24 @@ def test_flops_of_full_and_prefix_runs_follow_the_formula_and_cli_plot(tiny_stud
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_student, service, tmp_path):
     out = tmp_path / "run"
-    cfg = base(tiny_student, service, out, "steps=6", "save_every=3", "eval.every=3", "batch_size=4",
-               "micro_batch_size=2", "prefix.schedule=linear", "prefix.start=2", "prefix.end=8", "lr=3e-3",
-               "eval.prompts=4", "loss=reverse_kl_topk", "top_k=8", "seed=5")
+    cfg = base(
+        tiny_student,
+        service,
+        out,
+        "steps=6",
+        "save_every=3",
+        "eval.every=3",
+        "batch_size=4",
+        "micro_batch_size=2",
+        "prefix.schedule=linear",
+        "prefix.start=2",
+        "prefix.end=8",
+        "lr=3e-3",
+        "eval.prompts=4",
+        "loss=reverse_kl_topk",
+        "top_k=8",
+        "seed=5",
+    )
     train(cfg)
     whole = read_metrics(out)
     final_whole = {k: v.clone() for k, v in load(out / "final").state_dict().items()}
@@ -195,7 +272,10 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_student, service, tmp_path
     assert summary.steps == 6
 
     def comparable(rows):
-        return [{k: v for k, v in r.items() if not k.startswith(("time/", "teacher/", "eval/seconds"))} for r in rows]
+        return [
+            {k: v for k, v in r.items() if not k.startswith(("time/", "teacher/", "eval/seconds"))}
+            for r in rows
+        ]
 
     assert len(resumed) == len(whole)
     for a, b in zip(comparable(whole), comparable(resumed), strict=True):
@@ -211,21 +291,42 @@ def test_teacher_with_another_tokenizer_is_refused(tiny_other_tokenizer, service
     cfg = base(tiny_other_tokenizer, service, tmp_path / "direct", "steps=1")
     with pytest.raises(TeacherMismatch, match="different tokenizer"):
         train(cfg)
-    r = subprocess.run([*CLI, "train", "--set", f"student={tiny_other_tokenizer}", "--set", f"teacher={service.target}",
-                        "--set", f"output_dir={tmp_path / 'cli'}", "--set", "progress_bar=false"],
-                       capture_output=True, text=True, env=env(), timeout=120)
+    r = subprocess.run(
+        [
+            *CLI,
+            "train",
+            "--set",
+            f"student={tiny_other_tokenizer}",
+            "--set",
+            f"teacher={service.target}",
+            "--set",
+            f"output_dir={tmp_path / 'cli'}",
+            "--set",
+            "progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "teacher refused" in r.stderr and "uses a different tokenizer than the student" in r.stderr
     assert not (tmp_path / "cli" / "metrics.jsonl").exists()
 
 
 def test_config_error_is_one_clear_line(tmp_path):
-    r = subprocess.run([*CLI, "train", "--set", "student=s", "--set", "teacher=t", "--set", "prefix.lenght=4"],
-                       capture_output=True, text=True, env=env(), timeout=60)
+    r = subprocess.run(
+        [*CLI, "train", "--set", "student=s", "--set", "teacher=t", "--set", "prefix.lenght=4"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: unknown key `prefix.lenght`; valid keys here: prefix.end, prefix.length, prefix.schedule, "
-        "prefix.stages, prefix.start."]
+        "prefix.stages, prefix.start."
+    ]
 
 
 def digest_of(model_dir) -> str:
@@ -244,12 +345,43 @@ def digest_of(model_dir) -> str:
 
 def test_torchrun_two_ranks_end_with_identical_weights(tiny_student, service, tmp_path):
     out = tmp_path / "ddp"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer",
-            "train", "--set", f"student={tiny_student}", "--set", f"teacher={service.target}",
-            "--set", f"output_dir={out}", "--set", "steps=3", "--set", "batch_size=4", "--set", "micro_batch_size=2",
-            "--set", "prefix.length=4", "--set", "max_new_tokens=8", "--set", "eval.prompts=2",
-            "--set", "eval.max_new_tokens=4", "--set", "lr=1e-2", "--set", "progress_bar=false",
-            "--set", "save_every=3"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer",
+        "train",
+        "--set",
+        f"student={tiny_student}",
+        "--set",
+        f"teacher={service.target}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "steps=3",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "micro_batch_size=2",
+        "--set",
+        "prefix.length=4",
+        "--set",
+        "max_new_tokens=8",
+        "--set",
+        "eval.prompts=2",
+        "--set",
+        "eval.max_new_tokens=4",
+        "--set",
+        "lr=1e-2",
+        "--set",
+        "progress_bar=false",
+        "--set",
+        "save_every=3",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, env=env(), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     d0 = (out / "weights_digest.rank0.txt").read_text().strip()

@@ -10,7 +10,6 @@ import torch
 from trainer import losses as L
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """Closed forms are compared in float64; the global default is restored for other modules."""
@@ -107,8 +106,12 @@ def test_topk_tail_bucket_exact_when_k_is_vocab():
     mask = torch.ones(2, 3)
     ids = t.argsort(dim=-1, descending=True)  # k = V, in the teacher's order
     t_k = t.gather(-1, ids)
-    torch.testing.assert_close(L.reverse_kl_topk(s, ids, t_k, mask, "none"), L.reverse_kl_full(s, t, mask, "none"))
-    torch.testing.assert_close(L.forward_kl_topk(s, ids, t_k, mask, "none"), L.forward_kl_full(s, t, mask, "none"))
+    torch.testing.assert_close(
+        L.reverse_kl_topk(s, ids, t_k, mask, "none"), L.reverse_kl_full(s, t, mask, "none")
+    )
+    torch.testing.assert_close(
+        L.forward_kl_topk(s, ids, t_k, mask, "none"), L.forward_kl_full(s, t, mask, "none")
+    )
     jsd_full = L.masked_reduce(L.generalized_jsd(s, t, 0.5), mask, "none")
     torch.testing.assert_close(L.jsd_topk(s, ids, t_k, mask, 0.5, "none"), jsd_full)
 
@@ -127,10 +130,14 @@ def test_topk_buckets_hold_the_tail_mass_and_lower_bound_the_kl():
     torch.testing.assert_close(tb[..., -1].exp(), (t.exp() * ~in_k).sum(-1))
     mask = torch.ones(2, 4)
     # merging outcomes never increases a KL (data processing inequality)
-    assert (L.reverse_kl_topk(s, ids, t.gather(-1, ids), mask, "none")
-            <= L.reverse_kl_full(s, t, mask, "none") + 1e-12).all()
-    assert (L.forward_kl_topk(s, ids, t.gather(-1, ids), mask, "none")
-            <= L.forward_kl_full(s, t, mask, "none") + 1e-12).all()
+    assert (
+        L.reverse_kl_topk(s, ids, t.gather(-1, ids), mask, "none")
+        <= L.reverse_kl_full(s, t, mask, "none") + 1e-12
+    ).all()
+    assert (
+        L.forward_kl_topk(s, ids, t.gather(-1, ids), mask, "none")
+        <= L.forward_kl_full(s, t, mask, "none") + 1e-12
+    ).all()
 
 
 def test_topk_teacher_tail_rounding_to_zero_stays_finite():
@@ -167,12 +174,20 @@ def test_sampled_estimator_gradient_is_the_reverse_kl_gradient_in_expectation():
     N = 200_000
     x = torch.multinomial(p, N, replacement=True, generator=g)
     # Each sample's gradient depends only on its outcome: autograd of the loss once per outcome, then look up.
-    per_outcome_grad = torch.stack([
-        torch.autograd.grad(
-            L.reverse_kl_sampled(torch.log_softmax(th := theta.clone().requires_grad_(), -1)[v].view(1, 1),
-                                 q_lp[v].view(1, 1), torch.ones(1, 1), "sum"), th)[0]
-        for v in range(V)
-    ])  # (V outcomes, V logits)
+    per_outcome_grad = torch.stack(
+        [
+            torch.autograd.grad(
+                L.reverse_kl_sampled(
+                    torch.log_softmax(th := theta.clone().requires_grad_(), -1)[v].view(1, 1),
+                    q_lp[v].view(1, 1),
+                    torch.ones(1, 1),
+                    "sum",
+                ),
+                th,
+            )[0]
+            for v in range(V)
+        ]
+    )  # (V outcomes, V logits)
     per_token = per_outcome_grad[x]  # (N, V)
     s_lp = torch.log_softmax(theta, -1)
     mean, se = per_token.mean(0), per_token.std(0) / math.sqrt(N)
@@ -199,9 +214,15 @@ def test_compute_loss_dispatch_and_needs():
     tb = L.TeacherBatch(torch.zeros(1, 2), ids, t.gather(-1, ids), t)
     sampled = torch.zeros(1, 2, dtype=torch.long)
     assert L.compute_loss("reverse_kl_full", s, sampled, tb, mask).item() == pytest.approx(
-        L.reverse_kl_full(s, t, mask).item())
+        L.reverse_kl_full(s, t, mask).item()
+    )
     assert L.compute_loss("jsd_topk", s, sampled, tb, mask, beta=0.2).item() == pytest.approx(
-        L.jsd_topk(s, ids, t.gather(-1, ids), mask, 0.2).item())
-    assert [L.needs(n) for n in ("reverse_kl_sampled", "jsd_topk", "forward_kl_full")] == ["token", "topk", "full"]
+        L.jsd_topk(s, ids, t.gather(-1, ids), mask, 0.2).item()
+    )
+    assert [L.needs(n) for n in ("reverse_kl_sampled", "jsd_topk", "forward_kl_full")] == [
+        "token",
+        "topk",
+        "full",
+    ]
     with pytest.raises(ValueError):
         L.compute_loss("kl", s, sampled, tb, mask)

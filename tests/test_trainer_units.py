@@ -40,7 +40,10 @@ def test_config_yaml_nesting_and_overrides(tmp_path):
         (["loss=kl"], "`loss` must be one of"),
         (["prefix.schedule=cosine"], "`prefix.schedule` must be one of"),
         (["prefix.length=100"], "`prefix.length` must be in [1, max_new_tokens=64], got 100."),
-        (["prefix.schedule=linear", "prefix.start=10", "prefix.end=5"], "`prefix.end` must be in [prefix.start=10"),
+        (
+            ["prefix.schedule=linear", "prefix.start=10", "prefix.end=5"],
+            "`prefix.end` must be in [prefix.start=10",
+        ),
         (["jsd_beta=1.5"], "`jsd_beta` must be in [0, 1]"),
         (["eval.every=-1"], "`eval.every` must be >= 0"),
         (["prefix=3"], "`prefix` is a section"),
@@ -60,9 +63,30 @@ def test_config_requires_student_and_teacher_and_every_field_is_documented():
         load_config(None, ["teacher=t"])
     rows = describe()
     keys = {k for k, _, _ in rows}
-    for key in ("student", "teacher", "job_id", "prompts", "steps", "batch_size", "samples_per_prompt", "lr",
-                "max_new_tokens", "prefix.schedule", "prefix.length", "prefix.start", "prefix.end", "loss", "top_k",
-                "temperature", "eval.every", "eval.prompts", "eval.max_new_tokens", "output_dir", "seed", "dtype"):
+    for key in (
+        "student",
+        "teacher",
+        "job_id",
+        "prompts",
+        "steps",
+        "batch_size",
+        "samples_per_prompt",
+        "lr",
+        "max_new_tokens",
+        "prefix.schedule",
+        "prefix.length",
+        "prefix.start",
+        "prefix.end",
+        "loss",
+        "top_k",
+        "temperature",
+        "eval.every",
+        "eval.prompts",
+        "eval.max_new_tokens",
+        "output_dir",
+        "seed",
+        "dtype",
+    ):
         assert key in keys, key
     assert all(len(h) > 15 for _, _, h in rows)
 
@@ -73,7 +97,9 @@ def test_prefix_schedules():
     full = [prefix_length(PrefixConfig(schedule="full"), s, total, M) for s in range(total)]
     const = [prefix_length(PrefixConfig(schedule="constant", length=8), s, total, M) for s in range(total)]
     lin = [prefix_length(PrefixConfig(schedule="linear", start=8, end=58), s, total, M) for s in range(total)]
-    step = [prefix_length(PrefixConfig(schedule="step", start=8, end=32, stages=4), s, 12, M) for s in range(12)]
+    step = [
+        prefix_length(PrefixConfig(schedule="step", start=8, end=32, stages=4), s, 12, M) for s in range(12)
+    ]
     assert full == [64] * total and const == [8] * total
     assert lin == [8, 13, 18, 23, 28, 33, 38, 43, 48, 53, 58]
     assert step == [8, 8, 8, 16, 16, 16, 24, 24, 24, 32, 32, 32]
@@ -114,10 +140,16 @@ def square_excess(d: F.ModelDims, S: int) -> int:
 
 def test_model_dims_by_hand(eager_student):
     cfg = eager_student.config
-    d, kv, ff = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads), cfg.intermediate_size
+    d, kv, ff = (
+        cfg.hidden_size,
+        cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads),
+        cfg.intermediate_size,
+    )
     per_layer = d * d + 2 * d * kv + d * d + 3 * d * ff
     dims = F.dims_from_model(eager_student)
-    assert dims == F.ModelDims(cfg.num_hidden_layers, d, cfg.num_hidden_layers * per_layer, cfg.vocab_size * d)
+    assert dims == F.ModelDims(
+        cfg.num_hidden_layers, d, cfg.num_hidden_layers * per_layer, cfg.vocab_size * d
+    )
 
 
 def test_flop_formula_matches_torch_flop_counter(eager_student):
@@ -153,7 +185,8 @@ def test_prefix_costs_less_than_full_and_step_flops_sum():
     assert F.sampling_flops(d, 10, 0) == 0 and F.sampling_flops(d, 10, 1) == F.forward_flops(d, 10, 0, 1)
     # sampling = prefill + one forward per later token, by the definition
     assert F.sampling_flops(d, 10, 5) == F.forward_flops(d, 10, 0, 1) + sum(
-        F.forward_flops(d, 1, 10 + j, 1) for j in range(4))
+        F.forward_flops(d, 1, 10 + j, 1) for j in range(4)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -161,7 +194,9 @@ def test_prefix_costs_less_than_full_and_step_flops_sum():
 def student(tiny_student):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_student).eval(), AutoTokenizer.from_pretrained(tiny_student)
+    return AutoModelForCausalLM.from_pretrained(tiny_student).eval(), AutoTokenizer.from_pretrained(
+        tiny_student
+    )
 
 
 def test_sampling_records_logprobs_of_a_full_forward_and_is_seeded(student):
@@ -169,22 +204,34 @@ def test_sampling_records_logprobs_of_a_full_forward_and_is_seeded(student):
 
     model, tok = student
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20]]
-    ro = generate(model, prompts, 10, eos_id=None, pad_id=tok.pad_token_id, temperature=1.0,
-                  generator=torch.Generator().manual_seed(0))
+    ro = generate(
+        model,
+        prompts,
+        10,
+        eos_id=None,
+        pad_id=tok.pad_token_id,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert ro.ids_BT.shape == (3, 10) and ro.lengths == [10, 10, 10]
     for i, p in enumerate(prompts):  # each row alone, no cache, no padding
         with torch.no_grad():
             lp = torch.log_softmax(model(torch.tensor([p + ro.completion(i)])).logits[0].float(), -1)
-        want = lp[len(p) - 1: len(p) - 1 + 10].gather(1, torch.tensor(ro.completion(i))[:, None]).squeeze(1)
+        want = lp[len(p) - 1 : len(p) - 1 + 10].gather(1, torch.tensor(ro.completion(i))[:, None]).squeeze(1)
         torch.testing.assert_close(ro.sample_lp_BT[i], want, atol=1e-5, rtol=0)
     # the training-time layout computes the same log-probabilities, with a gradient
     lp_BTV = student_logprobs(model, ro)
     assert lp_BTV.requires_grad and lp_BTV.shape == (3, 10, model.config.vocab_size)
-    torch.testing.assert_close(lp_BTV.gather(-1, ro.ids_BT[..., None]).squeeze(-1).detach(), ro.sample_lp_BT,
-                               atol=1e-5, rtol=0)
-    again = generate(model, prompts, 10, eos_id=None, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        lp_BTV.gather(-1, ro.ids_BT[..., None]).squeeze(-1).detach(), ro.sample_lp_BT, atol=1e-5, rtol=0
+    )
+    again = generate(
+        model, prompts, 10, eos_id=None, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(again.ids_BT, ro.ids_BT)
-    other = generate(model, prompts, 10, eos_id=None, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(1))
+    other = generate(
+        model, prompts, 10, eos_id=None, pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(1)
+    )
     assert not torch.equal(other.ids_BT, ro.ids_BT)
 
 
@@ -196,16 +243,30 @@ def test_greedy_matches_transformers_generate_and_temperature_scales(student):
     ro = generate(model, [prompt], 12, eos_id=None, pad_id=tok.pad_token_id, temperature=0.0)
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-    assert ro.completion(0) == ref[0, len(prompt):].tolist()
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    assert ro.completion(0) == ref[0, len(prompt) :].tolist()
     # at temperature T the recorded log-probability is log softmax(logits / T) of the sampled token
-    ro = generate(model, [prompt], 1, eos_id=None, pad_id=tok.pad_token_id, temperature=0.5,
-                  generator=torch.Generator().manual_seed(3))
+    ro = generate(
+        model,
+        [prompt],
+        1,
+        eos_id=None,
+        pad_id=tok.pad_token_id,
+        temperature=0.5,
+        generator=torch.Generator().manual_seed(3),
+    )
     with torch.no_grad():
         logits = model(ids).logits[0, -1].float()
     assert ro.sample_lp_BT[0, 0].item() == pytest.approx(
-        torch.log_softmax(logits / 0.5, -1)[ro.ids_BT[0, 0]].item(), abs=1e-5)
+        torch.log_softmax(logits / 0.5, -1)[ro.ids_BT[0, 0]].item(), abs=1e-5
+    )
 
 
 def test_generation_stops_rows_at_eos_and_masks_after(student):
@@ -220,7 +281,7 @@ def test_generation_stops_rows_at_eos_and_masks_after(student):
         row = free.completion(i)
         want = row[: row.index(stop) + 1] if stop in row else row
         assert ro.completion(i) == want
-        assert ro.mask_BT[i, len(want):].sum() == 0 and (ro.ids_BT[i, len(want):] == tok.pad_token_id).all()
+        assert ro.mask_BT[i, len(want) :].sum() == 0 and (ro.ids_BT[i, len(want) :] == tok.pad_token_id).all()
     assert ro.lengths[0] <= 4 and ro.ids_BT.shape[1] == max(ro.lengths)
     torch.testing.assert_close(ro.sample_lp_BT[0, : ro.lengths[0]], free.sample_lp_BT[0, : ro.lengths[0]])
 

@@ -30,7 +30,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = Path(output_dir) / "checkpoints"
     if not root.exists():
         return None
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE).exists())
+    done = sorted(
+        p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE).exists()
+    )
     return done[-1] if done else None
 
 
@@ -56,8 +58,18 @@ def restore_rng(state: dict, data_rng: np.random.Generator, sampler: torch.Gener
 
 
 def save_checkpoint(
-    output_dir: str | Path, step: int, *, model, tokenizer, optimizer, extra: dict, rng: dict,
-    rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None, keep: int = 2,
+    output_dir: str | Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    optimizer,
+    extra: dict,
+    rng: dict,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    keep: int = 2,
 ) -> Path:
     """Writes the checkpoint of `step` completed steps (collective: every rank calls it)."""
     final = checkpoint_dir(output_dir, step)
@@ -71,8 +83,10 @@ def save_checkpoint(
     if rank == 0:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "world_size": world_size, "optimizer": optimizer.state_dict(), **extra},
-                   tmp / STATE)
+        torch.save(
+            {"step": step, "world_size": world_size, "optimizer": optimizer.state_dict(), **extra},
+            tmp / STATE,
+        )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         old = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
@@ -87,7 +101,9 @@ def load_state(ckpt: Path, rank: int, world_size: int) -> tuple[dict, dict]:
     # Our own files, written by save_checkpoint (RNG states hold numpy/python objects, hence weights_only=False).
     state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
     if state["world_size"] != world_size:
-        raise ValueError(f"checkpoint {ckpt} was written by {state['world_size']} ranks; resume it with the same "
-                         f"number of ranks (got {world_size}).")
+        raise ValueError(
+            f"checkpoint {ckpt} was written by {state['world_size']} ranks; resume it with the same "
+            f"number of ranks (got {world_size})."
+        )
     rng = torch.load(ckpt / f"rng_rank{rank}.pt", map_location="cpu", weights_only=False)
     return state, rng

@@ -28,18 +28,23 @@ def print_summary(summary) -> None:
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
+
+    def fmt(d: dict, key: str) -> str:
+        return f"{d[key]:.4g}" if d.get(key) is not None else "-"
+
     for key in ("eval/accuracy", "eval/kl_head", "eval/kl_tail", "eval/kl", "eval/response_tokens"):
         if key in summary.before or key in summary.after:
-            fmt = lambda d: f"{d[key]:.4g}" if d.get(key) is not None else "-"  # noqa: E731
-            table.add_row(key, fmt(summary.before), fmt(summary.after))
+            table.add_row(key, fmt(summary.before, key), fmt(summary.after, key))
     console.print(table)
     if summary.flops:
         console.print("cumulative FLOPs: " + ", ".join(f"{k[10:]}={v:.3g}" for k, v in summary.flops.items()))
     for name, samples in (("before", summary.samples_before), ("after", summary.samples_after)):
         if samples:
             s = samples[0]
-            console.print(f"[bold]sample {name}[/bold] (answer {s.get('answer')}, correct {s.get('correct')}):",
-                          highlight=False)
+            console.print(
+                f"[bold]sample {name}[/bold] (answer {s.get('answer')}, correct {s.get('correct')}):",
+                highlight=False,
+            )
             console.print(f"  {s['response']!r}", highlight=False, markup=False)
     console.print(f"final model: {summary.final_dir}")
 
@@ -47,9 +52,15 @@ def print_summary(summary) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
-        config: Path = typer.Option(None, "--config", "-c", help="Run YAML (keys of the configuration reference)."),
-        set_: list[str] = typer.Option([], "--set", help="Override key=value (dotted keys, e.g. prefix.length=32)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+        config: Path = typer.Option(
+            None, "--config", "-c", help="Run YAML (keys of the configuration reference)."
+        ),
+        set_: list[str] = typer.Option(
+            [], "--set", help="Override key=value (dotted keys, e.g. prefix.length=32)."
+        ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue from the newest checkpoint in output_dir."
+        ),
     ) -> None:
         """On-policy (prefix) distillation of a student against a teacher service."""
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -77,7 +88,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def plot(
         run_dirs: list[Path] = typer.Argument(..., help="Run folders (each with a metrics.jsonl)."),
-        out: Path = typer.Option(None, "--out", "-o", help="Folder for the PNGs (default: the first run folder)."),
+        out: Path = typer.Option(
+            None, "--out", "-o", help="Folder for the PNGs (default: the first run folder)."
+        ),
     ) -> None:
         """PNGs of eval accuracy and KL against cumulative training FLOPs, one line per run."""
         from trainer.plot import plot_runs

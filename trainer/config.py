@@ -18,7 +18,12 @@ import yaml
 
 SCHEDULES = ("full", "constant", "linear", "step")
 LOSSES = (
-    "reverse_kl_sampled", "reverse_kl_topk", "forward_kl_topk", "jsd_topk", "reverse_kl_full", "forward_kl_full",
+    "reverse_kl_sampled",
+    "reverse_kl_topk",
+    "forward_kl_topk",
+    "jsd_topk",
+    "reverse_kl_full",
+    "forward_kl_full",
 )
 DTYPES = ("float32", "bfloat16")
 PROMPT_FORMATS = ("auto", "chat", "raw")
@@ -45,27 +50,42 @@ def _check(cond: bool, key: str, message: str) -> None:
 class PrefixConfig:
     """How many tokens each student rollout is allowed to run (the prefix length L) as a function of the step."""
 
-    schedule: str = _f("constant", "full (L = max_new_tokens, plain on-policy distillation) | constant (L = "
-                       "prefix.length) | linear (prefix.start to prefix.end over the run) | step (prefix.stages "
-                       "equal stages from prefix.start to prefix.end).")
+    schedule: str = _f(
+        "constant",
+        "full (L = max_new_tokens, plain on-policy distillation) | constant (L = "
+        "prefix.length) | linear (prefix.start to prefix.end over the run) | step (prefix.stages "
+        "equal stages from prefix.start to prefix.end).",
+    )
     length: int = _f(16, "L of the `constant` schedule, in tokens (1..max_new_tokens).")
     start: int = _f(8, "L at the first step of the `linear` and `step` schedules (>= 1).")
-    end: int = _f(64, "L at the last step of the `linear` and `step` schedules (>= prefix.start, <= max_new_tokens).")
+    end: int = _f(
+        64, "L at the last step of the `linear` and `step` schedules (>= prefix.start, <= max_new_tokens)."
+    )
     stages: int = _f(4, "Number of constant stages of the `step` schedule (>= 2).")
 
     def validate(self, max_new_tokens: int) -> None:
-        _check(self.schedule in SCHEDULES, "prefix.schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}.")
+        _check(
+            self.schedule in SCHEDULES,
+            "prefix.schedule",
+            f"must be one of {list(SCHEDULES)}, got {self.schedule!r}.",
+        )
         # Bounds that involve max_new_tokens only bind the schedule that uses the field, so the defaults of
         # unused fields never get in the way of a short max_new_tokens.
         _check(self.length >= 1, "prefix.length", f"must be >= 1, got {self.length}.")
         if self.schedule == "constant":
-            _check(self.length <= max_new_tokens, "prefix.length",
-                   f"must be in [1, max_new_tokens={max_new_tokens}], got {self.length}.")
+            _check(
+                self.length <= max_new_tokens,
+                "prefix.length",
+                f"must be in [1, max_new_tokens={max_new_tokens}], got {self.length}.",
+            )
         _check(self.start >= 1, "prefix.start", f"must be >= 1, got {self.start}.")
         _check(self.stages >= 2, "prefix.stages", f"must be >= 2, got {self.stages}.")
         if self.schedule in ("linear", "step"):
-            _check(self.start <= self.end <= max_new_tokens, "prefix.end",
-                   f"must be in [prefix.start={self.start}, max_new_tokens={max_new_tokens}], got {self.end}.")
+            _check(
+                self.start <= self.end <= max_new_tokens,
+                "prefix.end",
+                f"must be in [prefix.start={self.start}, max_new_tokens={max_new_tokens}], got {self.end}.",
+            )
 
 
 @dataclass
@@ -73,16 +93,27 @@ class EvalConfig:
     """Held-out evaluation: greedy full-length answers, exact-match accuracy and per-token KL to the teacher."""
 
     every: int = _f(0, "Evaluate every this many steps (0: only before the first and after the last step).")
-    prompts: int | str = _f(32, "Held-out prompts: an integer N (the first N of the held-out split of `prompts`), "
-                            "or a source (a JSONL path or builtin:NAME, whose held-out split is used).")
+    prompts: int | str = _f(
+        32,
+        "Held-out prompts: an integer N (the first N of the held-out split of `prompts`), "
+        "or a source (a JSONL path or builtin:NAME, whose held-out split is used).",
+    )
     limit: int = _f(0, "At most this many prompts from a source given in eval.prompts (0: all).")
     max_new_tokens: int = _f(64, "Length of the greedy evaluation answers (>= 1).")
     batch_size: int = _f(8, "Prompts per evaluation generation batch (>= 1).")
-    head_tokens: int = _f(16, "The first this many answer positions form the 'head' of eval/kl_head; the rest "
-                          "is the tail of eval/kl_tail (>= 1).")
-    full_rows: bool = _f(True, "Measure KL with the teacher's full vocabulary rows (exact); false: top-k with a "
-                         "tail bucket (a lower bound, for teachers that cannot return full rows).")
-    at_start: bool = _f(True, "Also evaluate before the first step (the 'before' figures of the run summary).")
+    head_tokens: int = _f(
+        16,
+        "The first this many answer positions form the 'head' of eval/kl_head; the rest "
+        "is the tail of eval/kl_tail (>= 1).",
+    )
+    full_rows: bool = _f(
+        True,
+        "Measure KL with the teacher's full vocabulary rows (exact); false: top-k with a "
+        "tail bucket (a lower bound, for teachers that cannot return full rows).",
+    )
+    at_start: bool = _f(
+        True, "Also evaluate before the first step (the 'before' figures of the run summary)."
+    )
     samples: int = _f(3, "Sample answers kept in the run summary and in samples.jsonl (>= 0).")
 
     def validate(self) -> None:
@@ -103,29 +134,47 @@ class TrainConfig:
     """One distillation run (`prefix-distill train --config run.yaml --set key=value`)."""
 
     student: str = _f("", "Student model: a folder or hub id loadable by AutoModelForCausalLM (required).")
-    teacher: str = _f("", "Teacher service: grpc://host:port (or host:port); inprocess:MODEL scores in this "
-                      "process without a service (for trials without Redis) (required).")
-    job_id: str = _f("", "Job id sent with every request (queueing and fairness are per job); default: the "
-                     "name of output_dir.")
-    prompts: str = _f("builtin:arith", "Training prompts: a JSONL file with `prompt` and optional `answer` "
-                      "fields, or builtin:NAME for a task shipped with the project (builtin:arith).")
-    prompt_format: str = _f("auto", "auto (chat template when the student's tokenizer has one) | chat | raw "
-                            "(prompt text as is).")
+    teacher: str = _f(
+        "",
+        "Teacher service: grpc://host:port (or host:port); inprocess:MODEL scores in this "
+        "process without a service (for trials without Redis) (required).",
+    )
+    job_id: str = _f(
+        "",
+        "Job id sent with every request (queueing and fairness are per job); default: the "
+        "name of output_dir.",
+    )
+    prompts: str = _f(
+        "builtin:arith",
+        "Training prompts: a JSONL file with `prompt` and optional `answer` "
+        "fields, or builtin:NAME for a task shipped with the project (builtin:arith).",
+    )
+    prompt_format: str = _f(
+        "auto", "auto (chat template when the student's tokenizer has one) | chat | raw (prompt text as is)."
+    )
     steps: int = _f(100, "Optimizer steps (>= 1).")
     batch_size: int = _f(8, "Prompts per step and per rank (>= 1).")
     samples_per_prompt: int = _f(1, "Student rollouts per prompt (>= 1).")
-    micro_batch_size: int = _f(4, "Rollouts sampled, scored and trained together; the next micro-batch is "
-                               "sampled while the teacher scores the previous one (>= 1).")
+    micro_batch_size: int = _f(
+        4,
+        "Rollouts sampled, scored and trained together; the next micro-batch is "
+        "sampled while the teacher scores the previous one (>= 1).",
+    )
     lr: float = _f(1e-5, "Peak learning rate of AdamW (> 0).")
     lr_schedule: str = _f("constant", "constant | cosine | linear decay to 0 after the warm-up.")
     warmup_steps: int = _f(0, "Linear learning-rate warm-up steps (>= 0).")
     weight_decay: float = _f(0.0, "AdamW weight decay (>= 0).")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).")
-    max_new_tokens: int = _f(64, "Full response length: L of the `full` schedule and the cap of every schedule.")
+    max_new_tokens: int = _f(
+        64, "Full response length: L of the `full` schedule and the cap of every schedule."
+    )
     stop_at_eos: bool = _f(True, "Stop a rollout at the student's EOS token (false: always run L tokens).")
     prefix: PrefixConfig = _f(PrefixConfig, "Prefix schedule (nested: prefix: {schedule: ..., length: ...}).")
-    loss: str = _f("reverse_kl_sampled", "reverse_kl_sampled | reverse_kl_topk | forward_kl_topk | jsd_topk | "
-                   "reverse_kl_full | forward_kl_full.")
+    loss: str = _f(
+        "reverse_kl_sampled",
+        "reverse_kl_sampled | reverse_kl_topk | forward_kl_topk | jsd_topk | "
+        "reverse_kl_full | forward_kl_full.",
+    )
     jsd_beta: float = _f(0.5, "beta of jsd_topk: 0 is forward KL, 1 reverse KL, 0.5 the symmetric JSD.")
     top_k: int = _f(16, "Teacher top-k per position for the *_topk losses (>= 1).")
     temperature: float = _f(1.0, "Student sampling temperature (> 0).")
@@ -134,9 +183,14 @@ class TrainConfig:
     output_dir: str = _f("runs/run", "Run folder: metrics.jsonl, TensorBoard events, checkpoints/, final/.")
     save_every: int = _f(0, "Checkpoint every this many steps (0: only at the end).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk, newest first (>= 1).")
-    seed: int = _f(0, "Seed of prompt order, sampling and initialisation (rank r uses seed + r for its data).")
-    dtype: str = _f("float32", "float32 | bfloat16 (autocast for the student's forward passes; master weights "
-                    "and optimizer stay float32).")
+    seed: int = _f(
+        0, "Seed of prompt order, sampling and initialisation (rank r uses seed + r for its data)."
+    )
+    dtype: str = _f(
+        "float32",
+        "float32 | bfloat16 (autocast for the student's forward passes; master weights "
+        "and optimizer stay float32).",
+    )
     device: str = _f("auto", "auto | cpu | cuda (under torchrun: this rank's GPU).")
     max_prompt_tokens: int = _f(512, "Prompts longer than this are skipped with a warning (>= 1).")
     teacher_max_in_flight: int = _f(64, "Requests in flight to the teacher per rank (>= 1).")
@@ -158,12 +212,23 @@ class TrainConfig:
         _check(bool(self.teacher), "teacher", "is required: grpc://host:port, host:port or inprocess:MODEL.")
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}.")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}.")
-        _check(self.samples_per_prompt >= 1, "samples_per_prompt", f"must be >= 1, got {self.samples_per_prompt}.")
+        _check(
+            self.samples_per_prompt >= 1,
+            "samples_per_prompt",
+            f"must be >= 1, got {self.samples_per_prompt}.",
+        )
         _check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}.")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}.")
-        _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule",
-               f"must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}.")
-        _check(0 <= self.warmup_steps <= self.steps, "warmup_steps", f"must be in [0, steps], got {self.warmup_steps}.")
+        _check(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr_schedule",
+            f"must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}.",
+        )
+        _check(
+            0 <= self.warmup_steps <= self.steps,
+            "warmup_steps",
+            f"must be in [0, steps], got {self.warmup_steps}.",
+        )
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}.")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}.")
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}.")
@@ -172,18 +237,34 @@ class TrainConfig:
         _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", f"must be in [0, 1], got {self.jsd_beta}.")
         _check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}.")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}.")
-        _check(self.teacher_temperature > 0, "teacher_temperature", f"must be > 0, got {self.teacher_temperature}.")
+        _check(
+            self.teacher_temperature > 0,
+            "teacher_temperature",
+            f"must be > 0, got {self.teacher_temperature}.",
+        )
         self.eval.validate()
         _check(bool(self.output_dir), "output_dir", "must be a folder path.")
         _check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}.")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}.")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}.")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
-               f"must be auto, cpu or cuda, got {self.device!r}.")
-        _check(self.prompt_format in PROMPT_FORMATS, "prompt_format",
-               f"must be one of {list(PROMPT_FORMATS)}, got {self.prompt_format!r}.")
-        _check(self.max_prompt_tokens >= 1, "max_prompt_tokens", f"must be >= 1, got {self.max_prompt_tokens}.")
-        _check(self.teacher_max_in_flight >= 1, "teacher_max_in_flight", f"must be >= 1, got {self.teacher_max_in_flight}.")
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            f"must be auto, cpu or cuda, got {self.device!r}.",
+        )
+        _check(
+            self.prompt_format in PROMPT_FORMATS,
+            "prompt_format",
+            f"must be one of {list(PROMPT_FORMATS)}, got {self.prompt_format!r}.",
+        )
+        _check(
+            self.max_prompt_tokens >= 1, "max_prompt_tokens", f"must be >= 1, got {self.max_prompt_tokens}."
+        )
+        _check(
+            self.teacher_max_in_flight >= 1,
+            "teacher_max_in_flight",
+            f"must be >= 1, got {self.teacher_max_in_flight}.",
+        )
         _check(self.teacher_timeout_s > 0, "teacher_timeout_s", f"must be > 0, got {self.teacher_timeout_s}.")
         _check(self.teacher_retries >= 0, "teacher_retries", f"must be >= 0, got {self.teacher_retries}.")
 
@@ -215,8 +296,10 @@ def _coerce(value, tp, key: str):
     """`value` (from YAML) as type `tp`; ConfigError naming `key` when it does not fit."""
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"`{key}` must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
-                              f"got {value!r}.")
+            raise ConfigError(
+                f"`{key}` must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
+                f"got {value!r}."
+            )
         return value
     args = typing.get_args(tp)
     if args:  # a union such as int | str: the first member that accepts the value exactly
@@ -265,8 +348,10 @@ def _build(cls, data: dict, prefix: str = ""):
     types = _field_types(cls)
     unknown = sorted(set(data) - set(types))
     if unknown:
-        raise ConfigError(f"unknown key `{prefix}{unknown[0]}`; valid keys here: "
-                          f"{', '.join(prefix + k for k in sorted(types))}.")
+        raise ConfigError(
+            f"unknown key `{prefix}{unknown[0]}`; valid keys here: "
+            f"{', '.join(prefix + k for k in sorted(types))}."
+        )
     kwargs = {}
     for name, value in data.items():
         tp = types[name]
@@ -297,12 +382,15 @@ def apply_override(data: dict, assignment: str) -> None:
         dotted = ".".join(parts[: i + 1])
         if part not in types:
             prefix = ".".join(parts[:i]) + ("." if i else "")
-            raise ConfigError(f"unknown key `{dotted}`; valid keys here: "
-                              f"{', '.join(prefix + k for k in sorted(types))}.")
+            raise ConfigError(
+                f"unknown key `{dotted}`; valid keys here: {', '.join(prefix + k for k in sorted(types))}."
+            )
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(types[part]):
-                raise ConfigError(f"`{dotted}` is a section; set one of its keys, e.g. {dotted}."
-                                  f"{dataclasses.fields(types[part])[0].name}=...")
+                raise ConfigError(
+                    f"`{dotted}` is a section; set one of its keys, e.g. {dotted}."
+                    f"{dataclasses.fields(types[part])[0].name}=..."
+                )
             node[part] = value
         else:
             if not dataclasses.is_dataclass(types[part]):
@@ -346,5 +434,7 @@ def describe(cls=TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
             rows.extend(describe(tp, prefix + f.name + "."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((prefix + f.name, repr(default) if isinstance(default, str) else str(default), f.metadata["help"]))
+        rows.append(
+            (prefix + f.name, repr(default) if isinstance(default, str) else str(default), f.metadata["help"])
+        )
     return rows

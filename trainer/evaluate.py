@@ -30,9 +30,21 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model, tokenizer, examples: list[Example], prompt_ids: list[list[int]], teacher: TeacherIO, *,
-    max_new_tokens: int, batch_size: int, head_tokens: int, full_rows: bool, vocab: int, job_id: str,
-    teacher_temperature: float = 1.0, max_top_k: int = 64, n_samples: int = 3,
+    model,
+    tokenizer,
+    examples: list[Example],
+    prompt_ids: list[list[int]],
+    teacher: TeacherIO,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    head_tokens: int,
+    full_rows: bool,
+    vocab: int,
+    job_id: str,
+    teacher_temperature: float = 1.0,
+    max_top_k: int = 64,
+    n_samples: int = 3,
     autocast_dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Evaluates `model` on `examples` (prompt ids already rendered) against `teacher`."""
@@ -52,10 +64,23 @@ def evaluate(
         current = None
         if k < len(batches):
             rows = batches[k]
-            ro = generate(model, [prompt_ids[i] for i in rows], max_new_tokens, eos_id=eos, pad_id=pad,
-                          temperature=0.0, autocast_dtype=autocast_dtype)
-            reqs = build_requests(ro, need=need, job_id=job_id, id_prefix=f"{job_id}:eval:{k}",
-                                  top_k=max_top_k, temperature=teacher_temperature)
+            ro = generate(
+                model,
+                [prompt_ids[i] for i in rows],
+                max_new_tokens,
+                eos_id=eos,
+                pad_id=pad,
+                temperature=0.0,
+                autocast_dtype=autocast_dtype,
+            )
+            reqs = build_requests(
+                ro,
+                need=need,
+                job_id=job_id,
+                id_prefix=f"{job_id}:eval:{k}",
+                top_k=max_top_k,
+                temperature=teacher_temperature,
+            )
             current = (rows, ro, teacher.submit(reqs))
         if pending is not None:
             rows, ro, fut = pending
@@ -83,8 +108,14 @@ def evaluate(
                     answered += 1
                     correct += int(ok)
                 if len(samples) < n_samples:
-                    samples.append({"prompt": examples[i].prompt, "answer": examples[i].answer,
-                                    "response": text, "correct": ok})
+                    samples.append(
+                        {
+                            "prompt": examples[i].prompt,
+                            "answer": examples[i].answer,
+                            "response": text,
+                            "correct": ok,
+                        }
+                    )
         pending = current
 
     n = max(1, len(examples))

@@ -56,8 +56,12 @@ def dims_from_model(model) -> ModelDims:
     layers = model.get_decoder().layers
     layer_params = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
     head = model.get_output_embeddings().weight
-    return ModelDims(n_layer=len(layers), d_attn=heads * head_dim, layer_params=layer_params,
-                     head_params=head.shape[0] * head.shape[1])
+    return ModelDims(
+        n_layer=len(layers),
+        d_attn=heads * head_dim,
+        layer_params=layer_params,
+        head_params=head.shape[0] * head.shape[1],
+    )
 
 
 def forward_flops(d: ModelDims, n_tokens: int, n_cached: int = 0, n_logits: int | None = None) -> int:
@@ -108,12 +112,17 @@ class StepFlops:
         return self.sampling + self.training + self.teacher
 
     def __add__(self, other: StepFlops) -> StepFlops:
-        return StepFlops(self.sampling + other.sampling, self.training + other.training,
-                         self.teacher + other.teacher)
+        return StepFlops(
+            self.sampling + other.sampling, self.training + other.training, self.teacher + other.teacher
+        )
 
     def as_metrics(self, prefix: str = "flops/") -> dict[str, float]:
-        return {f"{prefix}sampling": float(self.sampling), f"{prefix}training": float(self.training),
-                f"{prefix}teacher": float(self.teacher), f"{prefix}total": float(self.total)}
+        return {
+            f"{prefix}sampling": float(self.sampling),
+            f"{prefix}training": float(self.training),
+            f"{prefix}teacher": float(self.teacher),
+            f"{prefix}total": float(self.total),
+        }
 
 
 def step_flops(
@@ -123,5 +132,9 @@ def step_flops(
     assert len(prompt_lens) == len(gen_lens)
     s = sum(sampling_flops(student, p, g) for p, g in zip(prompt_lens, gen_lens, strict=True))
     t = sum(training_flops(student, p, g) for p, g in zip(prompt_lens, gen_lens, strict=True))
-    te = 0 if teacher is None else sum(teacher_flops(teacher, p, g) for p, g in zip(prompt_lens, gen_lens, strict=True))
+    te = (
+        0
+        if teacher is None
+        else sum(teacher_flops(teacher, p, g) for p, g in zip(prompt_lens, gen_lens, strict=True))
+    )
     return StepFlops(s, t, te)

@@ -118,8 +118,14 @@ class _Progress:
 
         self.console = Console(stderr=True)
         if self.console.is_terminal:
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"), console=self.console)
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+            )
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
@@ -140,7 +146,9 @@ class _Progress:
             self.bar.stop()
 
 
-def _load_prompts(cfg: TrainConfig, tokenizer, max_len: int) -> tuple[list[list[int]], list[Example], list[list[int]]]:
+def _load_prompts(
+    cfg: TrainConfig, tokenizer, max_len: int
+) -> tuple[list[list[int]], list[Example], list[list[int]]]:
     """(training prompt ids, held-out examples, held-out prompt ids); over-long prompts are skipped."""
     task = load_task(cfg.prompts)
     if isinstance(cfg.eval.prompts, int):
@@ -157,12 +165,16 @@ def _load_prompts(cfg: TrainConfig, tokenizer, max_len: int) -> tuple[list[list[
                 out_ex.append(ex)
                 out_ids.append(ids)
         if len(out_ex) < len(examples):
-            log.warning("skipped %d of %d prompts longer than the limit", len(examples) - len(out_ex), len(examples))
+            log.warning(
+                "skipped %d of %d prompts longer than the limit", len(examples) - len(out_ex), len(examples)
+            )
         return out_ex, out_ids
 
     _, train_ids = keep(task.train, cfg.max_new_tokens)
     if not train_ids:
-        raise ValueError(f"no training prompt of {cfg.prompts!r} fits max_prompt_tokens={cfg.max_prompt_tokens}.")
+        raise ValueError(
+            f"no training prompt of {cfg.prompts!r} fits max_prompt_tokens={cfg.max_prompt_tokens}."
+        )
     held_ex, held_ids = keep(heldout, cfg.eval.max_new_tokens)
     return train_ids, held_ex, held_ids
 
@@ -187,15 +199,22 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
     autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt) if ckpt else cfg.student, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt) if ckpt else cfg.student, dtype=torch.float32).to(
+        device
+    )
     vocab = model.get_output_embeddings().weight.shape[0]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     need = needs(cfg.loss)
     job_id = cfg.run_job_id
 
-    teacher = TeacherIO(cfg.teacher, max_in_flight=cfg.teacher_max_in_flight, timeout_s=cfg.teacher_timeout_s,
-                        retries=cfg.teacher_retries, token=cfg.resolved_teacher_token)
+    teacher = TeacherIO(
+        cfg.teacher,
+        max_in_flight=cfg.teacher_max_in_flight,
+        timeout_s=cfg.teacher_timeout_s,
+        retries=cfg.teacher_retries,
+        token=cfg.resolved_teacher_token,
+    )
     writer = None
     progress = None
     try:
@@ -203,11 +222,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
         check_teacher(info, tokenizer, vocab, student=cfg.student, need=need, top_k=cfg.top_k)
         s_dims, t_dims = dims_from_model(model), teacher_dims(info)
         train_ids, held_ex, held_ids = _load_prompts(cfg, tokenizer, info.max_context)
-        full_eval = cfg.eval.full_rows and info.supports_full and info.vocab_size == vocab and (
-            cfg.eval.max_new_tokens * info.vocab_size <= info.max_full_elements)
+        full_eval = (
+            cfg.eval.full_rows
+            and info.supports_full
+            and info.vocab_size == vocab
+            and (cfg.eval.max_new_tokens * info.vocab_size <= info.max_full_elements)
+        )
         if cfg.eval.full_rows and not full_eval and dd.rank == 0:
-            log.warning("eval KL falls back to the teacher's top-%d with a tail bucket (a lower bound)",
-                        min(64, info.max_top_k))
+            log.warning(
+                "eval KL falls back to the teacher's top-%d with a tail bucket (a lower bound)",
+                min(64, info.max_top_k),
+            )
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         start, cum = 0, StepFlops()
@@ -219,7 +244,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
         ddp = None
         if dd.on:
             ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         trained = ddp if ddp is not None else model
 
         if dd.rank == 0:
@@ -232,15 +258,33 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
             if dd.rank == 0 and held_ids:
                 progress.note(f"evaluating at step {step} on {len(held_ids)} held-out prompts ...")
                 result = evaluate(
-                    model, tokenizer, held_ex, held_ids, teacher, max_new_tokens=cfg.eval.max_new_tokens,
-                    batch_size=cfg.eval.batch_size, head_tokens=cfg.eval.head_tokens, full_rows=full_eval,
-                    vocab=vocab, job_id=job_id, teacher_temperature=cfg.teacher_temperature,
-                    max_top_k=min(64, info.max_top_k, vocab), n_samples=cfg.eval.samples, autocast_dtype=autocast)
+                    model,
+                    tokenizer,
+                    held_ex,
+                    held_ids,
+                    teacher,
+                    max_new_tokens=cfg.eval.max_new_tokens,
+                    batch_size=cfg.eval.batch_size,
+                    head_tokens=cfg.eval.head_tokens,
+                    full_rows=full_eval,
+                    vocab=vocab,
+                    job_id=job_id,
+                    teacher_temperature=cfg.teacher_temperature,
+                    max_top_k=min(64, info.max_top_k, vocab),
+                    n_samples=cfg.eval.samples,
+                    autocast_dtype=autocast,
+                )
                 writer.log(step, {"progress/step": step, **result.metrics, **cum.as_metrics("flops/cum_")})
                 teacher.stats.take()  # eval traffic is not training traffic
                 writer.log_samples(step, result.samples)
-                progress.note("  " + "  ".join(f"{k[5:]}={v:.4g}" for k, v in result.metrics.items()
-                                               if k in ("eval/accuracy", "eval/kl_head", "eval/kl_tail")))
+                progress.note(
+                    "  "
+                    + "  ".join(
+                        f"{k[5:]}={v:.4g}"
+                        for k, v in result.metrics.items()
+                        if k in ("eval/accuracy", "eval/kl_head", "eval/kl_tail")
+                    )
+                )
             dd.barrier()
             return result
 
@@ -250,19 +294,37 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             L = prefix_length(cfg.prefix, step, cfg.steps, cfg.max_new_tokens)
-            lr = learning_rate(step, cfg.steps, peak=cfg.lr, warmup_steps=cfg.warmup_steps, kind=cfg.lr_schedule)
-            idx = data_rng.choice(len(train_ids), size=cfg.batch_size, replace=len(train_ids) < cfg.batch_size)
+            lr = learning_rate(
+                step, cfg.steps, peak=cfg.lr, warmup_steps=cfg.warmup_steps, kind=cfg.lr_schedule
+            )
+            idx = data_rng.choice(
+                len(train_ids), size=cfg.batch_size, replace=len(train_ids) < cfg.batch_size
+            )
             prompts = [train_ids[i] for i in idx for _ in range(cfg.samples_per_prompt)]
 
             # 1-2. sample micro-batches, each sent to the teacher as soon as it exists
             pending, t_sample = [], 0.0
             for c, s in enumerate(range(0, len(prompts), cfg.micro_batch_size)):
                 ts = time.perf_counter()
-                ro = generate(model, prompts[s: s + cfg.micro_batch_size], L, eos_id=eos if cfg.stop_at_eos else None,
-                              pad_id=pad, temperature=cfg.temperature, generator=sampler, autocast_dtype=autocast)
+                ro = generate(
+                    model,
+                    prompts[s : s + cfg.micro_batch_size],
+                    L,
+                    eos_id=eos if cfg.stop_at_eos else None,
+                    pad_id=pad,
+                    temperature=cfg.temperature,
+                    generator=sampler,
+                    autocast_dtype=autocast,
+                )
                 t_sample += time.perf_counter() - ts
-                reqs = build_requests(ro, need=need, job_id=job_id, id_prefix=f"{job_id}:r{dd.rank}:s{step}:c{c}",
-                                      top_k=cfg.top_k, temperature=cfg.teacher_temperature)
+                reqs = build_requests(
+                    ro,
+                    need=need,
+                    job_id=job_id,
+                    id_prefix=f"{job_id}:r{dd.rank}:s{step}:c{c}",
+                    top_k=cfg.top_k,
+                    temperature=cfg.teacher_temperature,
+                )
                 pending.append((ro, teacher.submit(reqs)))
             n_tokens = sum(float(ro.mask_BT.sum()) for ro, _ in pending)
 
@@ -302,24 +364,46 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
 
             lens = [n for ro, _ in pending for n in ro.lengths]
             plens = [len(p) for p in prompts]
-            eos_hits = sum(int(eos is not None and ro.ids_BT[i, n - 1] == eos)
-                           for ro, _ in pending for i, n in enumerate(ro.lengths))
+            eos_hits = sum(
+                int(eos is not None and ro.ids_BT[i, n - 1] == eos)
+                for ro, _ in pending
+                for i, n in enumerate(ro.lengths)
+            )
             sf = step_flops(s_dims, t_dims, plens, lens)
-            tot = dd.sum([loss_sum, kl_sum, n_tokens, float(len(lens)), float(eos_hits),
-                          float(sf.sampling), float(sf.training), float(sf.teacher)])
+            tot = dd.sum(
+                [
+                    loss_sum,
+                    kl_sum,
+                    n_tokens,
+                    float(len(lens)),
+                    float(eos_hits),
+                    float(sf.sampling),
+                    float(sf.training),
+                    float(sf.teacher),
+                ]
+            )
             sf = StepFlops(int(tot[5]), int(tot[6]), int(tot[7]))
             cum = cum + sf
             done = step + 1
             if dd.rank == 0:
                 metrics = {
-                    "progress/step": done, "progress/prefix_length": L, "progress/lr": lr,
-                    "progress/rollouts": tot[3], "progress/completion_tokens": tot[2] / tot[3],
+                    "progress/step": done,
+                    "progress/prefix_length": L,
+                    "progress/lr": lr,
+                    "progress/rollouts": tot[3],
+                    "progress/completion_tokens": tot[2] / tot[3],
                     "progress/eos_rate": tot[4] / tot[3],
-                    f"loss/{cfg.loss}": tot[0] / max(1.0, tot[2]), "loss/reverse_kl_mc": tot[1] / max(1.0, tot[2]),
-                    "loss/grad_norm": float(grad_norm), "loss/sample_logprob_gap": gap_max,
-                    **teacher.stats.take(), "teacher/wait_s": t_wait,
-                    **sf.as_metrics("flops/"), **cum.as_metrics("flops/cum_"),
-                    "time/sample_s": t_sample, "time/train_s": t_train, "time/step_s": time.perf_counter() - t0,
+                    f"loss/{cfg.loss}": tot[0] / max(1.0, tot[2]),
+                    "loss/reverse_kl_mc": tot[1] / max(1.0, tot[2]),
+                    "loss/grad_norm": float(grad_norm),
+                    "loss/sample_logprob_gap": gap_max,
+                    **teacher.stats.take(),
+                    "teacher/wait_s": t_wait,
+                    **sf.as_metrics("flops/"),
+                    **cum.as_metrics("flops/cum_"),
+                    "time/sample_s": t_sample,
+                    "time/train_s": t_train,
+                    "time/step_s": time.perf_counter() - t0,
                     "time/elapsed_s": time.perf_counter() - t_start,
                 }
                 writer.log(done, metrics)
@@ -328,11 +412,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
                 run_eval(done)
             if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
                 ckpt_mod.save_checkpoint(
-                    out, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                    extra={"cumulative_flops": {"sampling": cum.sampling, "training": cum.training,
-                                                "teacher": cum.teacher}, "config": cfg.to_dict()},
-                    rng=ckpt_mod.rng_state(data_rng, sampler), rank=dd.rank, world_size=dd.world,
-                    barrier=dd.barrier, keep=cfg.keep_checkpoints)
+                    out,
+                    done,
+                    model=model,
+                    tokenizer=tokenizer,
+                    optimizer=optimizer,
+                    extra={
+                        "cumulative_flops": {
+                            "sampling": cum.sampling,
+                            "training": cum.training,
+                            "teacher": cum.teacher,
+                        },
+                        "config": cfg.to_dict(),
+                    },
+                    rng=ckpt_mod.rng_state(data_rng, sampler),
+                    rank=dd.rank,
+                    world_size=dd.world,
+                    barrier=dd.barrier,
+                    keep=cfg.keep_checkpoints,
+                )
 
         finished_before = ckpt is not None and start >= cfg.steps and (out / "final").exists()
         if not finished_before:  # resuming a finished run only re-reads its summary

@@ -103,7 +103,9 @@ def bucket_topk(
 
 
 def reverse_kl_sampled(
-    student_token_lp_BT: torch.Tensor, teacher_token_lp_BT: torch.Tensor, mask_BT: torch.Tensor,
+    student_token_lp_BT: torch.Tensor,
+    teacher_token_lp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Policy-gradient surrogate of KL(student || teacher) on sampled tokens (B, T).
@@ -117,11 +119,15 @@ def reverse_kl_sampled(
 
 
 def sampled_kl_estimate(
-    student_token_lp_BT: torch.Tensor, teacher_token_lp_BT: torch.Tensor, mask_BT: torch.Tensor,
+    student_token_lp_BT: torch.Tensor,
+    teacher_token_lp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Unbiased Monte-Carlo estimate of the per-token reverse KL: log p_S(x) - log p_T(x) for x ~ student."""
-    return masked_reduce(student_token_lp_BT - teacher_token_lp_BT.to(student_token_lp_BT.dtype), mask_BT, reduction)
+    return masked_reduce(
+        student_token_lp_BT - teacher_token_lp_BT.to(student_token_lp_BT.dtype), mask_BT, reduction
+    )
 
 
 def reverse_kl_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, reduction="mean"):
@@ -179,8 +185,14 @@ def needs(loss: str) -> str:
 
 
 def compute_loss(
-    name: str, student_lp_BTV: torch.Tensor, sampled_ids_BT: torch.Tensor, teacher: TeacherBatch,
-    mask_BT: torch.Tensor, *, beta: float = 0.5, reduction: str = "mean",
+    name: str,
+    student_lp_BTV: torch.Tensor,
+    sampled_ids_BT: torch.Tensor,
+    teacher: TeacherBatch,
+    mask_BT: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """The loss `name` of the config, from the student's log-probabilities (B, T, V) at the rollout positions."""
     if name == "reverse_kl_sampled":
@@ -189,7 +201,9 @@ def compute_loss(
     if name in ("reverse_kl_topk", "forward_kl_topk", "jsd_topk"):
         assert teacher.topk_ids_BTK is not None, f"{name} needs the teacher's top-k"
         if name == "jsd_topk":
-            return jsd_topk(student_lp_BTV, teacher.topk_ids_BTK, teacher.topk_lp_BTK, mask_BT, beta, reduction)
+            return jsd_topk(
+                student_lp_BTV, teacher.topk_ids_BTK, teacher.topk_lp_BTK, mask_BT, beta, reduction
+            )
         fn = reverse_kl_topk if name == "reverse_kl_topk" else forward_kl_topk
         return fn(student_lp_BTV, teacher.topk_ids_BTK, teacher.topk_lp_BTK, mask_BT, reduction)
     if name in ("reverse_kl_full", "forward_kl_full"):

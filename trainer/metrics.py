@@ -34,8 +34,10 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"),
-                                     purge_step=None if resume_step is None else resume_step + 1)
+            self._tb = SummaryWriter(
+                str(Path(output_dir) / "tensorboard"),
+                purge_step=None if resume_step is None else resume_step + 1,
+            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _clean(float(v)) for k, v in metrics.items()}}
@@ -60,7 +62,9 @@ def truncate_after(path: Path, step: int) -> None:
     """Drops records with `step` > step (written after the checkpoint we resume from)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -28,7 +28,9 @@ def _label(run_dir: Path, labels: dict[str, str] | None) -> str:
     return (labels or {}).get(str(run_dir), run_dir.resolve().name)
 
 
-def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: dict[str, str] | None = None) -> list[Path]:
+def plot_runs(
+    run_dirs: list[str | Path], out_dir: str | Path, *, labels: dict[str, str] | None = None
+) -> list[Path]:
     """Writes the PNGs for `run_dirs` into `out_dir`; returns their paths."""
     import matplotlib
 
@@ -60,7 +62,10 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, labels: dict[s
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, key, title in ((axes[0], "eval/kl_head", "head (first positions)"), (axes[1], "eval/kl_tail", "tail")):
+    for ax, key, title in (
+        (axes[0], "eval/kl_head", "head (first positions)"),
+        (axes[1], "eval/kl_tail", "tail"),
+    ):
         for run in runs:
             xs, ys = eval_curve(run, key)
             if xs:

@@ -39,8 +39,13 @@ class Rollouts:
         """Rows `rows`, trimmed to their own longest completion."""
         mask = self.mask_BT[rows]
         T = max(1, int(mask.sum(1).max().item())) if mask.numel() else 1
-        return Rollouts(self.prompt_ids[rows], self.ids_BT[rows, :T], self.sample_lp_BT[rows, :T], mask[:, :T],
-                        self.pad_id)
+        return Rollouts(
+            self.prompt_ids[rows],
+            self.ids_BT[rows, :T],
+            self.sample_lp_BT[rows, :T],
+            mask[:, :T],
+            self.pad_id,
+        )
 
 
 def _cache_kwarg(model) -> str:
@@ -60,8 +65,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, P - len(p):] = 1
+        ids[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -100,8 +105,14 @@ def generate(
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
     for t in range(max_new_tokens):
         with autocast:
-            out = model(input_ids=feed, attention_mask=attn, position_ids=feed_pos, use_cache=True,
-                        logits_to_keep=1, **{cache_kw: cache})
+            out = model(
+                input_ids=feed,
+                attention_mask=attn,
+                position_ids=feed_pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kw: cache},
+            )
         cache = _output_cache(out)
         logits_BV = out.logits[:, -1].float().cpu()
         if temperature > 0:
@@ -134,9 +145,7 @@ class _null:
         return False
 
 
-def student_logprobs(
-    model, rollouts: Rollouts, *, autocast_dtype: torch.dtype | None = None
-) -> torch.Tensor:
+def student_logprobs(model, rollouts: Rollouts, *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The student's log-probabilities (B, T, V) at every completion position, with gradient (temperature 1).
 
     Layout: [left-padded prompt | right-padded completion]; all prompts end at the same column, so the logits of
@@ -153,6 +162,8 @@ def student_logprobs(
     T = comp.shape[1]
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
     with autocast:
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
+        out = model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1
+        )
     logits_BTV = out.logits[:, :-1].float()
     return torch.log_softmax(logits_BTV, dim=-1)

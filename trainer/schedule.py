@@ -35,7 +35,9 @@ def prefix_length(p: PrefixConfig, step: int, total_steps: int, max_new_tokens: 
     return max(1, min(max_new_tokens, L))
 
 
-def learning_rate(step: int, total_steps: int, *, peak: float, warmup_steps: int = 0, kind: str = "constant") -> float:
+def learning_rate(
+    step: int, total_steps: int, *, peak: float, warmup_steps: int = 0, kind: str = "constant"
+) -> float:
     """Learning rate at `step`: linear warm-up over `warmup_steps` (from peak/warmup), then `kind`.
 
     constant keeps the peak; cosine and linear decay from the peak at the end of warm-up towards 0 at

@@ -51,17 +51,25 @@ def _arith_problem(rng: random.Random) -> Example:
         a, b = max(a, b), min(a, b)
         q, ans = f"What is {a} - {b}?", a - b
     elif kind == 2:
-        q, ans = f"{name} has {a} {items}. {name} gets {b} more {items}. How many {items} does {name} have now?", a + b
+        q, ans = (
+            f"{name} has {a} {items}. {name} gets {b} more {items}. How many {items} does {name} have now?",
+            a + b,
+        )
     elif kind == 3:
         a, b = max(a, b), min(a, b)
-        q, ans = f"{name} had {a} {items} and gave {b} of them away. How many {items} does {name} have left?", a - b
+        q, ans = (
+            f"{name} had {a} {items} and gave {b} of them away. How many {items} does {name} have left?",
+            a - b,
+        )
     elif kind == 4:
         a, b = rng.randint(2, 6), rng.randint(2, 5)
         q, ans = f"A bag holds {a} {items}. How many {items} are in {b} bags?", a * b
     else:
         c = rng.randint(1, min(a + b, 9))
-        q, ans = (f"{name} has {a} {items}, gets {b} more, then loses {c}. How many {items} does {name} have?",
-                  a + b - c)
+        q, ans = (
+            f"{name} has {a} {items}, gets {b} more, then loses {c}. How many {items} does {name} have?",
+            a + b - c,
+        )
     return Example(q + ARITH_INSTRUCTION, str(ans))
 
 
@@ -86,8 +94,10 @@ def load_task(source: str) -> Task:
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in BUILTIN:
-            raise ValueError(f"`prompts` builtin:{name} is unknown; built-in tasks: "
-                             f"{', '.join('builtin:' + k for k in BUILTIN)}.")
+            raise ValueError(
+                f"`prompts` builtin:{name} is unknown; built-in tasks: "
+                f"{', '.join('builtin:' + k for k in BUILTIN)}."
+            )
         return BUILTIN[name]()
     path = Path(source)
     if not path.exists():

@@ -107,8 +107,15 @@ class TeacherIO:
 
     RESUBMITS = 3
 
-    def __init__(self, target: str, *, max_in_flight: int = 64, timeout_s: float = 120.0, retries: int = 8,
-                 token: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_in_flight: int = 64,
+        timeout_s: float = 120.0,
+        retries: int = 8,
+        token: str | None = None,
+    ) -> None:
         self.target = target
         self.stats = TeacherStats()
         self._loop = asyncio.new_event_loop()
@@ -128,7 +135,9 @@ class TeacherIO:
             from services.teacher.client import TeacherClient
         except ImportError as err:  # pragma: no cover - the client ships with the service
             raise RuntimeError(f"the teacher client (services.teacher.client) is unavailable: {err}") from err
-        return TeacherClient(target, max_in_flight=max_in_flight, timeout_s=timeout_s, retries=retries, token=token)
+        return TeacherClient(
+            target, max_in_flight=max_in_flight, timeout_s=timeout_s, retries=retries, token=token
+        )
 
     def _run(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -185,7 +194,9 @@ class TeacherIO:
         self._stop_loop()
 
 
-def check_teacher(info: ModelInfo, tokenizer, student_vocab: int, *, student: str, need: str, top_k: int = 0) -> None:
+def check_teacher(
+    info: ModelInfo, tokenizer, student_vocab: int, *, student: str, need: str, top_k: int = 0
+) -> None:
     """Refuses a teacher this student cannot be distilled from, with a message saying why and what to do."""
     fp = tokenizer_fingerprint(tokenizer)
     if info.tokenizer_fingerprint != fp:
@@ -198,11 +209,15 @@ def check_teacher(info: ModelInfo, tokenizer, student_vocab: int, *, student: st
         )
     if need == "full":
         if not info.supports_full:
-            raise TeacherMismatch(f"the loss needs full vocabulary rows but the teacher's {info.backend!r} backend "
-                                  "cannot return them; use a *_topk loss or reverse_kl_sampled.")
+            raise TeacherMismatch(
+                f"the loss needs full vocabulary rows but the teacher's {info.backend!r} backend "
+                "cannot return them; use a *_topk loss or reverse_kl_sampled."
+            )
         if info.vocab_size != student_vocab:
-            raise TeacherMismatch(f"full-row losses need equal vocabulary sizes: teacher {info.vocab_size}, "
-                                  f"student {student_vocab}; use a *_topk loss.")
+            raise TeacherMismatch(
+                f"full-row losses need equal vocabulary sizes: teacher {info.vocab_size}, "
+                f"student {student_vocab}; use a *_topk loss."
+            )
     if need == "topk" and top_k > info.max_top_k:
         raise TeacherMismatch(f"`top_k` must be <= {info.max_top_k} (the teacher's max_top_k), got {top_k}.")
 
@@ -222,7 +237,13 @@ def teacher_dims(info: ModelInfo) -> ModelDims | None:
 
 
 def build_requests(
-    rollouts: Rollouts, *, need: str, job_id: str, id_prefix: str, top_k: int, temperature: float,
+    rollouts: Rollouts,
+    *,
+    need: str,
+    job_id: str,
+    id_prefix: str,
+    top_k: int,
+    temperature: float,
     full_dtype: str = "float32",
 ) -> list[ScoreRequest]:
     """One ScoreRequest per rollout (prompt ids + its completion); `need` is token | topk | full."""
@@ -241,7 +262,9 @@ def build_requests(
     ]
 
 
-def to_teacher_batch(results: list[ScoreResult], T: int, device, need: str, vocab: int | None = None) -> TeacherBatch:
+def to_teacher_batch(
+    results: list[ScoreResult], T: int, device, need: str, vocab: int | None = None
+) -> TeacherBatch:
     """Pads the results of a micro-batch to (B, T[, K | V]) tensors; padded positions are masked by the loss."""
     B = len(results)
     token = np.zeros((B, T), dtype=np.float32)
