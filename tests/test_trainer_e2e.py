@@ -395,3 +395,47 @@ def test_torchrun_two_ranks_end_with_identical_weights(tiny_student, service, tm
     r0 = torch.load(ckpt / "rng_rank0.pt", weights_only=False)
     r1 = torch.load(ckpt / "rng_rank1.pt", weights_only=False)
     assert r0["data"] != r1["data"] and not torch.equal(r0["sampler"], r1["sampler"])
+
+
+def test_a_teacher_restart_mid_run_is_survived(tiny_student, tiny_teacher, redis_url, tmp_path):
+    import signal
+    import threading
+    import time
+
+    from teacher_proc import Proc
+
+    t = Teacher(tiny_teacher, redis_url, tmp_path, workers=1, flags={"torch-threads": "1"})
+    try:
+        t.wait_healthy()
+        out = tmp_path / "run"
+        cfg = base(
+            tiny_student,
+            t,
+            out,
+            "steps=12",
+            "batch_size=4",
+            "prefix.length=4",
+            "eval.at_start=false",
+            "eval.prompts=2",
+            "tensorboard=false",
+            "teacher_retries=12",
+        )
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.update(summary=train(cfg)), daemon=True)
+        runner.start()
+        while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:  # mid-run
+            time.sleep(0.05)
+            assert runner.is_alive()
+        t.front.signal(signal.SIGKILL)  # the whole service (front-end and worker) dies
+        t.front.p.wait()
+        killed_at = len(read_metrics(out))
+        time.sleep(1.0)
+        t.front = Proc(t.front.args, tmp_path / "serve-2.log")  # back on the same ports
+        runner.join(timeout=240)
+        assert not runner.is_alive() and "summary" in result
+        rows = [r for r in read_metrics(out) if "flops/total" in r]
+        assert [r["step"] for r in rows] == list(range(1, 13)) and killed_at < 12
+        assert sum(r["teacher/requests"] for r in rows) == 12 * 4
+        assert max(r["teacher/wait_s"] for r in rows) > 1.0  # one step really waited out the outage
+    finally:
+        t.stop()
