@@ -439,3 +439,41 @@ def test_a_teacher_restart_mid_run_is_survived(tiny_student, tiny_teacher, redis
         assert max(r["teacher/wait_s"] for r in rows) > 1.0  # one step really waited out the outage
     finally:
         t.stop()
+
+
+def test_inprocess_teacher_matches_the_service_and_topk_eval_bounds_the_kl(
+    tiny_student, tiny_teacher, service, tmp_path
+):
+    common = ["steps=3", "batch_size=4", "prefix.length=4", "seed=1", "eval.prompts=4", "tensorboard=false"]
+    via_service = train(base(tiny_student, service, tmp_path / "svc", *common))
+    local = train(
+        base(
+            tiny_student,
+            service,
+            tmp_path / "local",
+            *common,
+            f"teacher=inprocess:{tiny_teacher}",
+            "eval.full_rows=false",
+        )
+    )
+    for a, b in zip(read_metrics(tmp_path / "svc"), read_metrics(tmp_path / "local"), strict=True):
+        for k in a:
+            if k.startswith(("loss/", "flops/", "progress/")):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    # same greedy answers before training; top-k buckets (k=64 of 512) can only lose KL
+    assert via_service.before["eval/response_tokens"] == local.before["eval/response_tokens"]
+    assert 0 < local.before["eval/kl"] < via_service.before["eval/kl"]
+    # bfloat16 autocast runs end to end
+    bf16 = train(
+        base(
+            tiny_student,
+            service,
+            tmp_path / "bf16",
+            *common,
+            f"teacher=inprocess:{tiny_teacher}",
+            "dtype=bfloat16",
+            "eval.at_start=false",
+        )
+    )
+    rows = [r for r in read_metrics(tmp_path / "bf16") if "loss/reverse_kl_mc" in r]
+    assert len(rows) == 3 and all(np.isfinite(r["loss/reverse_kl_mc"]) for r in rows) and bf16.after
