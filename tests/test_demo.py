@@ -1,0 +1,149 @@
+"""`prefix-distill demo --tiny`: the whole chain (embedded Redis, teacher service, a short prefix-OPD job) runs,
+prints the before/after figures and sample answers, writes metrics, summary and PNGs, and leaves no process
+behind, also when interrupted with Ctrl-C (SIGINT) in the middle of training.
+
+Processes are followed through /proc: every descendant the demo ever had (Redis, the teacher front-end, its
+spawned worker) must be gone when it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.demo import ROWS
+
+TINY_JOB = [
+    "--set", "batch_size=2", "--set", "micro_batch_size=2", "--set", "max_new_tokens=16",
+    "--set", "prefix.length=8", "--set", "eval.prompts=3", "--set", "eval.max_new_tokens=16",
+    "--set", "tensorboard=false",
+]  # fmt: skip
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="follows processes through /proc"
+)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else int(fields[1])  # a zombie counts as gone
+
+
+def descendants(root: int) -> set[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            ppid = _ppid(int(entry))
+            if ppid is not None:
+                parents[int(entry)] = ppid
+    out, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def alive(pid: int) -> bool:
+    return _ppid(pid) is not None
+
+
+class Demo:
+    """The demo as a child process; records every descendant it ever has."""
+
+    def __init__(self, out: Path, *extra: str) -> None:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="200")
+        self.log = out.parent / f"{out.name}.log"
+        self._fh = open(self.log, "wb")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "demo", "--tiny", "--out", str(out), *TINY_JOB, *extra],
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.seen: set[int] = set()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def watch_until(self, predicate, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and self.proc.poll() is None:
+            self.seen |= descendants(self.proc.pid)
+            if predicate():
+                return
+            time.sleep(0.2)
+
+    def wait(self, timeout_s: float) -> int:
+        self.watch_until(lambda: False, timeout_s)
+        try:
+            rc = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"demo still running after {timeout_s}s:\n{self.text()}") from None
+        finally:
+            self._fh.close()
+        return rc
+
+    def leftovers(self) -> list[int]:
+        end = time.monotonic() + 5  # reaping is asynchronous
+        while time.monotonic() < end and any(alive(p) for p in self.seen):
+            time.sleep(0.1)
+        return [p for p in self.seen if alive(p)]
+
+
+def test_demo_tiny_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_path):
+    run = tmp_path / "run"
+    demo = Demo(run, "--steps", "2")
+    rc = demo.wait(240)
+    out = demo.text()
+    assert rc == 0, out
+    assert len(demo.seen) >= 3, f"expected Redis, the teacher and its worker among {demo.seen}"
+    assert demo.leftovers() == [], out
+
+    # before/after figures: every table row present with two numbers and a change
+    for key, label in ROWS:
+        if key in ("eval/accuracy", "eval/kl", "eval/kl_head"):
+            line = next((ln for ln in out.splitlines() if label in ln), None)
+            assert line is not None, f"{label!r} missing:\n{out}"
+            assert len([c for c in line.split("│") if c.strip()]) == 4, line
+    assert "answer before" in out and "answer after" in out and "sample prompt" in out
+    assert "embedded Redis" in out and "nothing left running" in out
+
+    summary = json.loads((run / "summary.json").read_text())
+    for when in ("before", "after"):
+        assert summary[when]["eval/kl"] >= 0 and "eval/accuracy" in summary[when]
+        assert summary[f"sample_{when}"]["response"] is not None
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "progress/prefix_length" in r] == [1, 2]
+    assert {r["progress/prefix_length"] for r in records if "progress/prefix_length" in r} == {8}
+    assert {"kl_vs_flops.png", "training_kl.png"} <= set(summary["plots"])
+    for name in summary["plots"]:
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert (run / "final" / "config.json").is_file()
+    assert "teacher front-end stopped" in (run / "teacher.log").read_text()
+
+
+def test_demo_ctrl_c_during_training_stops_everything(tmp_path):
+    run = tmp_path / "run"
+    demo = Demo(run, "--steps", "200")
+    demo.watch_until(lambda: "evaluating at step 0" in demo.text(), 180)
+    assert demo.proc.poll() is None, demo.text()
+    time.sleep(1.0)
+    demo.proc.send_signal(signal.SIGINT)
+    rc = demo.wait(60)
+    out = demo.text()
+    assert rc == 130, out
+    assert "interrupted" in out
+    assert len(demo.seen) >= 3, demo.seen
+    assert demo.leftovers() == [], out
