@@ -214,6 +214,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
         timeout_s=cfg.teacher_timeout_s,
         retries=cfg.teacher_retries,
         token=cfg.resolved_teacher_token,
+        device=str(device),
     )
     writer = None
     progress = None

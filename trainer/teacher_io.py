@@ -115,6 +115,7 @@ class TeacherIO:
         timeout_s: float = 120.0,
         retries: int = 8,
         token: str | None = None,
+        device: str = "cpu",
     ) -> None:
         self.target = target
         self.stats = TeacherStats()
@@ -122,15 +123,15 @@ class TeacherIO:
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-io", daemon=True)
         self._thread.start()
         try:
-            self.client = self._run(self._connect(target, max_in_flight, timeout_s, retries, token))
+            self.client = self._run(self._connect(target, max_in_flight, timeout_s, retries, token, device))
         except BaseException:
             self._stop_loop()
             raise
 
     @staticmethod
-    async def _connect(target, max_in_flight, timeout_s, retries, token):
-        if target.startswith("inprocess:"):
-            return InProcessTeacher(target.split(":", 1)[1])
+    async def _connect(target, max_in_flight, timeout_s, retries, token, device):
+        if target.startswith("inprocess:"):  # on the student's device
+            return InProcessTeacher(target.split(":", 1)[1], device=device)
         try:
             from services.teacher.client import TeacherClient
         except ImportError as err:  # pragma: no cover - the client ships with the service
@@ -218,6 +219,11 @@ def check_teacher(
                 f"full-row losses need equal vocabulary sizes: teacher {info.vocab_size}, "
                 f"student {student_vocab}; use a *_topk loss."
             )
+    if need == "topk" and info.vocab_size > student_vocab:
+        raise TeacherMismatch(
+            f"the teacher's vocabulary ({info.vocab_size}) is larger than the student's "
+            f"({student_vocab}): its top-k ids could name tokens the student cannot represent."
+        )
     if need == "topk" and top_k > info.max_top_k:
         raise TeacherMismatch(f"`top_k` must be <= {info.max_top_k} (the teacher's max_top_k), got {top_k}.")
 
