@@ -336,3 +336,36 @@ def test_jsonl_prompts_and_rendering(tmp_path, student):
     assert tok.decode(render(ex, tok, "auto")) == "Question: b\nAnswer:"  # no chat template: plain format
     with pytest.raises(ValueError, match="no chat template"):
         render(ex, tok, "chat")
+
+
+# ---------------------------------------------------------------------------------------------------- teacher I/O
+def test_teacher_io_resubmits_on_back_pressure_and_unavailable_but_not_on_bad_input(tiny_teacher, student):
+    import numpy as np
+
+    from services.teacher.errors import InvalidRequest, QueueFull, Unavailable
+    from services.teacher.types import ScoreRequest
+    from trainer.teacher_io import TeacherIO, check_teacher
+
+    io = TeacherIO(f"inprocess:{tiny_teacher}")
+    io.RESUBMIT_DELAY_S = 0.01
+    try:
+        real = io.client.score_many
+        failures = [QueueFull("job queue full"), Unavailable("no worker")]
+
+        async def flaky(requests):
+            if failures:
+                raise failures.pop(0)
+            return await real(requests)
+
+        io.client.score_many = flaky
+        req = ScoreRequest(np.array([5, 6]), np.array([7, 8, 9]), request_id="a")
+        (res,) = io.score([req])
+        assert res.request_id == "a" and res.token_logprobs.shape == (3,)
+        assert io.stats.take()["teacher/retries"] == 2
+        with pytest.raises(InvalidRequest, match="top_k"):
+            io.score([ScoreRequest(np.array([5]), np.array([7]), top_k=10_000)])
+        # the compatibility check passes for a student sharing the tokenizer
+        _, tok = student
+        check_teacher(io.model_info(), tok, 512, student="s", need="topk", top_k=8)
+    finally:
+        io.close()

@@ -3,8 +3,9 @@
 The async client runs on an event loop in a background thread, so the training thread can hand a micro-batch's
 requests to the teacher (`TeacherIO.submit` returns a future at once) and go on sampling the next micro-batch
 while the teacher scores this one. The client retries UNAVAILABLE itself (a teacher restart); on top of that a
-micro-batch that still fails with UNAVAILABLE is resubmitted a few times with back-off (request ids are stable,
-so a retry is idempotent).
+micro-batch that still fails with UNAVAILABLE, or meets RESOURCE_EXHAUSTED (the job's queue on the teacher is
+full: back-pressure, not an error), is resubmitted a few times with back-off (request ids are stable, so a retry
+is idempotent).
 
 `teacher: inprocess:MODEL` swaps the service for `InProcessTeacher`, the same async API over an in-process
 engine: for trials without Redis and for unit tests of the trainer itself.
@@ -106,6 +107,7 @@ class TeacherIO:
     """A teacher client living on its own event-loop thread; `submit` returns concurrent futures."""
 
     RESUBMITS = 3
+    RESUBMIT_DELAY_S = 1.0  # first back-off; doubles, at most 10 s
 
     def __init__(
         self,
@@ -147,16 +149,16 @@ class TeacherIO:
         return self._run(self._with_resubmit(self.client.model_info))
 
     async def _with_resubmit(self, call):
-        delay = 1.0
+        delay = self.RESUBMIT_DELAY_S
         for attempt in range(self.RESUBMITS + 1):
             try:
                 return await call()
             except TeacherError as err:
-                if err.code != "UNAVAILABLE" or attempt == self.RESUBMITS:
+                if err.code not in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") or attempt == self.RESUBMITS:
                     raise
                 with self.stats.lock:
                     self.stats.retries += 1
-                log.warning("teacher unavailable (%s); retrying in %.0f s", err.message, delay)
+                log.warning("teacher %s (%s); retrying in %.0f s", err.code, err.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(10.0, delay * 2)
 
