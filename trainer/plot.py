@@ -52,7 +52,7 @@ def plot_runs(
     if any_acc:
         ax.set_xlabel("cumulative training FLOPs (sampling + training + teacher)")
         ax.set_ylabel("held-out accuracy (exact match)")
-        ax.set_xscale("symlog", linthresh=1e6)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -61,7 +61,7 @@ def plot_runs(
         written.append(path)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in (
         (axes[0], "eval/kl_head", "head (first positions)"),
         (axes[1], "eval/kl_tail", "tail"),
@@ -72,7 +72,7 @@ def plot_runs(
                 ax.plot(xs, ys, marker="o", label=_label(run, labels))
         ax.set_title(f"reverse KL to the teacher, {title}")
         ax.set_xlabel("cumulative training FLOPs")
-        ax.set_xscale("symlog", linthresh=1e6)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean per-token KL(student || teacher)")
     axes[0].legend()
