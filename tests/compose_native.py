@@ -201,9 +201,17 @@ class NativeService:
 
 
 def plan_services(
-    compose_path: Path, variables: dict[str, str], volumes_root: Path, base_env: dict[str, str]
+    compose_path: Path,
+    variables: dict[str, str],
+    volumes_root: Path,
+    base_env: dict[str, str],
+    volume_dirs: dict[str, Path] | None = None,
 ) -> dict[str, NativeService]:
-    """Every service that builds one of our images, as it would run (see the module docstring)."""
+    """Every service that builds one of our images, as it would run (see the module docstring).
+
+    Named volumes are folders under `volumes_root`, unless `volume_dirs` names another folder for one.
+    """
+    volume_dirs = volume_dirs or {}
     compose = load_compose(compose_path, variables)
     out: dict[str, NativeService] = {}
     for name, svc in compose["services"].items():
@@ -214,7 +222,10 @@ def plan_services(
         mounts: list[tuple[str, str]] = []
         for spec in svc.get("volumes", []):
             source, target = spec.split(":")[:2]
-            host = (compose_path.parent / source) if source.startswith((".", "/")) else volumes_root / source
+            if source.startswith((".", "/")):
+                host = compose_path.parent / source
+            else:
+                host = Path(volume_dirs.get(source, volumes_root / source))
             host.mkdir(parents=True, exist_ok=True)
             mounts.append((target, str(host.resolve())))
         mounts.sort(key=lambda m: -len(m[0]))

@@ -124,38 +124,36 @@ def local_redis(tmp_path):
     server.stop()
 
 
-def test_every_service_runs_natively_and_both_jobs_complete(
-    tmp_path, tiny_teacher, tiny_student, local_redis
-):
+def run_stack(tmp_path: Path, redis_url: str, model_cache: Path) -> Path:
+    """Runs models, teacher, teacher-worker, trainer and trainer-b natively in compose's order, checking each
+    step; returns the folder of the `runs` volume."""
     from teacher_proc import env as base_env
 
     from services.teacher.redis_server import free_port
 
     volumes = tmp_path / "volumes"
-    # the model-cache volume holds tiny models where `models prepare smollm2` puts SmolLM2, so the `models`
-    # service finds them cached and the default TEACHER_MODEL / STUDENT_MODEL paths lead to them
-    family = volumes / "model-cache" / "smollm2-135m-instruct"
-    shutil.copytree(tiny_teacher, family / "teacher")
-    shutil.copytree(tiny_student, family / "student-6l")
     variables = {
-        "REDIS_URL": local_redis.url,
+        "REDIS_URL": redis_url,
         "TEACHER_GRPC_PORT": str(free_port()),
         "TEACHER_HTTP_PORT": str(free_port()),
         "TEACHER_TORCH_THREADS": "1",
         "TRAIN_ARGS": TINY_TRAIN_ARGS,
     }
-    services = plan_services(COMPOSE, variables, volumes, base_env())
+    services = plan_services(COMPOSE, variables, volumes, base_env(), {"model-cache": model_cache})
     assert set(services) == {"models", "teacher", "teacher-worker", "trainer", "trainer-b"}
+    family = model_cache / "smollm2-135m-instruct"
     logs = tmp_path / "logs"
     logs.mkdir()
     started = []
     try:
         # 1. the one-shot models service (depends on nothing) completes
         models = services["models"]
+        assert models.depends_on == {}
         models.start(logs)
         started.append(models)
-        assert models.wait(120) == 0, models.text()
-        assert "teacher:" in models.text() and "student-6l" in models.text()
+        assert models.wait(600) == 0, models.text()
+        assert f"teacher: {family / 'teacher'}" in models.text()
+        assert f"student: {family / 'student-6l'}" in models.text()
 
         # 2. front-end and worker (they wait for models and redis); healthy by their own healthchecks
         for name in ("teacher", "teacher-worker"):
@@ -165,7 +163,7 @@ def test_every_service_runs_natively_and_both_jobs_complete(
             }
             services[name].start(logs)
             started.append(services[name])
-        services["teacher"].wait_healthy(120)
+        services["teacher"].wait_healthy(180)
         services["teacher-worker"].wait_healthy(60)
 
         # 3. both jobs against the one teacher (trainer-b is the two-jobs profile), concurrently
@@ -177,7 +175,7 @@ def test_every_service_runs_natively_and_both_jobs_complete(
         probe = services["trainer"].healthy()  # the trainer image's probe: its teacher is SERVING
         assert probe.returncode == 0, probe.stdout + probe.stderr
         for name in ("trainer", "trainer-b"):
-            assert services[name].wait(240) == 0, services[name].text()[-4000:]
+            assert services[name].wait(600) == 0, services[name].text()[-4000:]
 
         runs = volumes / "runs"
         for job in ("job-a", "job-b"):
@@ -188,10 +186,37 @@ def test_every_service_runs_natively_and_both_jobs_complete(
             assert saved["teacher"] == f"grpc://127.0.0.1:{variables['TEACHER_GRPC_PORT']}"
             assert saved["steps"] == 2
         assert yaml.safe_load((runs / "job-b" / "config.yaml").read_text())["prefix"]["schedule"] == "linear"
+        assert "before" in services["trainer"].text() and "after" in services["trainer"].text()
 
         # 4. `docker compose down`: SIGTERM, clean exits
         for svc in (services["teacher"], services["teacher-worker"]):
             assert svc.stop(30) == 0, svc.text()[-3000:]
+        return runs
     finally:
         for svc in reversed(started):
             svc.stop(10)
+
+
+def test_every_service_runs_natively_and_both_jobs_complete(
+    tmp_path, tiny_teacher, tiny_student, local_redis
+):
+    # the model-cache volume holds tiny models where `models prepare smollm2` puts SmolLM2, so the `models`
+    # service finds them cached and the default TEACHER_MODEL / STUDENT_MODEL paths lead to them
+    cache = tmp_path / "model-cache"
+    shutil.copytree(tiny_teacher, cache / "smollm2-135m-instruct" / "teacher")
+    shutil.copytree(tiny_student, cache / "smollm2-135m-instruct" / "student-6l")
+    run_stack(tmp_path, local_redis.url, cache)
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_every_service_runs_natively_with_smollm2(tmp_path, local_redis):
+    """The same with the real models: the model-cache volume is the default cache, which the `models` service
+    fills on first use (as in a fresh deployment) and finds prepared afterwards."""
+    from services.models import smollm2
+
+    try:
+        smollm2.gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    run_stack(tmp_path, local_redis.url, smollm2.default_cache())
