@@ -113,6 +113,14 @@ def test_model_info_and_health(teacher, engine):
     info = asyncio.run(go())
     assert info.tokenizer_fingerprint == engine.info.tokenizer_fingerprint
     assert info.vocab_size == VOCAB and info.backend == "hf"
+    # FLOP sizes travel with the model info: counted independently from the loaded weights here
+    layers = engine.model.get_decoder().layers
+    assert info.flop_dims == {
+        "n_layer": len(layers),
+        "d_attn": engine.model.config.num_attention_heads * engine.model.config.head_dim,
+        "layer_params": sum(p.numel() for n, p in layers.named_parameters() if "norm" not in n),
+        "head_params": engine.model.lm_head.weight.numel(),
+    }
     m = httpx.get(teacher.http + "/v1/models").json()["data"][0]
     assert m["tokenizer_fingerprint"] == info.tokenizer_fingerprint
     h = httpx.get(teacher.http + "/healthz").json()

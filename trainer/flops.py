@@ -50,18 +50,9 @@ class ModelDims:
 
 def dims_from_model(model) -> ModelDims:
     """ModelDims of a transformers causal LM, counting its layers' matrix parameters (no I/O)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    layers = model.get_decoder().layers
-    layer_params = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
-    head = model.get_output_embeddings().weight
-    return ModelDims(
-        n_layer=len(layers),
-        d_attn=heads * head_dim,
-        layer_params=layer_params,
-        head_params=head.shape[0] * head.shape[1],
-    )
+    from services.models.dims import flop_dims
+
+    return ModelDims(**flop_dims(model))
 
 
 def forward_flops(d: ModelDims, n_tokens: int, n_cached: int = 0, n_logits: int | None = None) -> int:

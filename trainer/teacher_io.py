@@ -26,7 +26,7 @@ import torch
 from services.teacher.errors import TeacherError
 from services.teacher.modelinfo import tokenizer_fingerprint
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
-from trainer.flops import ModelDims, dims_from_model
+from trainer.flops import ModelDims
 from trainer.losses import TeacherBatch
 from trainer.sampling import Rollouts
 
@@ -231,14 +231,16 @@ def check_teacher(
 
 
 def teacher_dims(info: ModelInfo) -> ModelDims | None:
-    """FLOP dims of the teacher from its config (no weights: a meta-device model); None when not resolvable."""
+    """FLOP dims of the teacher: advertised in its ModelInfo, else read from its config (no weights: a
+    meta-device model); None when neither is available."""
+    if info.flop_dims:
+        return ModelDims(**info.flop_dims)
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(info.model_id)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        return dims_from_model(model)
+        from services.models.dims import flop_dims_from_config
+
+        return ModelDims(**flop_dims_from_config(AutoConfig.from_pretrained(info.model_id)))
     except Exception as err:  # a remote teacher's model id may not resolve here
         log.warning("teacher FLOPs are not counted: cannot read the config of %r (%s)", info.model_id, err)
         return None

@@ -77,6 +77,12 @@ def build_model_info(
 ) -> ModelInfo:
     """ModelInfo from a config and tokenizer (no weights needed)."""
     eos = tokenizer.eos_token_id
+    try:
+        from services.models.dims import flop_dims_from_config
+
+        dims = flop_dims_from_config(config)
+    except Exception:  # noqa: BLE001 - an architecture we cannot instantiate: FLOPs unknown, scoring unaffected
+        dims = {}
     return ModelInfo(
         model_id=model_id,
         vocab_size=vocab_size_of(config),
@@ -91,6 +97,7 @@ def build_model_info(
         max_pending_per_job=limits.max_pending_per_job,
         eos_token_id=-1 if eos is None else int(eos),
         device=device,
+        flop_dims=dims,
     )
 
 

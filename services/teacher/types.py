@@ -191,6 +191,9 @@ class ScoreResult:
         )
 
 
+FLOP_DIM_FIELDS = ("n_layer", "d_attn", "layer_params", "head_params")
+
+
 @dataclass
 class ModelInfo:
     """What a client needs to know about a teacher before sending work (mirrors `teacher.v1.ModelInfo`)."""
@@ -208,6 +211,8 @@ class ModelInfo:
     max_pending_per_job: int = 4096
     eos_token_id: int = -1
     device: str = "cpu"
+    flop_dims: dict = field(default_factory=dict)
+    """n_layer, d_attn, layer_params, head_params of the teacher (empty if unknown)."""
     extra: dict = field(default_factory=dict)
     """Not on the wire: backend-specific details for logs."""
 
@@ -226,6 +231,7 @@ class ModelInfo:
             max_pending_per_job=self.max_pending_per_job,
             eos_token_id=self.eos_token_id,
             device=self.device,
+            flop_dims=pb.FlopDims(**self.flop_dims) if self.flop_dims else None,
         )
 
     @classmethod
@@ -244,4 +250,5 @@ class ModelInfo:
             max_pending_per_job=m.max_pending_per_job,
             eos_token_id=m.eos_token_id,
             device=m.device,
+            flop_dims={k: getattr(m.flop_dims, k) for k in FLOP_DIM_FIELDS} if m.flop_dims.n_layer else {},
         )

@@ -91,7 +91,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "vocab_size", "max_context", "backend", "dtype", "max_top_k", "max_full_elements", "supports_full", "tokenizer_fingerprint", "max_batch_tokens", "max_pending_per_job", "eos_token_id", "device")
+    __slots__ = ("model_id", "vocab_size", "max_context", "backend", "dtype", "max_top_k", "max_full_elements", "supports_full", "tokenizer_fingerprint", "max_batch_tokens", "max_pending_per_job", "eos_token_id", "device", "flop_dims")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class ModelInfo(_message.Message):
     MAX_PENDING_PER_JOB_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FLOP_DIMS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     vocab_size: int
     max_context: int
@@ -118,4 +119,17 @@ class ModelInfo(_message.Message):
     max_pending_per_job: int
     eos_token_id: int
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_full_elements: _Optional[int] = ..., supports_full: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., max_pending_per_job: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    flop_dims: FlopDims
+    def __init__(self, model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_full_elements: _Optional[int] = ..., supports_full: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., max_pending_per_job: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., flop_dims: _Optional[_Union[FlopDims, _Mapping]] = ...) -> None: ...
+
+class FlopDims(_message.Message):
+    __slots__ = ("n_layer", "d_attn", "layer_params", "head_params")
+    N_LAYER_FIELD_NUMBER: _ClassVar[int]
+    D_ATTN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    n_layer: int
+    d_attn: int
+    layer_params: int
+    head_params: int
+    def __init__(self, n_layer: _Optional[int] = ..., d_attn: _Optional[int] = ..., layer_params: _Optional[int] = ..., head_params: _Optional[int] = ...) -> None: ...
