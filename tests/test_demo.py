@@ -1,6 +1,6 @@
 """`prefix-distill demo --tiny`: the whole chain (embedded Redis, teacher service, a short prefix-OPD job) runs,
 prints the before/after figures and sample answers, writes metrics, summary and PNGs, and leaves no process
-behind, also when interrupted with Ctrl-C (SIGINT) in the middle of training.
+behind, also when interrupted with Ctrl-C (SIGINT) or SIGTERM in the middle of training.
 
 Processes are followed through /proc: every descendant the demo ever had (Redis, the teacher front-end, its
 spawned worker) must be gone when it exits.
@@ -134,13 +134,13 @@ def test_demo_tiny_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_
     assert "teacher front-end stopped" in (run / "teacher.log").read_text()
 
 
-def test_demo_ctrl_c_during_training_stops_everything(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_interrupted_during_training_stops_everything(tmp_path, sig):
     run = tmp_path / "run"
-    demo = Demo(run, "--steps", "200")
-    demo.watch_until(lambda: "evaluating at step 0" in demo.text(), 180)
-    assert demo.proc.poll() is None, demo.text()
-    time.sleep(1.0)
-    demo.proc.send_signal(signal.SIGINT)
+    demo = Demo(run, "--steps", "400")
+    demo.watch_until(lambda: "step 20/400" in demo.text(), 180)  # training is under way
+    assert demo.proc.poll() is None and "step 20/400" in demo.text(), demo.text()
+    demo.proc.send_signal(sig)
     rc = demo.wait(60)
     out = demo.text()
     assert rc == 130, out
