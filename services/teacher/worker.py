@@ -81,6 +81,7 @@ class Worker:
                 log.warning("redis unavailable (%s); retrying in %.1fs", err, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
+        lease.join(5.0)  # its last heartbeat must not land after we leave the registry
         try:
             self.queue.leave(self.worker_id)
         except redis.RedisError:
