@@ -28,7 +28,9 @@ def resolve_ids(
                 raise InvalidRequest(f"`{text_name}` must be a string.", text_name)
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
             if not ids:
-                raise InvalidRequest(f"`{text_name}` must not be empty (it tokenizes to no tokens).", text_name)
+                raise InvalidRequest(
+                    f"`{text_name}` must not be empty (it tokenizes to no tokens).", text_name
+                )
             return ids
         return list(ids)
 
