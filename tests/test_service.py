@@ -304,6 +304,26 @@ def test_malformed_http_bodies(teacher):
     assert ok.status_code == 200
 
 
+def _http_invalid_count(teacher) -> float:
+    import re
+
+    text = httpx.get(teacher.http + "/metrics").text
+    m = re.search(r'^teacher_requests_total\{code="INVALID_ARGUMENT",transport="http"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_errors_are_counted_by_code(teacher):
+    before = _http_invalid_count(teacher)
+    httpx.post(teacher.http + "/v1/logprobs", json={"prompt": "x"})  # 400 before queueing
+    httpx.post(
+        teacher.http + "/v1/logprobs", content=b"garbage", headers={"content-type": "application/json"}
+    )
+    httpx.post(
+        teacher.http + "/v1/logprobs", json={"prompt": "x", "completion": "y", "top_k": 999}
+    )  # 400 at submit
+    assert _http_invalid_count(teacher) - before == 3
+
+
 def test_metrics_exposed(teacher):
     text = httpx.get(teacher.http + "/metrics").text
     for name in (

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.teacher import metrics
 from services.teacher.errors import TeacherError, http_status
 from services.teacher.frontend import Dispatcher
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
@@ -52,6 +53,7 @@ def create_app(dispatcher: Dispatcher) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.REQUESTS.labels(transport="http", code="INVALID_ARGUMENT").inc()
         first = exc.errors()[0] if exc.errors() else {}
         param = ""
         for part in first.get("loc", ()):
@@ -68,17 +70,21 @@ def create_app(dispatcher: Dispatcher) -> FastAPI:
     @app.post("/v1/logprobs")
     async def logprobs(body: LogprobsRequest) -> Response:
         """The teacher's log-probability of each completion token, with its top-k alternatives."""
-        p, c = await asyncio.to_thread(
-            resolve_ids,
-            dispatcher.tokenizer,
-            body.prompt,
-            body.prompt_token_ids,
-            body.completion,
-            body.completion_token_ids,
-        )
-        req = ScoreRequest(
-            p, c, request_id="http", job_id=body.job_id, top_k=body.top_k, temperature=body.temperature
-        )
+        try:
+            p, c = await asyncio.to_thread(
+                resolve_ids,
+                dispatcher.tokenizer,
+                body.prompt,
+                body.prompt_token_ids,
+                body.completion,
+                body.completion_token_ids,
+            )
+            req = ScoreRequest(
+                p, c, request_id="http", job_id=body.job_id, top_k=body.top_k, temperature=body.temperature
+            )
+        except TeacherError as err:  # rejected before the dispatcher (which counts its own outcomes)
+            metrics.REQUESTS.labels(transport="http", code=err.code).inc()
+            raise
         raw, _ = await dispatcher.submit(req, "http")
         result = ScoreResult.from_pb(pb.ScoreResponse.FromString(raw))
         return Response(
