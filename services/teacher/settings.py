@@ -22,7 +22,7 @@ class TeacherSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TEACHER_", extra="forbid")
 
     model: str = Field(description="Model folder or hub id of the teacher.")
-    backend: Literal["hf", "vllm"] = Field("hf", description="Scoring engine.")
+    backend: Literal["hf"] = Field("hf", description="Scoring engine (hf: transformers).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     device: str = Field("cpu", description="cpu | cuda | cuda:N | auto.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared by front-ends and workers.")

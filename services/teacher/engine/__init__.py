@@ -1,11 +1,13 @@
-"""Scoring engines behind one interface (`Engine`): `hf` (transformers, default) and `vllm` (optional)."""
+"""Scoring engines behind one interface (`Engine`). Today: `hf` (transformers). A `vllm` backend (top-k via
+vLLM's prompt_logprobs, no full rows) is on the roadmap and would plug in here; `ModelInfo.supports_full` and
+validation already cover an engine without full rows."""
 
 from __future__ import annotations
 
 from services.teacher.engine.base import Engine
 from services.teacher.modelinfo import EngineLimits
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf",)
 
 
 def load_engine(
@@ -21,12 +23,6 @@ def load_engine(
         from services.teacher.engine.hf import HFEngine
 
         return HFEngine(model, dtype=dtype, device=device, limits=limits)
-    if backend == "vllm":
-        try:
-            from services.teacher.engine.vllm import VLLMEngine
-        except ImportError as err:
-            raise ValueError(f"`backend` 'vllm' needs the optional vllm extra: {err}") from err
-        return VLLMEngine(model, dtype=dtype, device=device, limits=limits)
     raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
 
 
