@@ -6,12 +6,17 @@ short leases and worker TTLs, so fault tests do not wait long for a dead worker'
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import redis
 
 from services.teacher.launch import ChildProcess, TeacherProcess, child_env
+from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.redis_server import free_port
+from services.teacher.types import ScoreRequest, ScoreResult
 
 env = child_env
 Proc = ChildProcess
@@ -65,3 +70,24 @@ class Teacher:
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
+
+
+async def raw_stream(
+    port: int, reqs: list[ScoreRequest], on_answer: Callable[[str], None] | None = None
+) -> tuple[collections.Counter, dict[str, ScoreResult]]:
+    """Sends every request on one raw ScoreStream (no client retries or de-duplication in between) and
+    returns how many answers each request_id got, and the answers. Fails on any in-band error."""
+    counts, got = collections.Counter(), {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream(
+            "/teacher.v1.Teacher/ScoreStream",
+            request_serializer=pb.ScoreRequest.SerializeToString,
+            response_deserializer=pb.ScoreResponse.FromString,
+        )(iter([r.to_pb() for r in reqs]))
+        async for resp in call:
+            assert not resp.HasField("error"), resp.error
+            counts[resp.request_id] += 1
+            got[resp.request_id] = ScoreResult.from_pb(resp)
+            if on_answer is not None:
+                on_answer(resp.request_id)
+    return counts, got

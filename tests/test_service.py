@@ -4,13 +4,12 @@ over loopback, tiny real model. Results are compared with the engine run in this
 from __future__ import annotations
 
 import asyncio
-import collections
 
 import grpc
 import httpx
 import numpy as np
 import pytest
-from teacher_proc import Teacher
+from teacher_proc import Teacher, raw_stream
 
 from services.teacher.client import TeacherClient
 from services.teacher.engine import load_engine
@@ -148,23 +147,8 @@ def test_stream_200_requests_from_3_jobs_each_answered_once(teacher, engine):
         for r in reqs:
             r.job_id = f"stream-job-{j}"
 
-    async def one_job(reqs):
-        counts = collections.Counter()
-        got = {}
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{teacher.grpc_port}") as ch:
-            call = ch.stream_stream(
-                "/teacher.v1.Teacher/ScoreStream",
-                request_serializer=pb.ScoreRequest.SerializeToString,
-                response_deserializer=pb.ScoreResponse.FromString,
-            )(iter([r.to_pb() for r in reqs]))
-            async for resp in call:
-                counts[resp.request_id] += 1
-                assert not resp.HasField("error"), resp.error
-                got[resp.request_id] = ScoreResult.from_pb(resp)
-        return counts, got
-
     async def go():
-        return await asyncio.gather(*(one_job(r) for r in per_job))
+        return await asyncio.gather(*(raw_stream(teacher.grpc_port, r) for r in per_job))
 
     outs = asyncio.run(go())
     total = 0

@@ -4,7 +4,6 @@ mid-batch, Redis going away and coming back, and Redis memory after thousands of
 from __future__ import annotations
 
 import asyncio
-import collections
 import signal
 import subprocess
 import time
@@ -13,14 +12,13 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from teacher_proc import Teacher
+from teacher_proc import Teacher, raw_stream
 
 from services.teacher.client import TeacherClient
 from services.teacher.engine import load_engine
 from services.teacher.errors import Unavailable
-from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.settings import TeacherSettings
-from services.teacher.types import ScoreRequest, ScoreResult
+from services.teacher.types import ScoreRequest
 
 VOCAB = 512
 
@@ -61,22 +59,6 @@ def prefix_of(model) -> str:
     return TeacherSettings(model=str(model)).key_prefix()
 
 
-async def stream_all(port: int, reqs: list[ScoreRequest]) -> tuple[collections.Counter, dict]:
-    """Sends every request on one raw ScoreStream; counts how many answers each request_id got."""
-    counts, got = collections.Counter(), {}
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.stream_stream(
-            "/teacher.v1.Teacher/ScoreStream",
-            request_serializer=pb.ScoreRequest.SerializeToString,
-            response_deserializer=pb.ScoreResponse.FromString,
-        )(iter([r.to_pb() for r in reqs]))
-        async for resp in call:
-            counts[resp.request_id] += 1
-            assert not resp.HasField("error"), resp.error
-            got[resp.request_id] = ScoreResult.from_pb(resp)
-    return counts, got
-
-
 def test_fairness_small_job_not_stuck_behind_a_flood(tiny_teacher, redis_url, tmp_path):
     """While one job has 500 requests queued, another job's single request is answered within about two
     batches. Measured in batches, not seconds (the machine is shared): the flood answers that arrive between
@@ -95,23 +77,10 @@ def test_fairness_small_job_not_stuck_behind_a_flood(tiny_teacher, redis_url, tm
         queue_key = prefix_of(tiny_teacher) + "q:flood"
         answered = []  # flood answers, in arrival order
 
-        async def flood_stream(ch):
-            call = ch.stream_stream(
-                "/teacher.v1.Teacher/ScoreStream",
-                request_serializer=pb.ScoreRequest.SerializeToString,
-                response_deserializer=pb.ScoreResponse.FromString,
-            )(iter([q.to_pb() for q in flood]))
-            async for resp in call:
-                assert not resp.HasField("error"), resp.error
-                answered.append(resp.request_id)
-
         async def go():
-            async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{t.grpc_port}") as ch,
-                TeacherClient(t.target) as small,
-            ):
+            async with TeacherClient(t.target) as small:
                 await small.model_info()  # connected before the flood
-                flood_task = asyncio.create_task(flood_stream(ch))
+                flood_task = asyncio.create_task(raw_stream(t.grpc_port, flood, answered.append))
                 while r.llen(queue_key) < 400:
                     await asyncio.sleep(0.002)
                 depth_before, seen_before = r.llen(queue_key), len(answered)
@@ -148,7 +117,7 @@ def test_kill_9_worker_mid_batch_loses_nothing(slow_teacher, redis_url, tmp_path
         reqs = requests(80, 3, "kill", prompt_len=(150, 250), completion_len=(50, 100))
 
         async def go():
-            task = asyncio.create_task(stream_all(t.grpc_port, reqs))
+            task = asyncio.create_task(raw_stream(t.grpc_port, reqs))
             while r.zcard(inflight) == 0:  # the worker holds a batch
                 await asyncio.sleep(0.002)
             held = r.zcard(inflight)
@@ -182,7 +151,7 @@ def test_serve_restarts_a_killed_worker(slow_teacher, redis_url, tmp_path):
         reqs = requests(60, 4, "restart", prompt_len=(150, 250), completion_len=(50, 100))
 
         async def go():
-            task = asyncio.create_task(stream_all(t.grpc_port, reqs))
+            task = asyncio.create_task(raw_stream(t.grpc_port, reqs))
             while r.zcard(inflight) == 0:
                 await asyncio.sleep(0.002)
             import os
