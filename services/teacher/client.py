@@ -85,18 +85,30 @@ class TeacherClient:
         await self.close()
 
     # -- API -----------------------------------------------------------------------------------------------------
-    async def model_info(self) -> ModelInfo:
-        """The teacher's ModelInfo (vocabulary, limits, tokenizer fingerprint)."""
-        call = self._unary("GetModelInfo", pb.ModelInfo)
+    async def _retrying(self, call, message, timeout_s: float):
+        """A unary call, retried with back-off while it fails with UNAVAILABLE (at most `retries` times)."""
         for attempt in range(self.retries + 1):
             try:
-                m = await call(pb.ModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
-                return ModelInfo.from_pb(m)
+                return await call(message, timeout=timeout_s, metadata=self.metadata)
             except grpc.aio.AioRpcError as err:
                 if err.code() not in _RETRYABLE or attempt == self.retries:
                     raise _rpc_error(err) from None
             await self._backoff(attempt)
         raise AssertionError("unreachable")
+
+    def _wire(self, request: ScoreRequest) -> pb.ScoreRequest:
+        """The request's wire form, with this client's timeout as its deadline unless it has its own."""
+        m = request.to_pb()
+        if not m.timeout_ms:
+            m.timeout_ms = int(self.timeout_s * 1000)
+        return m
+
+    async def model_info(self) -> ModelInfo:
+        """The teacher's ModelInfo (vocabulary, limits, tokenizer fingerprint)."""
+        m = await self._retrying(
+            self._unary("GetModelInfo", pb.ModelInfo), pb.ModelInfoRequest(), self.timeout_s
+        )
+        return ModelInfo.from_pb(m)
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Waits until the teacher's gRPC health says SERVING (a worker is alive)."""
@@ -123,28 +135,15 @@ class TeacherClient:
     async def score(self, request: ScoreRequest) -> ScoreResult:
         """Scores one request (unary call), retrying UNAVAILABLE."""
         call = self._unary("Score", pb.ScoreResponse)
-        m = request.to_pb()
-        if not m.timeout_ms:
-            m.timeout_ms = int(self.timeout_s * 1000)
-        for attempt in range(self.retries + 1):
-            try:
-                resp = await call(m, timeout=self.timeout_s + 5.0, metadata=self.metadata)
-                return ScoreResult.from_pb(resp)
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRYABLE or attempt == self.retries:
-                    raise _rpc_error(err) from None
-            await self._backoff(attempt)
-        raise AssertionError("unreachable")
+        return ScoreResult.from_pb(await self._retrying(call, self._wire(request), self.timeout_s + 5.0))
 
     async def score_many(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Scores all requests over ScoreStream; results in request order, each `request_id` preserved."""
         tag = uuid.uuid4().hex[:8]
         wire = []
         for i, r in enumerate(requests):
-            m = r.to_pb()
+            m = self._wire(r)
             m.request_id = f"{tag}:{i}"  # unique on the wire; the caller's id is restored below
-            if not m.timeout_ms:
-                m.timeout_ms = int(self.timeout_s * 1000)
             wire.append(m)
         results: list[ScoreResult | None] = [None] * len(requests)
         remaining = set(range(len(requests)))
