@@ -34,21 +34,19 @@ def check_http(url: str | None = None, timeout_s: float = 3.0) -> str:
 def check_worker() -> str:
     import redis
 
+    from services.teacher.queue import QueueConfig, WorkerQueue
     from services.teacher.settings import TeacherSettings
 
     settings = TeacherSettings()  # TEACHER_* variables, as the worker itself read them
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+    queue = WorkerQueue(settings.redis_url, QueueConfig.from_settings(settings))
     try:
-        seconds, micros = client.time()
-        now_ms = seconds * 1000 + micros // 1000
-        since = now_ms - int(settings.worker_ttl_s * 1000)
-        members = client.zrangebyscore(settings.key_prefix() + "workers", since, "+inf")
+        alive = queue.live_workers()
     except redis.RedisError as err:
         raise RuntimeError(f"redis {settings.redis_url}: {err}") from None
     finally:
-        client.close()
+        queue.close()
     host = socket.gethostname() + ":"
-    mine = [m.decode() for m in members if m.decode().startswith(host)]
+    mine = [w for w in alive if w.startswith(host)]
     if not mine:
         raise RuntimeError(f"no heartbeat from a worker on {host[:-1]} within {settings.worker_ttl_s} s")
     return f"alive: {', '.join(mine)}"

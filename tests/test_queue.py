@@ -181,6 +181,7 @@ def test_keys_clean_up_after_completion(server):
     put(server, c, [(f"r{i}", f"J{i % 3}", 5) for i in range(30)])
     w = WorkerQueue(server.url, c)
     w.heartbeat("w1")
+    assert w.live_workers() == ["w1"]
     while items := w.claim(1000, 7):
         w.complete_many([(it, encode_ok(it.rid, b"x", ReplyStats(1, 5, 0, 0))) for it in items])
     left = sorted(k.decode() for k in r.keys("pd:test:*"))
@@ -188,4 +189,4 @@ def test_keys_clean_up_after_completion(server):
     assert set(left) <= {"pd:test:reply:fe", "pd:test:seq", "pd:test:workers", "pd:test:bell"}, left
     assert 0 < r.pttl("pd:test:reply:fe") <= 60_000
     w.leave("w1")
-    assert r.exists("pd:test:workers") == 0
+    assert r.exists("pd:test:workers") == 0 and w.live_workers() == []

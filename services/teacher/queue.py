@@ -219,11 +219,11 @@ return now
 """
 )
 
-# ARGV: prefix, ttl_ms. Number of workers heard from within the TTL.
+# ARGV: prefix, ttl_ms. Ids of the workers heard from within the TTL.
 _LIVE_WORKERS = (
     _LUA_PRELUDE
     + """
-return redis.call('ZCOUNT', P .. 'workers', now_ms() - tonumber(ARGV[2]), '+inf')
+return redis.call('ZRANGEBYSCORE', P .. 'workers', now_ms() - tonumber(ARGV[2]), '+inf')
 """
 )
 
@@ -368,6 +368,11 @@ class WorkerQueue:
     def heartbeat(self, worker_id: str) -> None:
         self._s["heartbeat"](args=[self.cfg.prefix, worker_id, self.cfg.worker_ttl_ms])
 
+    def live_workers(self) -> list[str]:
+        """Ids (host:pid) of the workers heard from within the worker TTL."""
+        ids = self._s["live_workers"](args=[self.cfg.prefix, self.cfg.worker_ttl_ms])
+        return [w.decode() for w in ids]
+
     def leave(self, worker_id: str) -> None:
         self.redis.zrem(self.cfg.key("workers"), worker_id)
 
@@ -422,7 +427,7 @@ class FrontendQueue:
         await self.redis.pexpire(reply, self.cfg.reply_ttl_ms)
 
     async def live_workers(self) -> int:
-        return int(await self._s["live_workers"](args=[self.cfg.prefix, self.cfg.worker_ttl_ms]))
+        return len(await self._s["live_workers"](args=[self.cfg.prefix, self.cfg.worker_ttl_ms]))
 
     async def depths(self) -> dict[str, int]:
         """Queued (unclaimed) requests per job."""
