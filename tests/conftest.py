@@ -7,7 +7,6 @@ real server at 127.0.0.1:6379 (or $TEST_REDIS_URL), each module getting its own 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -45,12 +44,6 @@ def tiny_other_tokenizer(models_dir) -> Path:
     from services.models.tiny import build_tiny
 
     return build_tiny(models_dir / "other", layers=1, hidden=32, seed=3, vocab_size=400)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _DB_COUNTER = iter(range(1, 16))
