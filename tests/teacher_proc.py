@@ -15,8 +15,8 @@ import redis
 
 from services.teacher.launch import ChildProcess, TeacherProcess, child_env
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
-from services.teacher.redis_server import free_port
 from services.teacher.types import ScoreRequest, ScoreResult
+from services.util.net import free_port
 
 env = child_env
 Proc = ChildProcess

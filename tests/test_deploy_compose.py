@@ -129,7 +129,7 @@ def run_stack(tmp_path: Path, redis_url: str, model_cache: Path) -> Path:
     step; returns the folder of the `runs` volume."""
     from teacher_proc import env as base_env
 
-    from services.teacher.redis_server import free_port
+    from services.util.net import free_port
 
     volumes = tmp_path / "volumes"
     variables = {

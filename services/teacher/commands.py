@@ -7,6 +7,7 @@ import sys
 import typer
 
 from services.teacher.errors import InvalidRequest, TeacherError
+from services.util.progress import quiet_progress_bars
 
 teacher_app = typer.Typer(help="Run the teacher service.", no_args_is_help=True)
 
@@ -18,14 +19,6 @@ def _parse_ids(text: str | None, param: str) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip() != ""]
     except ValueError:
         raise InvalidRequest(f"`{param}` must be comma-separated integers, got {text!r}.", param) from None
-
-
-def quiet_progress_bars() -> None:
-    """Turns off transformers' / huggingface_hub's tqdm bars ("Loading weights", "Writing model shards"):
-    a CLI's stderr is for errors, and bars from every load would bury the one-line error messages."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def fail(err: TeacherError | ValueError, param: str = "") -> None:

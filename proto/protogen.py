@@ -1,7 +1,8 @@
-"""Generates the Python gRPC stubs from `proto/teacher/v1/teacher.proto`.
+"""Build tool: generates the Python gRPC stubs from `proto/teacher/v1/teacher.proto`.
 
 The stubs are committed under `services/teacher/pb/` (so a plain `pip install` works without protoc);
-`make proto` regenerates them and a test fails when the committed copy is stale.
+`python proto/protogen.py` (`make proto`) regenerates them, and a test fails when the committed copy is stale.
+Not part of the runtime package: it needs grpcio-tools (a dev dependency).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-PROTO_DIR = ROOT / "proto"
+PROTO_DIR = Path(__file__).resolve().parent
+ROOT = PROTO_DIR.parent
 PROTO_FILE = "teacher/v1/teacher.proto"
-PB_DIR = Path(__file__).resolve().parent / "pb"
+PB_DIR = ROOT / "services" / "teacher" / "pb"
 PB_PACKAGE = "services.teacher.pb"
 
 

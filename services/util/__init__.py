@@ -1,0 +1,1 @@
+"""Small helpers shared by the teacher, the model tooling, the app and the tests (no project imports)."""
