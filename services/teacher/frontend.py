@@ -67,12 +67,18 @@ class Dispatcher:
         return self.redis_ok and self.live_workers > 0
 
     # -- request path ------------------------------------------------------------------------------------------
-    async def submit(self, req: ScoreRequest, transport: str = "grpc") -> tuple[bytes, ReplyStats]:
-        """Queues `req` and returns (ScoreResponse bytes, worker stats); raises a TeacherError on failure."""
+    async def submit(
+        self, req: ScoreRequest, transport: str = "grpc", wire: bytes | None = None
+    ) -> tuple[bytes, ReplyStats]:
+        """Queues `req` and returns (ScoreResponse bytes, worker stats); raises a TeacherError on failure.
+
+        `wire` is the ScoreRequest bytes `req` was parsed from, when the transport has them (gRPC): they are
+        queued as they are, since the worker parses them into the same request. Otherwise `req` is encoded.
+        """
         t0 = time.perf_counter()
         code = "OK"
         try:
-            out = await self._submit(req)
+            out = await self._submit(req, wire)
             metrics.TOKENS.inc(out[1].tokens)
             self._rate.add(out[1].tokens)
             metrics.QUEUE_WAIT.observe(out[1].queue_ms / 1000.0)
@@ -86,7 +92,7 @@ class Dispatcher:
             metrics.REQUESTS.labels(transport=transport, code=code).inc()
             metrics.LATENCY.labels(transport=transport).observe(time.perf_counter() - t0)
 
-    async def _submit(self, req: ScoreRequest) -> tuple[bytes, ReplyStats]:
+    async def _submit(self, req: ScoreRequest, wire: bytes | None) -> tuple[bytes, ReplyStats]:
         validate_request(req, self.info)
         if not self.redis_ok:
             raise Unavailable("Redis is unreachable; the teacher cannot queue work. Retry later.")
@@ -102,7 +108,7 @@ class Dispatcher:
             try:
                 accepted = await self.queue.enqueue(
                     rid,
-                    req.to_pb().SerializeToString(),
+                    req.to_pb().SerializeToString() if wire is None else wire,
                     req.job_id,
                     req.num_tokens,
                     self.reply_key,

@@ -1,7 +1,8 @@
 """The gRPC transport: `teacher.v1.Teacher` (Score, ScoreStream, GetModelInfo), health and reflection.
 
-The servicer only converts and delegates to the `Dispatcher`. Responses are forwarded as the bytes the worker
-serialized (a pass-through serializer), so the front-end never re-encodes large arrays. All exceptions are
+The servicer only converts and delegates to the `Dispatcher`. Bytes pass through in both directions: a request
+is parsed (to validate it) and its original bytes are queued; a response is forwarded as the bytes the worker
+serialized. The front-end never re-encodes a message. All exceptions are
 mapped to status codes in one place (`_status`): bad input is INVALID_ARGUMENT with the field named, never
 INTERNAL.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -31,26 +33,30 @@ def _passthrough(msg) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
-class _Undecodable:
-    """Stands for request bytes that are not a valid message: reported as INVALID_ARGUMENT, not UNKNOWN."""
+@dataclass(frozen=True)
+class _Received:
+    """A ScoreRequest as it arrived: its bytes and the parsed message (None when the bytes are not a valid
+    message, which is reported as INVALID_ARGUMENT rather than UNKNOWN)."""
 
-    request_id = ""
+    data: bytes
+    message: pb.ScoreRequest | None
 
-
-def _lenient(cls):
-    def parse(data: bytes):
+    @classmethod
+    def parse(cls, data: bytes) -> _Received:
         try:
-            return cls.FromString(data)
+            return cls(data, pb.ScoreRequest.FromString(data))
         except DecodeError:
-            return _Undecodable()
+            return cls(data, None)
 
-    return parse
+    @property
+    def request_id(self) -> str:
+        return self.message.request_id if self.message is not None else ""
 
-
-def _to_request(m) -> ScoreRequest:
-    if isinstance(m, _Undecodable):
-        raise InvalidRequest("the request bytes are not a valid teacher.v1.ScoreRequest.", "request")
-    return ScoreRequest.from_pb(m)
+    def request(self) -> ScoreRequest:
+        """The statically validated domain request; InvalidRequest for undecodable bytes."""
+        if self.message is None:
+            raise InvalidRequest("the request bytes are not a valid teacher.v1.ScoreRequest.", "request")
+        return ScoreRequest.from_pb(self.message)
 
 
 def _error_response(request_id: str, err: TeacherError) -> pb.ScoreResponse:
@@ -80,10 +86,14 @@ class TeacherServicer:
         self.d = dispatcher
         self.stream_window = stream_window
 
-    async def Score(self, request: pb.ScoreRequest, context) -> bytes:
+    async def _forward(self, received: _Received, transport: str) -> bytes:
+        """Validates the request, queues its original bytes and returns the worker's response bytes."""
+        body, _ = await self.d.submit(received.request(), transport, wire=received.data)
+        return body
+
+    async def Score(self, request: _Received, context) -> bytes:
         try:
-            body, _ = await self.d.submit(_to_request(request), "grpc")
-            return body
+            return await self._forward(request, "grpc")
         except Exception as err:  # noqa: BLE001 - mapped to a status
             await _status(context, err)
 
@@ -95,9 +105,9 @@ class TeacherServicer:
         tasks: set[asyncio.Task] = set()
         done = object()
 
-        async def one(m: pb.ScoreRequest) -> None:
+        async def one(m: _Received) -> None:
             try:
-                body, _ = await self.d.submit(_to_request(m), "grpc_stream")
+                body = await self._forward(m, "grpc_stream")
             except Exception as err:  # noqa: BLE001 - reported in-band, the stream goes on
                 body = _error_response(m.request_id, _as_teacher_error(err))
             await out.put(body)
@@ -129,7 +139,7 @@ class TeacherServicer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader_task
 
-    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+    async def GetModelInfo(self, _request: bytes, context) -> pb.ModelInfo:
         return self.d.info.to_pb()
 
 
@@ -139,17 +149,17 @@ def _handler(servicer: TeacherServicer) -> grpc.GenericRpcHandler:
         {
             "Score": grpc.unary_unary_rpc_method_handler(
                 servicer.Score,
-                request_deserializer=_lenient(pb.ScoreRequest),
+                request_deserializer=_Received.parse,
                 response_serializer=_passthrough,
             ),
             "ScoreStream": grpc.stream_stream_rpc_method_handler(
                 servicer.ScoreStream,
-                request_deserializer=_lenient(pb.ScoreRequest),
+                request_deserializer=_Received.parse,
                 response_serializer=_passthrough,
             ),
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 servicer.GetModelInfo,
-                request_deserializer=_lenient(pb.ModelInfoRequest),
+                # No deserializer: the handler gets the raw bytes, unread (ModelInfoRequest has no fields).
                 response_serializer=_passthrough,
             ),
         },
