@@ -20,7 +20,7 @@ from services.teacher.errors import TeacherError, http_status
 from services.teacher.frontend import Dispatcher
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.textapi import TokenTexts, logprobs_body, render_json, resolve_ids
-from services.teacher.types import ScoreRequest, ScoreResult
+from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
 
 
 class LogprobsRequest(BaseModel):
@@ -41,6 +41,58 @@ def _error(status: int, param: str, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"param": param, "message": message}})
 
 
+def _param_of(exc: RequestValidationError) -> tuple[str, str]:
+    """(field, message) of a malformed body's first error: `top_k`, `prompt_token_ids[3]`, or `body`."""
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ""
+    for part in first.get("loc", ()):
+        if isinstance(part, int):
+            param += f"[{part}]" if param else ""
+        elif part != "body":
+            param += ("." if param else "") + str(part)
+    return param or "body", first.get("msg", "invalid request body")
+
+
+def _model_card(info: ModelInfo) -> dict:
+    """The entry of GET /v1/models: the model, its limits and tokenizer fingerprint."""
+    return {
+        "id": info.model_id,
+        "object": "model",
+        "backend": info.backend,
+        "dtype": info.dtype,
+        "device": info.device,
+        "vocab_size": info.vocab_size,
+        "max_context": info.max_context,
+        "max_top_k": info.max_top_k,
+        "max_full_elements": info.max_full_elements,
+        "supports_full": info.supports_full,
+        "max_batch_tokens": info.max_batch_tokens,
+        "max_pending_per_job": info.max_pending_per_job,
+        "eos_token_id": info.eos_token_id,
+        "tokenizer_fingerprint": info.tokenizer_fingerprint,
+    }
+
+
+async def _request_of(dispatcher: Dispatcher, body: LogprobsRequest) -> ScoreRequest:
+    """The ScoreRequest of a body (text tokenized off the event loop); rejections are counted here, since
+    they never reach the dispatcher (which counts its own outcomes)."""
+    try:
+        p, c = await asyncio.to_thread(
+            resolve_ids,
+            dispatcher.tokenizer,
+            body.prompt,
+            body.prompt_token_ids,
+            body.completion,
+            body.completion_token_ids,
+        )
+        return ScoreRequest(
+            p, c, request_id="http", job_id=body.job_id, top_k=body.top_k, temperature=body.temperature
+        )
+    except TeacherError as err:
+        metrics.REQUESTS.labels(transport="http", code=err.code).inc()
+        raise
+
+
 def create_app(dispatcher: Dispatcher) -> FastAPI:
     """The FastAPI app over a started Dispatcher (which must carry the tokenizer)."""
     app = FastAPI(
@@ -54,14 +106,7 @@ def create_app(dispatcher: Dispatcher) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.REQUESTS.labels(transport="http", code="INVALID_ARGUMENT").inc()
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ""
-        for part in first.get("loc", ()):
-            if isinstance(part, int):
-                param += f"[{part}]" if param else ""
-            elif part != "body":
-                param += ("." if param else "") + str(part)
-        return _error(422, param or "body", first.get("msg", "invalid request body"))
+        return _error(422, *_param_of(exc))
 
     @app.exception_handler(TeacherError)
     async def teacher_error(_request: Request, exc: TeacherError) -> JSONResponse:
@@ -70,51 +115,18 @@ def create_app(dispatcher: Dispatcher) -> FastAPI:
     @app.post("/v1/logprobs")
     async def logprobs(body: LogprobsRequest) -> Response:
         """The teacher's log-probability of each completion token, with its top-k alternatives."""
-        try:
-            p, c = await asyncio.to_thread(
-                resolve_ids,
-                dispatcher.tokenizer,
-                body.prompt,
-                body.prompt_token_ids,
-                body.completion,
-                body.completion_token_ids,
-            )
-            req = ScoreRequest(
-                p, c, request_id="http", job_id=body.job_id, top_k=body.top_k, temperature=body.temperature
-            )
-        except TeacherError as err:  # rejected before the dispatcher (which counts its own outcomes)
-            metrics.REQUESTS.labels(transport="http", code=err.code).inc()
-            raise
+        req = await _request_of(dispatcher, body)
         raw, _ = await dispatcher.submit(req, "http")
         result = ScoreResult.from_pb(pb.ScoreResponse.FromString(raw))
-        return Response(
-            render_json(logprobs_body(info.model_id, texts, p, c, result)), media_type="application/json"
+        body_json = logprobs_body(
+            info.model_id, texts, req.prompt_token_ids, req.completion_token_ids, result
         )
+        return Response(render_json(body_json), media_type="application/json")
 
     @app.get("/v1/models")
     async def models() -> dict:
         """The model behind this teacher, its limits and tokenizer fingerprint."""
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": info.model_id,
-                    "object": "model",
-                    "backend": info.backend,
-                    "dtype": info.dtype,
-                    "device": info.device,
-                    "vocab_size": info.vocab_size,
-                    "max_context": info.max_context,
-                    "max_top_k": info.max_top_k,
-                    "max_full_elements": info.max_full_elements,
-                    "supports_full": info.supports_full,
-                    "max_batch_tokens": info.max_batch_tokens,
-                    "max_pending_per_job": info.max_pending_per_job,
-                    "eos_token_id": info.eos_token_id,
-                    "tokenizer_fingerprint": info.tokenizer_fingerprint,
-                }
-            ],
-        }
+        return {"object": "list", "data": [_model_card(info)]}
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
