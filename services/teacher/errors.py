@@ -46,12 +46,6 @@ class DeadlineExceeded(TeacherError):
     code = "DEADLINE_EXCEEDED"
 
 
-class Unauthenticated(TeacherError):
-    """Missing or invalid credentials."""
-
-    code = "UNAUTHENTICATED"
-
-
 class Internal(TeacherError):
     """The engine failed on this request (after `max_tries` attempts, or for a bug)."""
 
@@ -60,17 +54,13 @@ class Internal(TeacherError):
 
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
-    "UNAUTHENTICATED": 401,
-    "NOT_FOUND": 404,
     "RESOURCE_EXHAUSTED": 429,
     "INTERNAL": 500,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
 
-_BY_CODE = {
-    cls.code: cls for cls in (InvalidRequest, QueueFull, Unavailable, DeadlineExceeded, Unauthenticated)
-}
+_BY_CODE = {cls.code: cls for cls in (InvalidRequest, QueueFull, Unavailable, DeadlineExceeded)}
 
 
 def from_code(code: str, message: str, param: str = "") -> TeacherError:
