@@ -107,7 +107,7 @@ def test_sigterm_shuts_serve_down_cleanly(tiny_teacher, redis_url, tmp_path):
         time.sleep(0.1)
     assert alive() == []
     assert "teacher front-end stopped" in t.front.text()
-    workers_key = TeacherSettings(model=str(tiny_teacher)).key_prefix() + "workers"
+    workers_key = TeacherSettings(model=str(tiny_teacher)).key_namespace() + "workers"
     # our workers left the registry on their way out (earlier tests in this module may have left dead ones)
     ours = {c.decode() for c in children}
     left = [w.decode() for w in t.redis().zrange(workers_key, 0, -1) if w.decode().rsplit(":", 1)[1] in ours]

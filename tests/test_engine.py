@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.teacher.engine import EngineLimits, load_engine
 from services.teacher.engine import hf as hf_module
+from services.teacher.engine import load_engine
 from services.teacher.engine.base import split_by_tokens
 from services.teacher.errors import InvalidRequest
 from services.teacher.types import ScoreRequest, ScoreResult
@@ -220,7 +220,7 @@ def test_logit_chunking_matches_reference(engine, reference_model, monkeypatch):
 
 def test_token_budget_splits_batches(tiny_teacher, reference_model):
     """A small max_batch_tokens splits the work into several forward passes with the same results."""
-    small = load_engine(str(tiny_teacher), limits=EngineLimits(max_batch_tokens=64))
+    small = load_engine(str(tiny_teacher), max_batch_tokens=64)
     V = small.info.vocab_size
     reqs = ragged_requests(V, n=8, seed=5, top_k=3)
     reqs = [r for r in reqs if r.num_tokens <= 64]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from services.teacher.modelinfo import describe, tokenizer_fingerprint
+from services.teacher.settings import in_process_spec
 
 
 def test_equal_across_reloads(tiny_teacher):
@@ -16,8 +17,8 @@ def test_equal_across_reloads(tiny_teacher):
 
 def test_teacher_and_student_share_it(tiny_teacher, tiny_student):
     """Two models built with different seeds share the tokenizer, and the ModelInfo both advertise agrees."""
-    t_info, _ = describe(str(tiny_teacher))
-    s_info, _ = describe(str(tiny_student))
+    t_info, _ = describe(in_process_spec(str(tiny_teacher)))
+    s_info, _ = describe(in_process_spec(str(tiny_student)))
     assert t_info.tokenizer_fingerprint == s_info.tokenizer_fingerprint
     assert t_info.tokenizer_fingerprint == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_student))
 

@@ -32,7 +32,12 @@ def server(request, tmp_path):
 
 def cfg(**kw) -> QueueConfig:
     base = dict(
-        prefix="pd:test:", max_pending_per_job=100, visibility_ms=300, max_tries=2, reply_ttl_ms=60_000
+        namespace="pd:test:",
+        max_pending_per_job=100,
+        visibility_ms=300,
+        max_tries=2,
+        reply_ttl_ms=60_000,
+        worker_ttl_ms=5_000,
     )
     base.update(kw)
     return QueueConfig(**base)

@@ -55,8 +55,8 @@ def grpc_health(port: int) -> str:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
-def prefix_of(model) -> str:
-    return TeacherSettings(model=str(model)).key_prefix()
+def namespace_of(model) -> str:
+    return TeacherSettings(model=str(model)).key_namespace()
 
 
 def test_fairness_small_job_not_stuck_behind_a_flood(tiny_teacher, redis_url, tmp_path):
@@ -74,7 +74,7 @@ def test_fairness_small_job_not_stuck_behind_a_flood(tiny_teacher, redis_url, tm
         t.wait_healthy()
         r = t.redis()
         flood = requests(500, 1, "flood", prompt_len=(200, 300), completion_len=(20, 40))
-        queue_key = prefix_of(tiny_teacher) + "q:flood"
+        queue_key = namespace_of(tiny_teacher) + "q:flood"
         answered = []  # flood answers, in arrival order
 
         async def go():
@@ -113,7 +113,7 @@ def test_kill_9_worker_mid_batch_loses_nothing(slow_teacher, redis_url, tmp_path
     try:
         t.wait_healthy()
         r = t.redis()
-        inflight = prefix_of(slow_teacher) + "inflight"
+        inflight = namespace_of(slow_teacher) + "inflight"
         reqs = requests(80, 3, "kill", prompt_len=(150, 250), completion_len=(50, 100))
 
         async def go():
@@ -145,7 +145,7 @@ def test_serve_restarts_a_killed_worker(slow_teacher, redis_url, tmp_path):
     try:
         t.wait_healthy()
         r = t.redis()
-        inflight = prefix_of(slow_teacher) + "inflight"
+        inflight = namespace_of(slow_teacher) + "inflight"
         # the worker child (not multiprocessing's resource tracker)
         child = int(subprocess.check_output(["pgrep", "-P", str(t.front.pid), "-f", "spawn_main"]).split()[0])
         reqs = requests(60, 4, "restart", prompt_len=(150, 250), completion_len=(50, 100))

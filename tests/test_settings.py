@@ -33,8 +33,8 @@ def test_out_of_range_names_the_field(field, value):
 
 def test_namespace_per_model():
     a, b = TeacherSettings(model="/models/a"), TeacherSettings(model="/models/b")
-    assert a.key_prefix() != b.key_prefix() and a.key_prefix().startswith("pd:a-")
-    assert TeacherSettings(model="/x", namespace="shared").key_prefix() == "pd:shared:"
+    assert a.key_namespace() != b.key_namespace() and a.key_namespace().startswith("pd:a-")
+    assert TeacherSettings(model="/x", namespace="shared").key_namespace() == "pd:shared:"
 
 
 def test_cli_rejects_bad_flag_with_field_named():

@@ -87,6 +87,7 @@ def test_student_loads_and_shares_tokenizer(prepared, gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.teacher.modelinfo import describe, tokenizer_fingerprint
+    from services.teacher.settings import in_process_spec
 
     (paths, _), (ref_model, ref_tok) = prepared, gguf
     student = AutoModelForCausalLM.from_pretrained(paths.student).eval()
@@ -99,8 +100,8 @@ def test_student_loads_and_shares_tokenizer(prepared, gguf):
     for name, value in student.state_dict().items():
         assert torch.equal(value, ref_state[name]), name
 
-    t_info, _ = describe(str(paths.teacher))
-    s_info, _ = describe(str(paths.student))
+    t_info, _ = describe(in_process_spec(str(paths.teacher)))
+    s_info, _ = describe(in_process_spec(str(paths.student)))
     assert t_info.tokenizer_fingerprint == s_info.tokenizer_fingerprint == tokenizer_fingerprint(ref_tok)
     assert s_info.vocab_size == t_info.vocab_size == 49152
     tok = AutoTokenizer.from_pretrained(paths.student)

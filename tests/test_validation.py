@@ -10,8 +10,9 @@ import pytest
 
 from services.teacher import codec
 from services.teacher.errors import InvalidRequest, from_code, http_status
-from services.teacher.modelinfo import EngineLimits, describe
+from services.teacher.modelinfo import describe
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+from services.teacher.settings import in_process_spec
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
 from services.teacher.validation import validate_request
 
@@ -19,8 +20,8 @@ from services.teacher.validation import validate_request
 @pytest.fixture(scope="module")
 def info(tiny_teacher) -> ModelInfo:
     """The real ModelInfo of the tiny teacher (read from its config and tokenizer), small guard limits."""
-    limits = EngineLimits(max_top_k=16, max_full_elements=10 * 512, max_batch_tokens=4096)
-    model_info, _ = describe(str(tiny_teacher), limits=limits)
+    spec = in_process_spec(str(tiny_teacher), max_top_k=16, max_full_elements=10 * 512, max_batch_tokens=4096)
+    model_info, _ = describe(spec)
     assert model_info.vocab_size == 512 and model_info.max_context == 1024
     return model_info
 
@@ -262,5 +263,4 @@ def test_score_result_round_trip(full_dtype, top_k):
 def test_model_info_round_trip(info):
     back = ModelInfo.from_pb(pb.ModelInfo.FromString(info.to_pb().SerializeToString()))
     for f in dataclasses.fields(ModelInfo):
-        if f.name != "extra":
-            assert getattr(back, f.name) == getattr(info, f.name), f.name
+        assert getattr(back, f.name) == getattr(info, f.name), f.name

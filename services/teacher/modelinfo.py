@@ -8,28 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 
+from services.teacher.spec import EngineSpec
 from services.teacher.types import ModelInfo
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """Per-teacher limits, advertised in ModelInfo and enforced by validation."""
-
-    max_top_k: int = 64
-    """Largest accepted `top_k`."""
-    max_full_elements: int = 64 * 1024 * 1024
-    """Memory guard for full rows: completion positions x vocab per request (64M float32 = 256 MB)."""
-    max_batch_tokens: int = 8192
-    """Token budget of one forward pass (sum of prompt + completion lengths)."""
-    max_pending_per_job: int = 4096
-    """Pending requests one job may have queued before RESOURCE_EXHAUSTED."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_top_k", "max_full_elements", "max_batch_tokens", "max_pending_per_job"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -64,18 +45,8 @@ def max_context_of(config, tokenizer) -> int:
     return n or 2048
 
 
-def build_model_info(
-    model_id: str,
-    config,
-    tokenizer,
-    *,
-    backend: str,
-    dtype: str,
-    device: str,
-    limits: EngineLimits,
-    supports_full: bool = True,
-) -> ModelInfo:
-    """ModelInfo from a config and tokenizer (no weights needed)."""
+def build_model_info(spec: EngineSpec, config, tokenizer) -> ModelInfo:
+    """ModelInfo of the engine `spec` describes, from the model's config and tokenizer (no weights needed)."""
     eos = tokenizer.eos_token_id
     try:
         from services.models.dims import flop_dims_from_config
@@ -83,20 +54,20 @@ def build_model_info(
         dims = flop_dims_from_config(config)
     except Exception:  # noqa: BLE001 - an architecture we cannot instantiate: FLOPs unknown, scoring unaffected
         dims = {}
+    limits = spec.limits
     return ModelInfo(
-        model_id=model_id,
+        model_id=spec.model,
         vocab_size=vocab_size_of(config),
         max_context=max_context_of(config, tokenizer),
-        backend=backend,
-        dtype=dtype,
+        backend=spec.backend,
+        dtype=spec.dtype,
+        device=spec.device,
         max_top_k=limits.max_top_k,
         max_full_elements=limits.max_full_elements,
-        supports_full=supports_full,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         max_batch_tokens=limits.max_batch_tokens,
         max_pending_per_job=limits.max_pending_per_job,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         eos_token_id=-1 if eos is None else int(eos),
-        device=device,
         flop_dims=dims,
     )
 
@@ -108,24 +79,8 @@ def load_config_and_tokenizer(model: str):
     return AutoConfig.from_pretrained(model), AutoTokenizer.from_pretrained(model)
 
 
-def describe(
-    model: str,
-    *,
-    backend: str = "hf",
-    dtype: str = "float32",
-    device: str = "cpu",
-    limits: EngineLimits | None = None,
-):
-    """(ModelInfo, tokenizer) of a model without loading its weights: what a front-end needs."""
-    config, tokenizer = load_config_and_tokenizer(model)
-    info = build_model_info(
-        model,
-        config,
-        tokenizer,
-        backend=backend,
-        dtype=dtype,
-        device=device,
-        limits=limits or EngineLimits(),
-        supports_full=backend != "vllm",
-    )
-    return info, tokenizer
+def describe(spec: EngineSpec):
+    """(ModelInfo, tokenizer) of the engine `spec` describes, without loading its weights: what a front-end
+    needs."""
+    config, tokenizer = load_config_and_tokenizer(spec.model)
+    return build_model_info(spec, config, tokenizer), tokenizer

@@ -37,7 +37,6 @@ class WorkerPool:
         self.settings = settings
         self.ctx = mp.get_context("spawn")
         self.procs: list[mp.Process] = []
-        self.restarts = 0
 
     def _spawn(self) -> mp.Process:
         from services.teacher.worker import run_worker
@@ -53,7 +52,6 @@ class WorkerPool:
         for i, p in enumerate(self.procs):
             if not p.is_alive():
                 log.warning("worker pid %s exited with %s; restarting", p.pid, p.exitcode)
-                self.restarts += 1
                 self.procs[i] = self._spawn()
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -76,14 +74,7 @@ async def run_frontend(settings: TeacherSettings, pool: WorkerPool | None = None
     from services.teacher.http_api import create_app
     from services.teacher.modelinfo import describe
 
-    info, tokenizer = await asyncio.to_thread(
-        describe,
-        settings.model,
-        backend=settings.backend,
-        dtype=settings.dtype,
-        device=settings.device,
-        limits=settings.limits(),
-    )
+    info, tokenizer = await asyncio.to_thread(describe, settings.engine_spec())
     dispatcher = Dispatcher(settings, info, tokenizer)
     await dispatcher.start()
     grpc_server, grpc_port = await build_grpc_server(dispatcher, settings.grpc_host, settings.grpc_port)
@@ -100,7 +91,7 @@ async def run_frontend(settings: TeacherSettings, pool: WorkerPool | None = None
         loop.add_signal_handler(sig, stop.set)
     print(
         f"teacher front-end ready: grpc={settings.grpc_host}:{grpc_port} http={settings.http_host}:{http_port} "
-        f"model={info.model_id} redis={settings.redis_url} prefix={settings.key_prefix()}",
+        f"model={info.model_id} redis={settings.redis_url} namespace={settings.key_namespace()}",
         flush=True,
     )
     try:

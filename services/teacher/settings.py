@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.teacher.modelinfo import EngineLimits
+from services.teacher.spec import EngineLimits, EngineSpec
 
 
 class TeacherSettings(BaseSettings):
@@ -28,7 +28,8 @@ class TeacherSettings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared by front-ends and workers.")
     namespace: str = Field(
         "",
-        description="Redis key prefix; default derived from the model so one Redis serves several teachers.",
+        description="Redis key namespace (keys are pd:<namespace>:...); default derived from the model so one "
+        "Redis serves several teachers.",
     )
     grpc_host: str = Field("0.0.0.0", description="gRPC bind address.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one).")
@@ -36,7 +37,12 @@ class TeacherSettings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: pick a free one).")
     workers: int = Field(1, ge=0, le=64, description="In-process worker processes started by `serve`.")
     torch_threads: int = Field(0, ge=0, description="torch threads per worker (0: cores / workers).")
-    max_batch_tokens: int = Field(8192, ge=1, description="Token budget of one batch (padded B x S).")
+    max_batch_tokens: int = Field(
+        8192,
+        ge=1,
+        description="Padded token budget of one batch: requests x longest prompt + completion (B x S); "
+        "a single request must fit it alone.",
+    )
     max_batch_size: int = Field(64, ge=1, description="Most requests in one batch.")
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="Wait window to gather a batch after waking."
@@ -60,6 +66,16 @@ class TeacherSettings(BaseSettings):
     )
     max_message_mb: int = Field(256, ge=4, description="gRPC max send/receive message size (MiB).")
 
+    @classmethod
+    def in_process(cls, model: str, **overrides) -> TeacherSettings:
+        """Settings of an engine inside this process (`score`, the trainer's local teacher, tests, benchmarks):
+        the defaults above with `overrides` (field names), the environment ignored. The engine checks the
+        values it uses (backend, dtype, device, limits) when it is built."""
+        unknown = sorted(set(overrides) - set(cls.model_fields))
+        if unknown:
+            raise TypeError(f"unknown teacher settings {unknown}")
+        return cls.model_construct(model=model, **overrides)
+
     def limits(self) -> EngineLimits:
         return EngineLimits(
             max_top_k=self.max_top_k,
@@ -68,8 +84,15 @@ class TeacherSettings(BaseSettings):
             max_pending_per_job=self.max_pending_per_job,
         )
 
-    def key_prefix(self) -> str:
-        """`pd:<model>:` where <model> is the namespace or a readable slug + hash of the model id."""
+    def engine_spec(self) -> EngineSpec:
+        """The one description of the engine this teacher runs (what workers load and front-ends describe)."""
+        return EngineSpec(
+            model=self.model, backend=self.backend, dtype=self.dtype, device=self.device, limits=self.limits()
+        )
+
+    def key_namespace(self) -> str:
+        """`pd:<name>:`, the start of every Redis key of this teacher, where <name> is `namespace` or a
+        readable slug + hash of the model id."""
         if self.namespace:
             return f"pd:{self.namespace}:"
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1])[:40]
@@ -79,3 +102,8 @@ class TeacherSettings(BaseSettings):
     def grpc_options(self) -> list[tuple[str, int]]:
         n = self.max_message_mb * 1024 * 1024
         return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+
+
+def in_process_spec(model: str, **overrides) -> EngineSpec:
+    """The EngineSpec of an in-process engine over `model` (see `TeacherSettings.in_process`)."""
+    return TeacherSettings.in_process(model, **overrides).engine_spec()

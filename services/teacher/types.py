@@ -196,25 +196,40 @@ FLOP_DIM_FIELDS = ("n_layer", "d_attn", "layer_params", "head_params")
 
 @dataclass
 class ModelInfo:
-    """What a client needs to know about a teacher before sending work (mirrors `teacher.v1.ModelInfo`)."""
+    """What a client needs to know about a teacher before sending work (mirrors `teacher.v1.ModelInfo`).
+
+    Built by `modelinfo.build_model_info` from an `EngineSpec` (the limits come from the teacher's settings)
+    or decoded from the wire; it has no limits of its own.
+    """
 
     model_id: str
+    """Model folder or hub id the teacher loaded."""
     vocab_size: int
+    """Rows of the output embedding: valid token ids are [0, vocab_size)."""
     max_context: int
-    backend: str = "hf"
-    dtype: str = "float32"
-    max_top_k: int = 64
-    max_full_elements: int = 64 * 1024 * 1024
+    """Longest prompt + completion, in tokens."""
+    backend: str
+    """Scoring engine."""
+    dtype: str
+    """Weights dtype."""
+    device: str
+    """Device the engine runs on."""
+    max_top_k: int
+    """Largest accepted `top_k`."""
+    max_full_elements: int
+    """Memory guard: completion positions x vocab_size of a full-row request."""
+    max_batch_tokens: int
+    """Padded token budget of one batch (B x S); a single request must fit it alone."""
+    max_pending_per_job: int
+    """Requests one job may have queued before RESOURCE_EXHAUSTED."""
     supports_full: bool = True
+    """Whether the engine can return full vocabulary rows at all."""
     tokenizer_fingerprint: str = ""
-    max_batch_tokens: int = 8192
-    max_pending_per_job: int = 4096
+    """sha256 of the vocabulary and special tokens (see `modelinfo.tokenizer_fingerprint`)."""
     eos_token_id: int = -1
-    device: str = "cpu"
+    """End-of-sequence token id, or -1 if the tokenizer has none."""
     flop_dims: dict = field(default_factory=dict)
     """n_layer, d_attn, layer_params, head_params of the teacher (empty if unknown)."""
-    extra: dict = field(default_factory=dict)
-    """Not on the wire: backend-specific details for logs."""
 
     def to_pb(self) -> pb.ModelInfo:
         return pb.ModelInfo(

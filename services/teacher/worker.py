@@ -18,9 +18,10 @@ import time
 
 import redis
 
-from services.teacher.errors import DeadlineExceeded, Internal, TeacherError
+from services.teacher.errors import DeadlineExceeded, TeacherError
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.queue import Claimed, QueueConfig, ReplyStats, WorkerQueue, encode_err, encode_ok
+from services.teacher.settings import TeacherSettings
 from services.teacher.types import ScoreRequest
 
 log = logging.getLogger("prefix_distill.worker")
@@ -29,25 +30,12 @@ log = logging.getLogger("prefix_distill.worker")
 class Worker:
     """Serves one engine from the queue until `stop()`."""
 
-    def __init__(
-        self,
-        engine,
-        redis_url: str,
-        qcfg: QueueConfig,
-        *,
-        max_batch_tokens: int,
-        max_batch_size: int,
-        batch_wait_ms: float = 2.0,
-        worker_id: str | None = None,
-    ) -> None:
+    def __init__(self, engine, settings: TeacherSettings) -> None:
         self.engine = engine
-        self.redis_url = redis_url
-        self.qcfg = qcfg
-        self.queue = WorkerQueue(redis_url, qcfg)
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_ms / 1000.0
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.settings = settings
+        self.qcfg = QueueConfig.from_settings(settings)
+        self.queue = WorkerQueue(settings.redis_url, self.qcfg)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self._held: list[str] = []  # rids of the batch in hand (read by the lease thread)
         self._held_lock = threading.Lock()
@@ -65,15 +53,16 @@ class Worker:
         """Main loop: heartbeat, claim, score, answer; survives Redis outages by backing off."""
         lease = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
         lease.start()
-        log.info("worker %s serving %s", self.worker_id, self.qcfg.prefix)
+        log.info("worker %s serving %s", self.worker_id, self.qcfg.namespace)
+        s = self.settings
         backoff = 0.1
         while not self._stop.is_set():
             try:
                 self.queue.heartbeat(self.worker_id)
-                items = self.queue.claim(self.max_batch_tokens, self.max_batch_size)
+                items = self.queue.claim(s.max_batch_tokens, s.max_batch_size)
                 if not items:
-                    if self.queue.wait_for_work(0.25) and self.batch_wait_s:
-                        time.sleep(self.batch_wait_s)  # let a burst arrive: bigger batches
+                    if self.queue.wait_for_work(0.25) and s.batch_wait_ms:
+                        time.sleep(s.batch_wait_ms / 1000.0)  # let a burst arrive: bigger batches
                     continue
                 self._process(items)
                 backoff = 0.1
@@ -91,7 +80,7 @@ class Worker:
 
     def _lease_loop(self) -> None:
         """Extends the leases of the batch in hand every third of the visibility timeout; heartbeats too."""
-        q = WorkerQueue(self.redis_url, self.qcfg)
+        q = WorkerQueue(self.settings.redis_url, self.qcfg)
         period = max(0.05, min(self.qcfg.visibility_ms, self.qcfg.worker_ttl_ms) / 3000.0)
         while not self._stop.wait(period):
             with self._held_lock:
@@ -114,14 +103,8 @@ class Worker:
             retried: list[tuple[Claimed, ScoreRequest]] = []
             for it in items:
                 if it.deadline_ms and it.deadline_ms < now_ms:
-                    replies.append(
-                        (
-                            it,
-                            encode_err(
-                                it.rid, DeadlineExceeded("the request's deadline passed in the queue")
-                            ),
-                        )
-                    )
+                    late = DeadlineExceeded("the request's deadline passed in the queue")
+                    replies.append((it, encode_err(it.rid, late)))
                     continue
                 try:
                     req = ScoreRequest.from_pb(pb.ScoreRequest.FromString(it.payload))
@@ -168,34 +151,15 @@ class Worker:
         return out
 
 
-def run_worker(settings, *, ready: threading.Event | None = None) -> None:
+def run_worker(settings: TeacherSettings) -> None:
     """Entry point of one worker process: loads the engine, then serves until SIGTERM/SIGINT."""
     import torch
 
-    from services.teacher.engine import load_engine
+    from services.teacher.engine import build_engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
     torch.set_num_threads(threads)
-    engine = load_engine(
-        settings.model,
-        backend=settings.backend,
-        dtype=settings.dtype,
-        device=settings.device,
-        limits=settings.limits(),
-    )
-    worker = Worker(
-        engine,
-        settings.redis_url,
-        QueueConfig.from_settings(settings),
-        max_batch_tokens=settings.max_batch_tokens,
-        max_batch_size=settings.max_batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
-    )
+    worker = Worker(build_engine(settings.engine_spec()), settings)
     worker.install_signal_handlers()
-    if ready is not None:
-        ready.set()
     worker.run()
-
-
-__all__ = ["Internal", "Worker", "run_worker"]

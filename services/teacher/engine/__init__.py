@@ -1,29 +1,29 @@
-"""Scoring engines behind one interface (`Engine`). Today: `hf` (transformers). A `vllm` backend (top-k via
-vLLM's prompt_logprobs, no full rows) is on the roadmap and would plug in here; `ModelInfo.supports_full` and
-validation already cover an engine without full rows."""
+"""Scoring engines behind one interface (`Engine`), built from an `EngineSpec`. One backend today: `hf`
+(transformers)."""
 
 from __future__ import annotations
 
 from services.teacher.engine.base import Engine
-from services.teacher.modelinfo import EngineLimits
+from services.teacher.spec import EngineSpec
 
 BACKENDS = ("hf",)
 
 
-def load_engine(
-    model: str,
-    *,
-    backend: str = "hf",
-    dtype: str = "float32",
-    device: str = "cpu",
-    limits: EngineLimits | None = None,
-) -> Engine:
-    """Builds the engine for `backend` over `model` (a folder or hub id)."""
-    if backend == "hf":
+def build_engine(spec: EngineSpec) -> Engine:
+    """The engine `spec` describes (its backend over its model folder or hub id)."""
+    if spec.backend == "hf":
         from services.teacher.engine.hf import HFEngine
 
-        return HFEngine(model, dtype=dtype, device=device, limits=limits)
-    raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
+        return HFEngine(spec)
+    raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {spec.backend!r}.")
 
 
-__all__ = ["BACKENDS", "Engine", "EngineLimits", "load_engine"]
+def load_engine(model: str, **overrides) -> Engine:
+    """An in-process engine over `model`: the teacher's default settings with `overrides` (settings field
+    names, e.g. `dtype="bfloat16"`, `max_batch_tokens=64`); the environment is not read."""
+    from services.teacher.settings import in_process_spec
+
+    return build_engine(in_process_spec(model, **overrides))
+
+
+__all__ = ["BACKENDS", "Engine", "EngineSpec", "build_engine", "load_engine"]

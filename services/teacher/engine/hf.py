@@ -11,13 +11,16 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from services.teacher import codec
 from services.teacher.engine.base import Engine
-from services.teacher.modelinfo import EngineLimits, build_model_info
+from services.teacher.modelinfo import build_model_info
+from services.teacher.spec import EngineSpec
 from services.teacher.types import ScoreRequest, ScoreResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,36 +40,23 @@ def resolve_device(device: str) -> torch.device:
 class HFEngine(Engine):
     """Teacher engine over transformers (CPU or CUDA; float32, bfloat16 or float16 weights)."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "float32",
-        device: str = "cpu",
-        limits: EngineLimits | None = None,
-    ) -> None:
+    def __init__(self, spec: EngineSpec) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
-        self.device = resolve_device(device)
-        self.dtype = DTYPES[dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
+        if spec.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {spec.dtype!r}.")
+        self.device = resolve_device(spec.device)
+        self.dtype = DTYPES[spec.dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
+        self.model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=self.dtype).to(self.device).eval()
         self.decoder = self.model.get_decoder()
         self.lm_head = self.model.get_output_embeddings()
         cfg = self.model.config.get_text_config()
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
-        self.limits = limits or EngineLimits()
+        # ModelInfo names the device actually used ("auto" resolved).
         self.info = build_model_info(
-            model,
-            self.model.config,
-            self.tokenizer,
-            backend="hf",
-            dtype=dtype,
-            device=self.device.type,
-            limits=self.limits,
+            replace(spec, device=self.device.type), self.model.config, self.tokenizer
         )
         assert self.lm_head.weight.shape[0] == self.info.vocab_size, "lm_head rows must equal vocab_size"
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -83,6 +73,19 @@ class HFEngine(Engine):
     @torch.inference_mode()
     def forward(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         t0 = time.perf_counter()
+        scores = self._score_positions(self._scored_hidden(requests), requests)
+        results = self._results(requests, scores)
+        compute_ms = (time.perf_counter() - t0) * 1000.0
+        for res in results:
+            res.compute_ms = compute_ms
+        return results
+
+    def _scored_hidden(self, requests: Sequence[ScoreRequest]) -> torch.Tensor:
+        """Hidden states (N, H) of the N positions that predict completion tokens, from one padded pass.
+
+        Rows are right-padded into (B, S) with an attention mask and explicit position ids, so each row
+        computes exactly what it would alone.
+        """
         dev = self.device
         B = len(requests)
         lengths = [r.num_tokens for r in requests]
@@ -102,10 +105,14 @@ class HFEngine(Engine):
         ).last_hidden_state
 
         # Position p-1 predicts token p: completion token t of row i sits at P_i + t.
-        T = [r.completion_token_ids.size for r in requests]
-        rows = np.repeat(np.arange(B), T)
+        rows = np.repeat(np.arange(B), [r.completion_token_ids.size for r in requests])
         cols = np.concatenate([np.arange(r.prompt_token_ids.size - 1, r.num_tokens - 1) for r in requests])
-        hidden_NH = hidden_BSH[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)]
+        return hidden_BSH[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)]  # (N, H)
+
+    def _score_positions(self, hidden_NH: torch.Tensor, requests: Sequence[ScoreRequest]) -> _Scores:
+        """Token logprobs, top-k and (where asked) full rows of every scored position, in logit chunks."""
+        dev = self.device
+        T = [r.completion_token_ids.size for r in requests]
         targets_N = torch.from_numpy(np.concatenate([r.completion_token_ids for r in requests])).to(dev)
         temps_N = torch.from_numpy(
             np.repeat(np.array([r.temperature for r in requests], dtype=np.float32), T)
@@ -129,35 +136,51 @@ class HFEngine(Engine):
                 topk_lp_NK[s:e], topk_ids_NK[s:e] = vals, idx.to(torch.int32)
             if bool(want_full_N[s:e].any()):
                 full_rows[s] = logprobs_CV
+        return _Scores(
+            token_lp_N.cpu().numpy(), topk_ids_NK.cpu().numpy(), topk_lp_NK.cpu().numpy(), full_rows, chunk
+        )
 
-        token_lp = token_lp_N.cpu().numpy()
-        topk_ids, topk_lp = topk_ids_NK.cpu().numpy(), topk_lp_NK.cpu().numpy()
+    def _results(self, requests: Sequence[ScoreRequest], scores: _Scores) -> list[ScoreResult]:
+        """Cuts the flat (N, ...) scores into one result per request (full rows in their storage dtype)."""
         results = []
-        offset = 0
-        for r, t in zip(requests, T, strict=True):
+        offset, chunk = 0, scores.chunk
+        for r in requests:
+            t = r.completion_token_ids.size
             sl = slice(offset, offset + t)
             full = None
             if r.full:
                 pieces = [
-                    full_rows[s][max(offset, s) - s : min(offset + t, s + chunk) - s]
+                    scores.full_rows[s][max(offset, s) - s : min(offset + t, s + chunk) - s]
                     for s in range(offset // chunk * chunk, offset + t, chunk)
                 ]
                 full = codec.to_storage(torch.cat(pieces), r.full_dtype)
             results.append(
                 ScoreResult(
                     request_id=r.request_id,
-                    token_logprobs=token_lp[sl].copy(),
-                    top_k_ids=topk_ids[sl, : r.top_k].copy() if r.top_k else None,
-                    top_k_logprobs=topk_lp[sl, : r.top_k].copy() if r.top_k else None,
+                    token_logprobs=scores.token_lp_N[sl].copy(),
+                    top_k_ids=scores.topk_ids_NK[sl, : r.top_k].copy() if r.top_k else None,
+                    top_k_logprobs=scores.topk_lp_NK[sl, : r.top_k].copy() if r.top_k else None,
                     full_logprobs=full,
                     full_dtype=r.full_dtype,
                     compute_ms=0.0,
-                    batch_size=B,
+                    batch_size=len(requests),
                     worker_id=self.worker_id,
                 )
             )
             offset += t
-        compute_ms = (time.perf_counter() - t0) * 1000.0
-        for res in results:
-            res.compute_ms = compute_ms
         return results
+
+
+class _Scores(NamedTuple):
+    """The scores of all N positions of a batch, flat in request order."""
+
+    token_lp_N: np.ndarray
+    """(N,) float32 logprob of each completion token."""
+    topk_ids_NK: np.ndarray
+    """(N, K) int32, K the batch's largest top_k."""
+    topk_lp_NK: np.ndarray
+    """(N, K) float32."""
+    full_rows: dict[int, torch.Tensor]
+    """Chunk start offset -> (C, V) float32 logprob rows, only for chunks holding a full-row request."""
+    chunk: int
+    """Positions per logit chunk."""

@@ -1,0 +1,194 @@
+"""The Lua scripts of the Redis queue (`queue.py`, whose docstring describes the keys and the protocol).
+
+Every state change is one script, so it is atomic and works alike on Redis 6.2 and 7.x. ARGV[1] of every
+script is the key namespace (`pd:<name>:`), bound to `NS` by the shared prelude.
+"""
+
+from __future__ import annotations
+
+# Shared helpers, prepended to every script (see SCRIPTS). Times are Redis' own clock (ms), so workers on several machines
+# agree on visibility deadlines.
+_LUA_PRELUDE = """
+local NS = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function activate(job)
+  -- A job joins the round-robin at the current position: served after those already waiting.
+  if not redis.call('ZSCORE', NS .. 'jobs', job) then
+    local seq = tonumber(redis.call('GET', NS .. 'seq') or '0')
+    redis.call('ZADD', NS .. 'jobs', seq, job)
+  end
+end
+local function ring()
+  redis.call('LPUSH', NS .. 'bell', '1')
+  redis.call('LTRIM', NS .. 'bell', 0, 63)
+end
+local function give_up(rid, reply, attempts, last_error, ttl_ms)
+  -- Fails a request for good: an INTERNAL error envelope (see queue.encode_err) naming its last error.
+  local msg = 'request failed after ' .. attempts .. ' attempts; last error: ' .. (last_error or 'unknown')
+  redis.call('RPUSH', reply, rid .. '\\nerr\\nINTERNAL\\t\\t' .. msg)
+  redis.call('PEXPIRE', reply, ttl_ms)
+  redis.call('DEL', NS .. 'req:' .. rid)
+end
+"""
+
+# ARGV: namespace, rid, payload, job, tokens, reply, deadline_ms, max_pending, hash_ttl_ms
+_ENQUEUE = """
+local rid, job = ARGV[2], ARGV[4]
+local q = NS .. 'q:' .. job
+if redis.call('LLEN', q) >= tonumber(ARGV[8]) then return 0 end
+local key = NS .. 'req:' .. rid
+redis.call('HSET', key, 'payload', ARGV[3], 'job', job, 'tokens', ARGV[5], 'reply', ARGV[6],
+           'deadline', ARGV[7], 'attempts', 0, 'enq', now_ms())
+redis.call('PEXPIRE', key, tonumber(ARGV[9]))
+redis.call('RPUSH', q, rid)
+activate(job)
+ring()
+return 1
+"""
+
+# ARGV: namespace, budget_tokens, max_n, visibility_ms, max_tries, reply_ttl_ms
+# Returns a flat list: rid, payload, attempts, reply, deadline, waited_ms, ... for each claimed request.
+_CLAIM = """
+local budget, max_n, vis = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_tries, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local now = now_ms()
+-- 1. Reclaim leases that expired (their worker died or stalled): back to the head of their job's queue.
+local expired = redis.call('ZRANGEBYSCORE', NS .. 'inflight', '-inf', now, 'LIMIT', 0, 1000)
+for _, rid in ipairs(expired) do
+  redis.call('ZREM', NS .. 'inflight', rid)
+  local key = NS .. 'req:' .. rid
+  local job = redis.call('HGET', key, 'job')
+  if job then
+    redis.call('HSET', key, 'last_error', 'the worker holding it stopped responding (lease expired)')
+    redis.call('LPUSH', NS .. 'q:' .. job, rid)
+    activate(job)
+  end
+end
+-- 2. Round-robin across jobs, one request per job per round, within the padded token budget.
+local out, n, longest, full = {}, 0, 0, false
+while n < max_n and not full do
+  local jobs = redis.call('ZRANGE', NS .. 'jobs', 0, -1)
+  if #jobs == 0 then break end
+  local progressed = false
+  for _, job in ipairs(jobs) do
+    if n >= max_n then break end
+    local q = NS .. 'q:' .. job
+    local rid = redis.call('LINDEX', q, 0)
+    if not rid then
+      redis.call('ZREM', NS .. 'jobs', job)
+    else
+      local key = NS .. 'req:' .. rid
+      local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error', 'enq')
+      if not h[1] then
+        redis.call('LPOP', q)  -- its hash expired: nobody waits for it any more
+        progressed = true
+      else
+        local tok = tonumber(h[2])
+        local wide = math.max(longest, tok)
+        if n > 0 and wide * (n + 1) > budget then
+          full = true
+          break
+        end
+        redis.call('LPOP', q)
+        local attempts = tonumber(h[5]) + 1
+        if attempts > max_tries then
+          give_up(rid, h[3], max_tries, h[6], ttl)
+        else
+          redis.call('HSET', key, 'attempts', attempts)
+          redis.call('ZADD', NS .. 'inflight', now + vis, rid)
+          table.insert(out, rid)
+          table.insert(out, h[1])
+          table.insert(out, attempts)
+          table.insert(out, h[3])
+          table.insert(out, h[4])
+          table.insert(out, now - tonumber(h[7] or now))
+          n = n + 1
+          longest = wide
+        end
+        redis.call('ZADD', NS .. 'jobs', redis.call('INCR', NS .. 'seq'), job)
+        if redis.call('LLEN', q) == 0 then redis.call('ZREM', NS .. 'jobs', job) end
+        progressed = true
+      end
+    end
+  end
+  if not progressed then break end
+end
+return out
+"""
+
+# ARGV: namespace, rid, reply, envelope, reply_ttl_ms. Returns 1 if this answer was delivered, 0 if the request
+# had already been answered (a duplicate from a reclaimed lease) or had expired.
+_COMPLETE = """
+local rid = ARGV[2]
+local key = NS .. 'req:' .. rid
+local job = redis.call('HGET', key, 'job')
+if not job then return 0 end
+if redis.call('ZREM', NS .. 'inflight', rid) == 0 then
+  redis.call('LREM', NS .. 'q:' .. job, 1, rid)  -- it was reclaimed and requeued meanwhile
+  if redis.call('LLEN', NS .. 'q:' .. job) == 0 then redis.call('ZREM', NS .. 'jobs', job) end
+end
+redis.call('DEL', key)
+redis.call('RPUSH', ARGV[3], ARGV[4])
+redis.call('PEXPIRE', ARGV[3], tonumber(ARGV[5]))
+return 1
+"""
+
+# ARGV: namespace, rid, reason, max_tries, reply_ttl_ms. A worker hands a request back: requeued at the head of
+# its job's queue, or failed for good once it has used its attempts. Returns 1 requeued, 2 failed, 0 gone.
+_NACK = """
+local rid = ARGV[2]
+local key = NS .. 'req:' .. rid
+local h = redis.call('HMGET', key, 'job', 'reply', 'attempts')
+if not h[1] then return 0 end
+redis.call('ZREM', NS .. 'inflight', rid)
+local attempts = tonumber(h[3])
+if attempts >= tonumber(ARGV[4]) then
+  give_up(rid, h[2], attempts, ARGV[3], tonumber(ARGV[5]))
+  return 2
+end
+redis.call('HSET', key, 'last_error', ARGV[3])
+redis.call('LPUSH', NS .. 'q:' .. h[1], rid)
+activate(h[1])
+ring()
+return 1
+"""
+
+# ARGV: namespace, visibility_ms, rid... : pushes the leases of a batch still being computed.
+_EXTEND = """
+local dl = now_ms() + tonumber(ARGV[2])
+local n = 0
+for i = 3, #ARGV do
+  n = n + redis.call('ZADD', NS .. 'inflight', 'XX', 'CH', dl, ARGV[i])
+end
+return n
+"""
+
+# ARGV: namespace, worker_id, ttl_ms. Heartbeat: records this worker alive, forgets long-dead ones.
+_HEARTBEAT = """
+local now = now_ms()
+redis.call('ZADD', NS .. 'workers', now, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', NS .. 'workers', '-inf', now - 10 * tonumber(ARGV[3]))
+return now
+"""
+
+# ARGV: namespace, ttl_ms. Ids of the workers heard from within the TTL.
+_LIVE_WORKERS = """
+return redis.call('ZRANGEBYSCORE', NS .. 'workers', now_ms() - tonumber(ARGV[2]), '+inf')
+"""
+
+SCRIPTS = {
+    name: _LUA_PRELUDE + body
+    for name, body in (
+        ("enqueue", _ENQUEUE),
+        ("claim", _CLAIM),
+        ("complete", _COMPLETE),
+        ("nack", _NACK),
+        ("extend", _EXTEND),
+        ("heartbeat", _HEARTBEAT),
+        ("live_workers", _LIVE_WORKERS),
+    )
+}
+"""Script name -> full source (prelude + body), registered by both sides of the queue."""
