@@ -418,7 +418,7 @@ def test_a_teacher_restart_mid_run_is_survived(tiny_student, tiny_teacher, redis
             "eval.at_start=false",
             "eval.prompts=2",
             "tensorboard=false",
-            "teacher_retries=12",
+            "teacher_client.retries=12",
         )
         result: dict = {}
         runner = threading.Thread(target=lambda: result.update(summary=train(cfg)), daemon=True)

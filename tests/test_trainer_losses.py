@@ -219,10 +219,25 @@ def test_compute_loss_dispatch_and_needs():
     assert L.compute_loss("jsd_topk", s, sampled, tb, mask, beta=0.2).item() == pytest.approx(
         L.jsd_topk(s, ids, t.gather(-1, ids), mask, 0.2).item()
     )
-    assert [L.needs(n) for n in ("reverse_kl_sampled", "jsd_topk", "forward_kl_full")] == [
-        "token",
-        "topk",
-        "full",
+    assert L.compute_loss("reverse_kl_sampled", s, sampled, tb, mask).item() == pytest.approx(
+        L.reverse_kl_sampled(s[..., 0], tb.token_lp_BT, mask).item()
+    )
+    assert [L.LOSSES[n].need for n in ("reverse_kl_sampled", "jsd_topk", "forward_kl_full")] == [
+        L.Need.TOKEN,
+        L.Need.TOPK,
+        L.Need.FULL,
     ]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`loss` must be one of"):
         L.compute_loss("kl", s, sampled, tb, mask)
+
+
+def test_every_loss_of_the_table_is_zero_for_a_perfect_student_and_reduces():
+    t = rand_lp(2, 3, 6, seed=16)
+    ids = t.topk(6, -1).indices  # K = V: no tail bucket, so every row can be exactly zero
+    sampled = t.argmax(-1)
+    tb = L.TeacherBatch(t.gather(-1, sampled.unsqueeze(-1)).squeeze(-1), ids, t.gather(-1, ids), t)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    for name, row in L.LOSSES.items():
+        assert isinstance(row.need, L.Need) and row.help, name
+        assert L.compute_loss(name, t, sampled, tb, mask).item() == pytest.approx(0.0, abs=1e-6), name
+        assert L.compute_loss(name, t, sampled, tb, mask, reduction="none").shape == (2, 3), name

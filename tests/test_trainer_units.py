@@ -50,12 +50,43 @@ def test_config_yaml_nesting_and_overrides(tmp_path):
         (["dtype=float8"], "`dtype` must be one of"),
         (["stop_at_eos=maybe"], "`stop_at_eos` must be true or false"),
         (["nokey"], "must look like key=value"),
+        (["eval.top_k=0"], "`eval.top_k` must be >= 1, got 0."),
+        (["teacher_client.retries=-1"], "`teacher_client.retries` must be >= 0, got -1."),
+        (["teacher_client.max_in_flight=0"], "`teacher_client.max_in_flight` must be >= 1, got 0."),
+        (
+            ["teacher_client.retrys=1"],
+            "unknown key `teacher_client.retrys`; valid keys here: teacher_client.",
+        ),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, REQ + overrides)
     assert message in str(err.value)
+
+
+def test_teacher_client_section_is_the_clients_options_and_its_token_is_never_saved(monkeypatch, tmp_path):
+    from services.teacher.client import ClientOptions, TeacherClient
+    from trainer.config import config_from_dict
+    from trainer.losses import LOSSES
+
+    cfg = load_config(None, REQ + ["teacher_client.timeout_s=5", "teacher_client.token=s3cret"])
+    assert cfg.teacher_client == ClientOptions(timeout_s=5.0, token="s3cret")
+    # the defaults of the section are the client's own, and every loss of the table is a valid choice
+    defaults = {k: v for k, v, _ in describe() if k.startswith("teacher_client.")}
+    assert defaults["teacher_client.retries"] == str(ClientOptions().retries)
+    assert [load_config(None, REQ + [f"loss={name}"]).loss for name in LOSSES] == list(LOSSES)
+    saved = cfg.to_dict()
+    assert saved["teacher_client"]["token"] == "" and cfg.teacher_client.token == "s3cret"
+    assert config_from_dict(saved).teacher_client.timeout_s == 5.0
+    # the token falls back to the environment, and keyword overrides replace single fields
+    monkeypatch.setenv("PREFIX_DISTILL_TEACHER_TOKEN", "from-env")
+    client = TeacherClient("grpc://h:1", ClientOptions(retries=1), timeout_s=3)
+    assert (client.options.retries, client.options.timeout_s) == (1, 3)
+    assert client.metadata == (("authorization", "Bearer from-env"),)
+    assert TeacherClient("h:1", token="t").metadata == (("authorization", "Bearer t"),)
+    with pytest.raises(ValueError, match="`max_in_flight` must be >= 1"):
+        TeacherClient("h:1", max_in_flight=0)
 
 
 def test_config_requires_student_and_teacher_and_every_field_is_documented():
@@ -344,6 +375,7 @@ def test_teacher_io_resubmits_on_back_pressure_and_unavailable_but_not_on_bad_in
 
     from services.teacher.errors import InvalidRequest, QueueFull, Unavailable
     from services.teacher.types import ScoreRequest
+    from trainer.losses import Need
     from trainer.teacher_io import TeacherIO, check_teacher
 
     io = TeacherIO(f"inprocess:{tiny_teacher}")
@@ -366,6 +398,6 @@ def test_teacher_io_resubmits_on_back_pressure_and_unavailable_but_not_on_bad_in
             io.score([ScoreRequest(np.array([5]), np.array([7]), top_k=10_000)])
         # the compatibility check passes for a student sharing the tokenizer
         _, tok = student
-        check_teacher(io.model_info(), tok, 512, student="s", need="topk", top_k=8)
+        check_teacher(io.model_info(), tok, 512, student="s", need=Need.TOPK, top_k=8)
     finally:
         io.close()

@@ -1,49 +1,38 @@
 """The trainer's one configuration tree: dataclasses with a `help` on every field, ranges checked on construction.
 
 A run is described by a YAML file whose nesting mirrors the tree (`prefix: {schedule: linear, start: 8}`),
-then `--set key=value` overrides with dotted keys (`--set prefix.length=32`). Values of overrides are parsed
-as YAML scalars and then coerced to the field's type, so `--set lr=1e-4` is a float and `--set eval.every=0`
-an int. Unknown keys are an error that lists the valid ones: a typo must never be silently ignored.
+then `--set key=value` overrides with dotted keys (`--set prefix.length=32`); `trainer.configio` does the
+building, coercing and describing. The loss choices come from the loss table (`trainer.losses.LOSSES`), the
+`teacher_client` section is the client's own `ClientOptions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from services.teacher.client import ClientOptions
+from trainer import configio
+from trainer.configio import ConfigError, check
+from trainer.configio import documented as _f
+from trainer.losses import LOSSES
+
+__all__ = [
+    "ConfigError",
+    "EvalConfig",
+    "PrefixConfig",
+    "TrainConfig",
+    "apply_override",
+    "config_from_dict",
+    "describe",
+    "load_config",
+]
 
 SCHEDULES = ("full", "constant", "linear", "step")
-LOSSES = (
-    "reverse_kl_sampled",
-    "reverse_kl_topk",
-    "forward_kl_topk",
-    "jsd_topk",
-    "reverse_kl_full",
-    "forward_kl_full",
-)
 DTYPES = ("float32", "bfloat16")
 PROMPT_FORMATS = ("auto", "chat", "raw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type, or out of range; the message names the key."""
-
-
-def _f(default, help: str, **kw):
-    """A dataclass field with its documentation (read by `describe()` for the config reference)."""
-    if isinstance(default, type) and dataclasses.is_dataclass(default):
-        return field(default_factory=default, metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"`{key}` {message}")
 
 
 @dataclass
@@ -64,24 +53,24 @@ class PrefixConfig:
     stages: int = _f(4, "Number of constant stages of the `step` schedule (>= 2).")
 
     def validate(self, max_new_tokens: int) -> None:
-        _check(
+        check(
             self.schedule in SCHEDULES,
             "prefix.schedule",
             f"must be one of {list(SCHEDULES)}, got {self.schedule!r}.",
         )
         # Bounds that involve max_new_tokens only bind the schedule that uses the field, so the defaults of
         # unused fields never get in the way of a short max_new_tokens.
-        _check(self.length >= 1, "prefix.length", f"must be >= 1, got {self.length}.")
+        check(self.length >= 1, "prefix.length", f"must be >= 1, got {self.length}.")
         if self.schedule == "constant":
-            _check(
+            check(
                 self.length <= max_new_tokens,
                 "prefix.length",
                 f"must be in [1, max_new_tokens={max_new_tokens}], got {self.length}.",
             )
-        _check(self.start >= 1, "prefix.start", f"must be >= 1, got {self.start}.")
-        _check(self.stages >= 2, "prefix.stages", f"must be >= 2, got {self.stages}.")
+        check(self.start >= 1, "prefix.start", f"must be >= 1, got {self.start}.")
+        check(self.stages >= 2, "prefix.stages", f"must be >= 2, got {self.stages}.")
         if self.schedule in ("linear", "step"):
-            _check(
+            check(
                 self.start <= self.end <= max_new_tokens,
                 "prefix.end",
                 f"must be in [prefix.start={self.start}, max_new_tokens={max_new_tokens}], got {self.end}.",
@@ -99,7 +88,7 @@ class EvalConfig:
         "or a source (a JSONL path or builtin:NAME, whose held-out split is used).",
     )
     limit: int = _f(0, "At most this many prompts from a source given in eval.prompts (0: all).")
-    max_new_tokens: int = _f(64, "Length of the greedy evaluation answers (>= 1).")
+    max_new_tokens: int = _f(64, "Length of the greedy evaluation answers, in tokens (>= 1).")
     batch_size: int = _f(8, "Prompts per evaluation generation batch (>= 1).")
     head_tokens: int = _f(
         16,
@@ -115,18 +104,25 @@ class EvalConfig:
         True, "Also evaluate before the first step (the 'before' figures of the run summary)."
     )
     samples: int = _f(3, "Sample answers kept in the run summary and in samples.jsonl (>= 0).")
+    top_k: int = _f(
+        64,
+        "Teacher top-k of the evaluation KL when full rows are not used (eval.full_rows false, or a teacher "
+        "that cannot return them): KL over these k tokens plus a tail bucket, a lower bound (>= 1; capped "
+        "by the teacher's max_top_k and the vocabulary).",
+    )
 
     def validate(self) -> None:
-        _check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}.")
+        check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}.")
         if isinstance(self.prompts, int):
-            _check(self.prompts >= 1, "eval.prompts", f"must be >= 1 or a source, got {self.prompts}.")
+            check(self.prompts >= 1, "eval.prompts", f"must be >= 1 or a source, got {self.prompts}.")
         else:
-            _check(bool(self.prompts), "eval.prompts", "must be a count or a source, got ''.")
-        _check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}.")
-        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}.")
-        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}.")
-        _check(self.head_tokens >= 1, "eval.head_tokens", f"must be >= 1, got {self.head_tokens}.")
-        _check(self.samples >= 0, "eval.samples", f"must be >= 0, got {self.samples}.")
+            check(bool(self.prompts), "eval.prompts", "must be a count or a source, got ''.")
+        check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}.")
+        check(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}.")
+        check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}.")
+        check(self.head_tokens >= 1, "eval.head_tokens", f"must be >= 1, got {self.head_tokens}.")
+        check(self.samples >= 0, "eval.samples", f"must be >= 0, got {self.samples}.")
+        check(self.top_k >= 1, "eval.top_k", f"must be >= 1, got {self.top_k}.")
 
 
 @dataclass
@@ -166,17 +162,20 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay (>= 0).")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).")
     max_new_tokens: int = _f(
-        64, "Full response length: L of the `full` schedule and the cap of every schedule."
+        64,
+        "Full response length in tokens: L of the `full` schedule and the cap of every prefix schedule "
+        "(a rollout runs for the step's prefix length L <= max_new_tokens, or to EOS).",
     )
     stop_at_eos: bool = _f(True, "Stop a rollout at the student's EOS token (false: always run L tokens).")
     prefix: PrefixConfig = _f(PrefixConfig, "Prefix schedule (nested: prefix: {schedule: ..., length: ...}).")
     loss: str = _f(
         "reverse_kl_sampled",
-        "reverse_kl_sampled | reverse_kl_topk | forward_kl_topk | jsd_topk | "
-        "reverse_kl_full | forward_kl_full.",
+        "Distillation loss, a row of trainer/losses.py LOSSES: "
+        + "; ".join(f"{name} ({row.help}, teacher sends: {row.need.value})" for name, row in LOSSES.items())
+        + ".",
     )
     jsd_beta: float = _f(0.5, "beta of jsd_topk: 0 is forward KL, 1 reverse KL, 0.5 the symmetric JSD.")
-    top_k: int = _f(16, "Teacher top-k per position for the *_topk losses (>= 1).")
+    top_k: int = _f(16, "Teacher top-k per position for the losses that need the top-k (*_topk) (>= 1).")
     temperature: float = _f(1.0, "Student sampling temperature (> 0).")
     teacher_temperature: float = _f(1.0, "Temperature at which the teacher scores (> 0).")
     eval: EvalConfig = _f(EvalConfig, "Evaluation (nested: eval: {every: ..., prompts: ...}).")
@@ -193,248 +192,100 @@ class TrainConfig:
     )
     device: str = _f("auto", "auto | cpu | cuda (under torchrun: this rank's GPU).")
     max_prompt_tokens: int = _f(512, "Prompts longer than this are skipped with a warning (>= 1).")
-    teacher_max_in_flight: int = _f(64, "Requests in flight to the teacher per rank (>= 1).")
-    teacher_timeout_s: float = _f(120.0, "Deadline of one teacher request in seconds (> 0).")
-    teacher_retries: int = _f(8, "Retries of a request on UNAVAILABLE (a teacher restart) (>= 0).")
-    teacher_token: str = _f("", "Bearer token for the teacher (default: $PREFIX_DISTILL_TEACHER_TOKEN).")
+    teacher_client: ClientOptions = _f(
+        ClientOptions, "How the trainer talks to the teacher (nested: teacher_client: {max_in_flight: ...})."
+    )
     progress_bar: bool = _f(True, "Show a rich progress bar on rank 0.")
     tensorboard: bool = _f(True, "Write TensorBoard events to output_dir/tensorboard.")
 
     def __post_init__(self) -> None:
-        if isinstance(self.prefix, dict):
-            self.prefix = _build(PrefixConfig, self.prefix, "prefix.")
-        if isinstance(self.eval, dict):
-            self.eval = _build(EvalConfig, self.eval, "eval.")
+        configio.build_sections(self)
         self.validate()
 
     def validate(self) -> None:
-        _check(bool(self.student), "student", "is required: a model folder or hub id.")
-        _check(bool(self.teacher), "teacher", "is required: grpc://host:port, host:port or inprocess:MODEL.")
-        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}.")
-        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}.")
-        _check(
+        check(bool(self.student), "student", "is required: a model folder or hub id.")
+        check(bool(self.teacher), "teacher", "is required: grpc://host:port, host:port or inprocess:MODEL.")
+        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}.")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}.")
+        check(
             self.samples_per_prompt >= 1,
             "samples_per_prompt",
             f"must be >= 1, got {self.samples_per_prompt}.",
         )
-        _check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}.")
-        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}.")
-        _check(
+        check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}.")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}.")
+        check(
             self.lr_schedule in LR_SCHEDULES,
             "lr_schedule",
             f"must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}.",
         )
-        _check(
+        check(
             0 <= self.warmup_steps <= self.steps,
             "warmup_steps",
             f"must be in [0, steps], got {self.warmup_steps}.",
         )
-        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}.")
-        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}.")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}.")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}.")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}.")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}.")
         self.prefix.validate(self.max_new_tokens)
-        _check(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES)}, got {self.loss!r}.")
-        _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", f"must be in [0, 1], got {self.jsd_beta}.")
-        _check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}.")
-        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}.")
-        _check(
+        check(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES)}, got {self.loss!r}.")
+        check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", f"must be in [0, 1], got {self.jsd_beta}.")
+        check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}.")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}.")
+        check(
             self.teacher_temperature > 0,
             "teacher_temperature",
             f"must be > 0, got {self.teacher_temperature}.",
         )
         self.eval.validate()
-        _check(bool(self.output_dir), "output_dir", "must be a folder path.")
-        _check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}.")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}.")
-        _check(self.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}.")
-        _check(
+        check(bool(self.output_dir), "output_dir", "must be a folder path.")
+        check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}.")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}.")
+        check(self.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}.")
+        check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device",
             f"must be auto, cpu or cuda, got {self.device!r}.",
         )
-        _check(
+        check(
             self.prompt_format in PROMPT_FORMATS,
             "prompt_format",
             f"must be one of {list(PROMPT_FORMATS)}, got {self.prompt_format!r}.",
         )
-        _check(
+        check(
             self.max_prompt_tokens >= 1, "max_prompt_tokens", f"must be >= 1, got {self.max_prompt_tokens}."
         )
-        _check(
-            self.teacher_max_in_flight >= 1,
-            "teacher_max_in_flight",
-            f"must be >= 1, got {self.teacher_max_in_flight}.",
-        )
-        _check(self.teacher_timeout_s > 0, "teacher_timeout_s", f"must be > 0, got {self.teacher_timeout_s}.")
-        _check(self.teacher_retries >= 0, "teacher_retries", f"must be >= 0, got {self.teacher_retries}.")
 
     @property
     def run_job_id(self) -> str:
         """The job id actually sent: `job_id`, else the run folder's name."""
         return self.job_id or Path(self.output_dir).resolve().name
 
-    @property
-    def resolved_teacher_token(self) -> str | None:
-        return self.teacher_token or os.environ.get("PREFIX_DISTILL_TEACHER_TOKEN") or None
-
     def to_dict(self) -> dict:
-        """Plain nested dict (YAML-safe) of every field; `teacher_token` is never written out."""
+        """Plain nested dict (YAML-safe) of every field; the teacher token is never written out."""
         d = dataclasses.asdict(self)
-        d["teacher_token"] = ""
+        d["teacher_client"]["token"] = ""
         return d
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building from YAML and overrides
-
-
-def _field_types(cls) -> dict[str, typing.Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value, tp, key: str):
-    """`value` (from YAML) as type `tp`; ConfigError naming `key` when it does not fit."""
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(
-                f"`{key}` must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
-                f"got {value!r}."
-            )
-        return value
-    args = typing.get_args(tp)
-    if args:  # a union such as int | str: the first member that accepts the value exactly
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"`{key}` must be an integer or a string, got {value!r}.")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"`{key}` must be true or false, got {value!r}.")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"`{key}` must be a number, got {value!r}.")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"`{key}` must be a number, got {value!r}.") from None
-    if tp is str:
-        if value is None:
-            return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"`{key}` must be a string, got {value!r}.")
-        return str(value)
-    raise AssertionError(f"unhandled field type {tp} of {key}")
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    """An instance of dataclass `cls` from a nested dict, with types coerced and unknown keys refused."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping, got {data!r}.")
-    types = _field_types(cls)
-    unknown = sorted(set(data) - set(types))
-    if unknown:
-        raise ConfigError(
-            f"unknown key `{prefix}{unknown[0]}`; valid keys here: "
-            f"{', '.join(prefix + k for k in sorted(types))}."
-        )
-    kwargs = {}
-    for name, value in data.items():
-        tp = types[name]
-        value = _coerce(value, tp, prefix + name)
-        if dataclasses.is_dataclass(tp):
-            value = _build(tp, value, prefix + name + ".")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def apply_override(data: dict, assignment: str) -> None:
-    """Applies one `key=value` (dotted key, YAML scalar value) to the nested dict `data` in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key=value (e.g. prefix.length=32).")
-    key, raw = assignment.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {assignment!r} has an empty key.")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    parts = key.split(".")
-    cls = TrainConfig
-    node = data
-    for i, part in enumerate(parts):
-        types = _field_types(cls)
-        dotted = ".".join(parts[: i + 1])
-        if part not in types:
-            prefix = ".".join(parts[:i]) + ("." if i else "")
-            raise ConfigError(
-                f"unknown key `{dotted}`; valid keys here: {', '.join(prefix + k for k in sorted(types))}."
-            )
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(types[part]):
-                raise ConfigError(
-                    f"`{dotted}` is a section; set one of its keys, e.g. {dotted}."
-                    f"{dataclasses.fields(types[part])[0].name}=..."
-                )
-            node[part] = value
-        else:
-            if not dataclasses.is_dataclass(types[part]):
-                raise ConfigError(f"`{dotted}` is not a section; use {dotted}=value.")
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"`{dotted}` must be a mapping.")
-            cls = types[part]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """TrainConfig from a YAML file (optional) plus `key=value` overrides, validated."""
-    data: dict = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}.") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}.")
+    data = configio.read_yaml(path) if path is not None else {}
     for assignment in overrides:
         apply_override(data, assignment)
-    return _build(TrainConfig, data)
+    return configio.build(TrainConfig, data)
 
 
 def config_from_dict(data: dict) -> TrainConfig:
     """TrainConfig from a nested dict (e.g. a saved config.yaml), validated."""
-    return _build(TrainConfig, dict(data))
+    return configio.build(TrainConfig, dict(data))
 
 
-def describe(cls=TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+def apply_override(data: dict, assignment: str) -> None:
+    """Applies one `key=value` (dotted key, YAML scalar value) to the nested dict `data` of a TrainConfig."""
+    configio.apply_override(data, assignment, TrainConfig)
+
+
+def describe() -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every field, sections flattened: the configuration reference."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        tp = _field_types(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, prefix + f.name + "."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(
-            (prefix + f.name, repr(default) if isinstance(default, str) else str(default), f.metadata["help"])
-        )
-    return rows
+    return configio.describe(TrainConfig)

@@ -1,10 +1,10 @@
 """Held-out evaluation: greedy full-length answers, exact-match accuracy and per-token reverse KL to the teacher.
 
 The KL is measured on the student's own greedy answers (the distribution it will actually produce), position by
-position: KL(p_S(. | prompt, a_<t) || p_T(. | prompt, a_<t)), exact over full vocabulary rows (or bucketed over
-the teacher's top-k with a tail when full rows are unavailable: then a lower bound). Positions t < head_tokens
-form the head (eval/kl_head), the rest the tail (eval/kl_tail): prefix-only training shows up as a head that
-improves faster than the tail.
+position: KL(p_S(. | prompt, a_<t) || p_T(. | prompt, a_<t)), with the loss table's reverse KL: exact over full
+vocabulary rows, or bucketed over the teacher's top-k with a tail when full rows are unavailable (then a lower
+bound). Positions t < head_tokens form the head (eval/kl_head), the rest the tail (eval/kl_tail): prefix-only
+training shows up as a head that improves faster than the tail.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.losses import bucket_topk, kl_divergence
-from trainer.sampling import generate, student_logprobs
+from trainer.losses import LOSSES, Need, TeacherBatch, compute_loss
+from trainer.sampling import Rollouts, generate, student_logprobs
 from trainer.tasks import Example, is_correct
 from trainer.teacher_io import TeacherIO, build_requests, to_teacher_batch
+
+# The evaluation KL: the loss table's reverse KL on what the teacher sends (full rows, else its top-k).
+EVAL_KL = {Need.FULL: "reverse_kl_full", Need.TOPK: "reverse_kl_topk"}
+assert all(LOSSES[name].need == need for need, name in EVAL_KL.items())
 
 
 @dataclass
@@ -26,6 +30,70 @@ class EvalResult:
     """eval/accuracy (when answers exist), eval/kl, eval/kl_head, eval/kl_tail, eval/response_tokens, ..."""
     samples: list[dict] = field(default_factory=list)
     """The first few prompts with the student's answer and whether it is correct."""
+
+
+@dataclass
+class _Tally:
+    """Running sums of an evaluation, batch by batch."""
+
+    kl_sum: dict[str, float] = field(default_factory=lambda: {"head": 0.0, "tail": 0.0})
+    kl_count: dict[str, int] = field(default_factory=lambda: {"head": 0, "tail": 0})
+    correct: int = 0
+    answered: int = 0
+    eos_hits: int = 0
+    tokens: int = 0
+    samples: list[dict] = field(default_factory=list)
+
+    def add_kl(self, kl_BT: torch.Tensor, mask_BT: torch.Tensor, head_tokens: int) -> None:
+        """Per-token KL (B, T) of a batch, split at `head_tokens` into head and tail."""
+        head_BT = torch.zeros_like(mask_BT)
+        head_BT[:, :head_tokens] = 1.0
+        for part, m in (("head", mask_BT * head_BT), ("tail", mask_BT * (1 - head_BT))):
+            self.kl_sum[part] += float((kl_BT * m).sum())
+            self.kl_count[part] += int(m.sum())
+
+    def add_answers(self, ro: Rollouts, examples: list[Example], tokenizer, n_samples: int) -> None:
+        """The batch's greedy answers (row j of `ro` answers `examples[j]`): length, EOS, correctness, samples."""
+        eos = tokenizer.eos_token_id
+        for j, ex in enumerate(examples):
+            comp = ro.completion(j)
+            self.tokens += len(comp)
+            self.eos_hits += int(eos is not None and len(comp) > 0 and comp[-1] == eos)
+            text = tokenizer.decode(comp, skip_special_tokens=True)
+            ok = None
+            if ex.answer is not None:
+                ok = is_correct(text, ex.answer)
+                self.answered += 1
+                self.correct += int(ok)
+            if len(self.samples) < n_samples:
+                self.samples.append(
+                    {"prompt": ex.prompt, "answer": ex.answer, "response": text, "correct": ok}
+                )
+
+    def metrics(self, n_prompts: int) -> dict[str, float]:
+        n = max(1, n_prompts)
+        out = {
+            "eval/kl": sum(self.kl_sum.values()) / max(1, sum(self.kl_count.values())),
+            "eval/kl_head": self.kl_sum["head"] / max(1, self.kl_count["head"]),
+            "eval/response_tokens": self.tokens / n,
+            "eval/eos_rate": self.eos_hits / n,
+            "eval/prompts": float(n_prompts),
+        }
+        if self.kl_count["tail"]:  # absent when every answer ended within the head
+            out["eval/kl_tail"] = self.kl_sum["tail"] / self.kl_count["tail"]
+        if self.answered:
+            out["eval/accuracy"] = self.correct / self.answered
+        return out
+
+
+def _reverse_kl_BT(
+    model, ro: Rollouts, tb: TeacherBatch, need: Need, autocast_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token KL(student || teacher) (B, T), mask (B, T)) of a batch of answers."""
+    s_lp_BTV = student_logprobs(model, ro, autocast_dtype=autocast_dtype)
+    mask_BT = ro.mask_BT.to(s_lp_BTV.device)
+    ids_BT = ro.ids_BT.to(s_lp_BTV.device)
+    return compute_loss(EVAL_KL[need], s_lp_BTV, ids_BT, tb, mask_BT, reduction="none"), mask_BT
 
 
 @torch.no_grad()
@@ -40,96 +108,47 @@ def evaluate(
     batch_size: int,
     head_tokens: int,
     full_rows: bool,
+    top_k: int,
     vocab: int,
     job_id: str,
     teacher_temperature: float = 1.0,
-    max_top_k: int = 64,
     n_samples: int = 3,
     autocast_dtype: torch.dtype | None = None,
 ) -> EvalResult:
-    """Evaluates `model` on `examples` (prompt ids already rendered) against `teacher`."""
+    """Evaluates `model` on `examples` (prompt ids already rendered) against `teacher`: answers of up to
+    `max_new_tokens` tokens, KL over full rows when `full_rows`, else over the teacher's `top_k` and a tail."""
     t0 = time.perf_counter()
-    need = "full" if full_rows else "topk"
+    need = Need.FULL if full_rows else Need.TOPK
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     device = next(model.parameters()).device
-    sums = {"head": 0.0, "tail": 0.0}
-    counts = {"head": 0, "tail": 0}
-    correct = answered = eos_hits = tokens = 0
-    samples: list[dict] = []
+    tally = _Tally()
+
+    def generate_and_submit(rows: range):
+        ro = generate(
+            model,
+            [prompt_ids[i] for i in rows],
+            max_new_tokens,
+            eos_id=eos,
+            pad_id=pad,
+            temperature=0.0,
+            autocast_dtype=autocast_dtype,
+        )
+        reqs = build_requests(ro, need=need, job_id=job_id, top_k=top_k, temperature=teacher_temperature)
+        return rows, ro, teacher.submit(reqs)
 
     batches = [range(s, min(len(examples), s + batch_size)) for s in range(0, len(examples), batch_size)]
     pending = None  # (rows, rollouts, future) of the batch being scored while the next one is generated
     for k in range(len(batches) + 1):
-        current = None
-        if k < len(batches):
-            rows = batches[k]
-            ro = generate(
-                model,
-                [prompt_ids[i] for i in rows],
-                max_new_tokens,
-                eos_id=eos,
-                pad_id=pad,
-                temperature=0.0,
-                autocast_dtype=autocast_dtype,
-            )
-            reqs = build_requests(
-                ro,
-                need=need,
-                job_id=job_id,
-                id_prefix=f"{job_id}:eval:{k}",
-                top_k=max_top_k,
-                temperature=teacher_temperature,
-            )
-            current = (rows, ro, teacher.submit(reqs))
+        current = generate_and_submit(batches[k]) if k < len(batches) else None
         if pending is not None:
             rows, ro, fut = pending
             tb = to_teacher_batch(fut.result(), ro.ids_BT.shape[1], device, need, vocab)
-            s_lp = student_logprobs(model, ro, autocast_dtype=autocast_dtype)
-            if need == "full":
-                kl_BT = kl_divergence(s_lp, tb.full_lp_BTV)
-            else:
-                s_b, t_b = bucket_topk(s_lp, tb.topk_ids_BTK, tb.topk_lp_BTK)
-                kl_BT = kl_divergence(s_b, t_b)
-            mask = ro.mask_BT.to(device)
-            head = torch.zeros_like(mask)
-            head[:, :head_tokens] = 1.0
-            for part, m in (("head", mask * head), ("tail", mask * (1 - head))):
-                sums[part] += float((kl_BT * m).sum())
-                counts[part] += int(m.sum())
-            for j, i in enumerate(rows):
-                comp = ro.completion(j)
-                tokens += len(comp)
-                eos_hits += int(eos is not None and len(comp) > 0 and comp[-1] == eos)
-                text = tokenizer.decode(comp, skip_special_tokens=True)
-                ok = None
-                if examples[i].answer is not None:
-                    ok = is_correct(text, examples[i].answer)
-                    answered += 1
-                    correct += int(ok)
-                if len(samples) < n_samples:
-                    samples.append(
-                        {
-                            "prompt": examples[i].prompt,
-                            "answer": examples[i].answer,
-                            "response": text,
-                            "correct": ok,
-                        }
-                    )
+            kl_BT, mask_BT = _reverse_kl_BT(model, ro, tb, need, autocast_dtype)
+            tally.add_kl(kl_BT, mask_BT, head_tokens)
+            tally.add_answers(ro, [examples[i] for i in rows], tokenizer, n_samples)
         pending = current
 
-    n = max(1, len(examples))
-    total = sums["head"] + sums["tail"]
-    metrics = {
-        "eval/kl": total / max(1, counts["head"] + counts["tail"]),
-        "eval/kl_head": sums["head"] / max(1, counts["head"]),
-        "eval/response_tokens": tokens / n,
-        "eval/eos_rate": eos_hits / n,
-        "eval/prompts": float(len(examples)),
-        "eval/seconds": time.perf_counter() - t0,
-    }
-    if counts["tail"]:  # absent when every answer ended within the head
-        metrics["eval/kl_tail"] = sums["tail"] / counts["tail"]
-    if answered:
-        metrics["eval/accuracy"] = correct / answered
-    return EvalResult(metrics, samples)
+    metrics = tally.metrics(len(examples))
+    metrics["eval/seconds"] = time.perf_counter() - t0
+    return EvalResult(metrics, tally.samples)

@@ -107,12 +107,13 @@ class StepFlops:
             self.sampling + other.sampling, self.training + other.training, self.teacher + other.teacher
         )
 
-    def as_metrics(self, prefix: str = "flops/") -> dict[str, float]:
+    def as_metrics(self, namespace: str = "flops/") -> dict[str, float]:
+        """The counts as metrics named `namespace` + component (e.g. flops/sampling, flops/cum_total)."""
         return {
-            f"{prefix}sampling": float(self.sampling),
-            f"{prefix}training": float(self.training),
-            f"{prefix}teacher": float(self.teacher),
-            f"{prefix}total": float(self.total),
+            f"{namespace}sampling": float(self.sampling),
+            f"{namespace}training": float(self.training),
+            f"{namespace}teacher": float(self.teacher),
+            f"{namespace}total": float(self.total),
         }
 
 

@@ -18,11 +18,18 @@ returns the masked per-token losses (B, T).
 - `jsd_topk`: generalized JSD(beta) of TRL's GKD: beta * KL(T || M) + (1 - beta) * KL(S || M) with
   M = beta * T + (1 - beta) * S; beta = 0 is forward KL(T || S), beta = 1 reverse KL(S || T).
 - `*_full`: exact KL over the full vocabulary rows.
+
+`LOSSES` at the end is the one table of the config's `loss` choices: each row names what the loss needs from
+the teacher (`Need`: the sampled token's log-probability, the top-k, or full rows) and a small adapter from
+`LossInputs` to its pure function. A new loss is one row (plus a `LossInputs` field or a `Need` if it reads
+something new); the config, the requests and the evaluation read the table.
 """
 
 from __future__ import annotations
 
+import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -131,34 +138,36 @@ def sampled_kl_estimate(
 
 
 def reverse_kl_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, reduction="mean"):
-    """KL(student || teacher) over the teacher's top-k plus a tail bucket."""
-    s, t = bucket_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK)
-    t = _neutral_where_masked(t, s, mask_BT)
-    return masked_reduce(kl_divergence(s, t), mask_BT, reduction)
+    """KL(student || teacher) over the teacher's top-k plus a tail bucket: `jsd_topk` at beta = 1.
+
+    Shapes: student (B, T, V), top-k ids and teacher log-probabilities (B, T, K), mask (B, T)."""
+    return jsd_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, 1.0, reduction)
 
 
 def forward_kl_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, reduction="mean"):
-    """KL(teacher || student) over the teacher's top-k plus a tail bucket."""
-    s, t = bucket_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK)
-    t = _neutral_where_masked(t, s, mask_BT)
-    return masked_reduce(kl_divergence(t, s), mask_BT, reduction)
+    """KL(teacher || student) over the teacher's top-k plus a tail bucket: `jsd_topk` at beta = 0.
+
+    Shapes: student (B, T, V), top-k ids and teacher log-probabilities (B, T, K), mask (B, T)."""
+    return jsd_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, 0.0, reduction)
 
 
 def jsd_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, beta=0.5, reduction="mean"):
-    """Generalized JSD(beta) over the teacher's top-k plus a tail bucket."""
+    """Generalized JSD(beta) over the teacher's top-k plus a tail bucket.
+
+    Shapes: student (B, T, V), top-k ids and teacher log-probabilities (B, T, K), mask (B, T)."""
     s, t = bucket_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK)
     t = _neutral_where_masked(t, s, mask_BT)
     return masked_reduce(generalized_jsd(s, t, beta), mask_BT, reduction)
 
 
 def reverse_kl_full(student_lp_BTV, teacher_lp_BTV, mask_BT, reduction="mean"):
-    """Exact KL(student || teacher) over full vocabulary rows (B, T, V)."""
+    """Exact KL(student || teacher) over full vocabulary rows (B, T, V); mask (B, T)."""
     t = _neutral_where_masked(teacher_lp_BTV, student_lp_BTV, mask_BT)
     return masked_reduce(kl_divergence(student_lp_BTV, t), mask_BT, reduction)
 
 
 def forward_kl_full(student_lp_BTV, teacher_lp_BTV, mask_BT, reduction="mean"):
-    """Exact KL(teacher || student) over full vocabulary rows (B, T, V)."""
+    """Exact KL(teacher || student) over full vocabulary rows (B, T, V); mask (B, T)."""
     t = _neutral_where_masked(teacher_lp_BTV, student_lp_BTV, mask_BT)
     return masked_reduce(kl_divergence(t, student_lp_BTV), mask_BT, reduction)
 
@@ -168,20 +177,108 @@ class TeacherBatch:
     """The teacher's scores of a micro-batch, padded to (B, T[, K | V]) on the student's device."""
 
     token_lp_BT: torch.Tensor
+    """(B, T) the teacher's log-probability of each sampled token (always present)."""
     topk_ids_BTK: torch.Tensor | None = None
+    """(B, T, K) the teacher's top-k token ids (Need.TOPK)."""
     topk_lp_BTK: torch.Tensor | None = None
+    """(B, T, K) their log-probabilities (Need.TOPK)."""
     full_lp_BTV: torch.Tensor | None = None
+    """(B, T, V) full vocabulary rows (Need.FULL)."""
 
 
-def needs(loss: str) -> str:
-    """What a loss needs from the teacher: "token" (sampled-token logprobs), "topk" or "full"."""
-    if loss == "reverse_kl_sampled":
-        return "token"
-    if loss.endswith("_topk"):
-        return "topk"
-    if loss.endswith("_full"):
-        return "full"
-    raise ValueError(f"unknown loss {loss!r}")
+class Need(str, enum.Enum):
+    """What a loss needs from the teacher at each scored position (it sets what the requests ask for)."""
+
+    TOKEN = "token"
+    """The log-probability of the sampled token only (every request returns it)."""
+    TOPK = "topk"
+    """Also the teacher's top-k ids and log-probabilities (`top_k` of the config)."""
+    FULL = "full"
+    """Also the whole vocabulary row (within the teacher's memory guard)."""
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Everything a loss of the table may read; a new kind of loss adds a field here and a row below."""
+
+    student_lp_BTV: torch.Tensor
+    """(B, T, V) the student's log-probabilities at the rollout positions, with gradient."""
+    sampled_ids_BT: torch.Tensor
+    """(B, T) int64 the sampled token ids."""
+    teacher: TeacherBatch
+    mask_BT: torch.Tensor
+    """(B, T) 1.0 where a position is trained."""
+    beta: float = 0.5
+    """beta of the generalized JSD (config `jsd_beta`)."""
+
+    @property
+    def student_token_lp_BT(self) -> torch.Tensor:
+        """(B, T) the student's log-probability of each sampled token."""
+        return self.student_lp_BTV.gather(-1, self.sampled_ids_BT.unsqueeze(-1)).squeeze(-1)
+
+    def topk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, T, K), log-probabilities (B, T, K)) of the teacher's top-k."""
+        t = self.teacher
+        assert t.topk_ids_BTK is not None and t.topk_lp_BTK is not None, "this loss needs the teacher's top-k"
+        return t.topk_ids_BTK, t.topk_lp_BTK
+
+    def full(self) -> torch.Tensor:
+        """(B, T, V) the teacher's full rows."""
+        assert self.teacher.full_lp_BTV is not None, "this loss needs the teacher's full rows"
+        return self.teacher.full_lp_BTV
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One row of the loss table: what the loss needs from the teacher and how it is computed."""
+
+    need: Need
+    fn: Callable[[LossInputs, str], torch.Tensor]
+    """(inputs, reduction) -> the reduced loss; a thin adapter over one of the pure functions above."""
+    help: str
+    """One line for the configuration reference."""
+
+
+# The loss table: the config's `loss` choices, what each asks of the teacher, and how it is computed.
+LOSSES: dict[str, Loss] = {
+    "reverse_kl_sampled": Loss(
+        Need.TOKEN,
+        lambda x, r: reverse_kl_sampled(x.student_token_lp_BT, x.teacher.token_lp_BT, x.mask_BT, r),
+        "KL(student || teacher) through the sampled tokens (policy-gradient form)",
+    ),
+    "reverse_kl_topk": Loss(
+        Need.TOPK,
+        lambda x, r: reverse_kl_topk(x.student_lp_BTV, *x.topk(), x.mask_BT, r),
+        "KL(student || teacher) over the teacher's top-k plus a tail bucket",
+    ),
+    "forward_kl_topk": Loss(
+        Need.TOPK,
+        lambda x, r: forward_kl_topk(x.student_lp_BTV, *x.topk(), x.mask_BT, r),
+        "KL(teacher || student) over the teacher's top-k plus a tail bucket",
+    ),
+    "jsd_topk": Loss(
+        Need.TOPK,
+        lambda x, r: jsd_topk(x.student_lp_BTV, *x.topk(), x.mask_BT, x.beta, r),
+        "generalized JSD(jsd_beta) over the teacher's top-k plus a tail bucket",
+    ),
+    "reverse_kl_full": Loss(
+        Need.FULL,
+        lambda x, r: reverse_kl_full(x.student_lp_BTV, x.full(), x.mask_BT, r),
+        "exact KL(student || teacher) over full vocabulary rows",
+    ),
+    "forward_kl_full": Loss(
+        Need.FULL,
+        lambda x, r: forward_kl_full(x.student_lp_BTV, x.full(), x.mask_BT, r),
+        "exact KL(teacher || student) over full vocabulary rows",
+    ),
+}
+
+
+def loss_of(name: str) -> Loss:
+    """The table row of `name`; ValueError listing the known losses otherwise."""
+    if name not in LOSSES:
+        raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {name!r}.")
+    return LOSSES[name]
 
 
 def compute_loss(
@@ -194,20 +291,6 @@ def compute_loss(
     beta: float = 0.5,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """The loss `name` of the config, from the student's log-probabilities (B, T, V) at the rollout positions."""
-    if name == "reverse_kl_sampled":
-        s_tok_BT = student_lp_BTV.gather(-1, sampled_ids_BT.unsqueeze(-1)).squeeze(-1)
-        return reverse_kl_sampled(s_tok_BT, teacher.token_lp_BT, mask_BT, reduction)
-    if name in ("reverse_kl_topk", "forward_kl_topk", "jsd_topk"):
-        assert teacher.topk_ids_BTK is not None, f"{name} needs the teacher's top-k"
-        if name == "jsd_topk":
-            return jsd_topk(
-                student_lp_BTV, teacher.topk_ids_BTK, teacher.topk_lp_BTK, mask_BT, beta, reduction
-            )
-        fn = reverse_kl_topk if name == "reverse_kl_topk" else forward_kl_topk
-        return fn(student_lp_BTV, teacher.topk_ids_BTK, teacher.topk_lp_BTK, mask_BT, reduction)
-    if name in ("reverse_kl_full", "forward_kl_full"):
-        assert teacher.full_lp_BTV is not None, f"{name} needs the teacher's full rows"
-        fn = reverse_kl_full if name == "reverse_kl_full" else forward_kl_full
-        return fn(student_lp_BTV, teacher.full_lp_BTV, mask_BT, reduction)
-    raise ValueError(f"`loss` must be one of the known losses, got {name!r}.")
+    """The loss `name` of the table, from the student's log-probabilities (B, T, V) at the rollout positions."""
+    inputs = LossInputs(student_lp_BTV, sampled_ids_BT, teacher, mask_BT, beta)
+    return loss_of(name).fn(inputs, reduction)

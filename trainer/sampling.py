@@ -1,8 +1,9 @@
-"""Batched student generation with a KV cache: stops at L tokens or EOS; records ids and sampling logprobs.
+"""Batched student generation with a KV cache: stops at `max_tokens` tokens or EOS; records ids and logprobs.
 
-Prompts are left-padded into one (B, P) batch with explicit position ids, so every row computes what it would
-alone. Each step feeds one token per row through the cache; rows that finished keep being fed the pad token
-(their outputs are ignored) until every row is done or L tokens were generated. temperature = 0 is greedy.
+In training `max_tokens` is the step's prefix length L, in evaluation the full answer length. Prompts are
+left-padded into one (B, P) batch with explicit position ids, so every row computes what it would alone. Each
+step feeds one token per row through the cache; rows that finished keep being fed the pad token (their outputs
+are ignored) until every row is done or `max_tokens` tokens were generated. temperature = 0 is greedy.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
+    max_tokens: int,
     *,
     eos_id: int | None,
     pad_id: int,
@@ -82,12 +83,14 @@ def generate(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> Rollouts:
-    """Samples up to `max_new_tokens` tokens per prompt (stopping a row at `eos_id`); temperature 0 = greedy.
+    """Samples up to `max_tokens` tokens per prompt (stopping a row at `eos_id`); temperature 0 = greedy.
 
-    Draws come from `generator` (on the CPU), so a seeded generator reproduces the same rollouts.
+    `max_tokens` is how far this call runs: the step's prefix length L in training (L <= the config's
+    `max_new_tokens`, the full response length), `eval.max_new_tokens` in evaluation. Draws come from
+    `generator` (on the CPU), so a seeded generator reproduces the same rollouts.
     """
     assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), "prompts must be non-empty"
-    assert max_new_tokens >= 1
+    assert max_tokens >= 1
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -95,15 +98,15 @@ def generate(
     ids, attn = left_pad(prompts, pad_id, device)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     cache_kw = _cache_kwarg(model)
-    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
-    out_lp = torch.zeros((B, max_new_tokens), dtype=torch.float32)
-    out_mask = torch.zeros((B, max_new_tokens), dtype=torch.float32)
+    out_ids = torch.full((B, max_tokens), pad_id, dtype=torch.long)
+    out_lp = torch.zeros((B, max_tokens), dtype=torch.float32)
+    out_mask = torch.zeros((B, max_tokens), dtype=torch.float32)
     done = torch.zeros(B, dtype=torch.bool)
     cache = None
     feed, feed_pos = ids, pos
     T = 0
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
-    for t in range(max_new_tokens):
+    for t in range(max_tokens):
         with autocast:
             out = model(
                 input_ids=feed,
@@ -128,7 +131,7 @@ def generate(
         T = t + 1
         if eos_id is not None:
             done |= live & (tok_B == eos_id)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        if bool(done.all()) or t == max_tokens - 1:
             break
         feed = torch.where(done, torch.full_like(tok_B, pad_id), tok_B)[:, None].to(device)
         feed_pos = feed_pos[:, -1:] + 1

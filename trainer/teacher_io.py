@@ -4,8 +4,8 @@ The async client runs on an event loop in a background thread, so the training t
 requests to the teacher (`TeacherIO.submit` returns a future at once) and go on sampling the next micro-batch
 while the teacher scores this one. The client retries UNAVAILABLE itself (a teacher restart); on top of that a
 micro-batch that still fails with UNAVAILABLE, or meets RESOURCE_EXHAUSTED (the job's queue on the teacher is
-full: back-pressure, not an error), is resubmitted a few times with back-off (request ids are stable, so a retry
-is idempotent).
+full: back-pressure, not an error), is resubmitted a few times with back-off (scoring has no side effects, so a
+resubmit is safe; the client gives each request its wire id and answers in request order).
 
 `teacher: inprocess:MODEL` swaps the service for `InProcessTeacher`, the same async API over an in-process
 engine: for trials without Redis and for unit tests of the trainer itself.
@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from services.teacher.client import ClientOptions, TeacherClient
 from services.teacher.errors import TeacherError
 from services.teacher.modelinfo import tokenizer_fingerprint
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
 from trainer.flops import ModelDims
-from trainer.losses import TeacherBatch
+from trainer.losses import Need, TeacherBatch
 from trainer.sampling import Rollouts
 
 log = logging.getLogger(__name__)
@@ -109,38 +110,24 @@ class TeacherIO:
     RESUBMITS = 3
     RESUBMIT_DELAY_S = 1.0  # first back-off; doubles, at most 10 s
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        max_in_flight: int = 64,
-        timeout_s: float = 120.0,
-        retries: int = 8,
-        token: str | None = None,
-        device: str = "cpu",
-    ) -> None:
+    def __init__(self, target: str, options: ClientOptions | None = None, *, device: str = "cpu") -> None:
+        """`target`: grpc://host:port, host:port, or inprocess:MODEL (an engine on `device`, no service)."""
         self.target = target
         self.stats = TeacherStats()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-io", daemon=True)
         self._thread.start()
         try:
-            self.client = self._run(self._connect(target, max_in_flight, timeout_s, retries, token, device))
+            self.client = self._run(self._connect(target, options or ClientOptions(), device))
         except BaseException:
             self._stop_loop()
             raise
 
     @staticmethod
-    async def _connect(target, max_in_flight, timeout_s, retries, token, device):
+    async def _connect(target: str, options: ClientOptions, device: str):
         if target.startswith("inprocess:"):  # on the student's device
             return InProcessTeacher(target.split(":", 1)[1], device=device)
-        try:
-            from services.teacher.client import TeacherClient
-        except ImportError as err:  # pragma: no cover - the client ships with the service
-            raise RuntimeError(f"the teacher client (services.teacher.client) is unavailable: {err}") from err
-        return TeacherClient(
-            target, max_in_flight=max_in_flight, timeout_s=timeout_s, retries=retries, token=token
-        )
+        return TeacherClient(target, options)
 
     def _run(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -198,7 +185,7 @@ class TeacherIO:
 
 
 def check_teacher(
-    info: ModelInfo, tokenizer, student_vocab: int, *, student: str, need: str, top_k: int = 0
+    info: ModelInfo, tokenizer, student_vocab: int, *, student: str, need: Need, top_k: int = 0
 ) -> None:
     """Refuses a teacher this student cannot be distilled from, with a message saying why and what to do."""
     fp = tokenizer_fingerprint(tokenizer)
@@ -210,7 +197,7 @@ def check_teacher(
             "tokenizer mismatch would silently train on the wrong tokens; use a student and a teacher that share "
             "one tokenizer (e.g. the same model family)."
         )
-    if need == "full":
+    if need == Need.FULL:
         if not info.supports_full:
             raise TeacherMismatch(
                 f"the loss needs full vocabulary rows but the teacher's {info.backend!r} backend "
@@ -221,12 +208,12 @@ def check_teacher(
                 f"full-row losses need equal vocabulary sizes: teacher {info.vocab_size}, "
                 f"student {student_vocab}; use a *_topk loss."
             )
-    if need == "topk" and info.vocab_size > student_vocab:
+    if need == Need.TOPK and info.vocab_size > student_vocab:
         raise TeacherMismatch(
             f"the teacher's vocabulary ({info.vocab_size}) is larger than the student's "
             f"({student_vocab}): its top-k ids could name tokens the student cannot represent."
         )
-    if need == "topk" and top_k > info.max_top_k:
+    if need == Need.TOPK and top_k > info.max_top_k:
         raise TeacherMismatch(f"`top_k` must be <= {info.max_top_k} (the teacher's max_top_k), got {top_k}.")
 
 
@@ -249,22 +236,21 @@ def teacher_dims(info: ModelInfo) -> ModelDims | None:
 def build_requests(
     rollouts: Rollouts,
     *,
-    need: str,
+    need: Need,
     job_id: str,
-    id_prefix: str,
     top_k: int,
     temperature: float,
     full_dtype: str = "float32",
 ) -> list[ScoreRequest]:
-    """One ScoreRequest per rollout (prompt ids + its completion); `need` is token | topk | full."""
+    """One ScoreRequest per rollout (prompt ids + its completion), asking for what `need` says; `top_k` is sent
+    only when the top-k is needed. The client gives each request its id on the wire."""
     return [
         ScoreRequest(
             prompt_token_ids=np.asarray(rollouts.prompt_ids[i], dtype=np.int64),
             completion_token_ids=np.asarray(rollouts.completion(i), dtype=np.int64),
-            request_id=f"{id_prefix}:{i}",
             job_id=job_id,
-            top_k=top_k if need == "topk" else 0,
-            full=need == "full",
+            top_k=top_k if need == Need.TOPK else 0,
+            full=need == Need.FULL,
             temperature=temperature,
             full_dtype=full_dtype,
         )
@@ -273,7 +259,7 @@ def build_requests(
 
 
 def to_teacher_batch(
-    results: list[ScoreResult], T: int, device, need: str, vocab: int | None = None
+    results: list[ScoreResult], T: int, device, need: Need, vocab: int | None = None
 ) -> TeacherBatch:
     """Pads the results of a micro-batch to (B, T[, K | V]) tensors; padded positions are masked by the loss."""
     B = len(results)
@@ -281,7 +267,7 @@ def to_teacher_batch(
     for i, r in enumerate(results):
         token[i, : r.token_logprobs.shape[0]] = r.token_logprobs
     batch = TeacherBatch(token_lp_BT=torch.from_numpy(token).to(device))
-    if need == "topk":
+    if need == Need.TOPK:
         K = results[0].top_k_ids.shape[1]
         ids = np.tile(np.arange(K, dtype=np.int64), (B, T, 1))
         lp = np.full((B, T, K), -np.log(K), dtype=np.float32)
@@ -290,7 +276,7 @@ def to_teacher_batch(
             ids[i, :n], lp[i, :n] = r.top_k_ids, r.top_k_logprobs
         batch.topk_ids_BTK = torch.from_numpy(ids).to(device)
         batch.topk_lp_BTK = torch.from_numpy(lp).to(device)
-    elif need == "full":
+    elif need == Need.FULL:
         assert vocab is not None
         full = np.full((B, T, vocab), -np.log(vocab), dtype=np.float32)
         for i, r in enumerate(results):

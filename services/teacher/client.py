@@ -5,14 +5,20 @@ matches responses by request id (they may arrive out of order) and returns resul
 arrays. Only UNAVAILABLE is retried (a teacher restart, Redis blip, no worker yet): requests are idempotent
 by id, so unanswered ones are simply sent again and a late duplicate answer is ignored. Every other failure
 raises the matching `TeacherError` (InvalidRequest names the field).
+
+`ClientOptions` holds the client's knobs (in-flight window, deadline, retries, token, message size) with their
+one default each; the trainer's `teacher_client` config section is that dataclass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import random
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -22,6 +28,40 @@ from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
 
 _METHOD = "/teacher.v1.Teacher/"
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+TOKEN_ENV = "PREFIX_DISTILL_TEACHER_TOKEN"
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a client talks to the teacher; every field has its one default here and a `help` (config reference)."""
+
+    max_in_flight: int = _opt(64, "Requests in flight to the teacher at once (per client: per rank) (>= 1).")
+    timeout_s: float = _opt(120.0, "Deadline of one teacher request in seconds (> 0).")
+    retries: int = _opt(8, "Retries of a request on UNAVAILABLE (a teacher restart) (>= 0).")
+    token: str = _opt(
+        "",
+        f"Bearer token for the teacher (empty: ${TOKEN_ENV}, else none); never written to a run's config.yaml.",
+    )
+    max_message_mb: int = _opt(256, "Largest gRPC message sent or received, in MiB (>= 4).")
+
+    def __post_init__(self) -> None:
+        for name, ok, rule in (
+            ("max_in_flight", self.max_in_flight >= 1, ">= 1"),
+            ("timeout_s", self.timeout_s > 0, "> 0"),
+            ("retries", self.retries >= 0, ">= 0"),
+            ("max_message_mb", self.max_message_mb >= 4, ">= 4"),
+        ):
+            if not ok:
+                raise ValueError(f"`{name}` must be {rule}, got {getattr(self, name)}.")
+
+    @property
+    def bearer_token(self) -> str | None:
+        """The token actually sent: `token`, else $PREFIX_DISTILL_TEACHER_TOKEN, else None (no auth header)."""
+        return self.token or os.environ.get(TOKEN_ENV) or None
 
 
 def _rpc_error(err: grpc.aio.AioRpcError) -> TeacherError:
@@ -36,31 +76,20 @@ def _rpc_error(err: grpc.aio.AioRpcError) -> TeacherError:
 class TeacherClient:
     """Async client of one teacher (`grpc://host:port` or `host:port`)."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        max_in_flight: int = 64,
-        timeout_s: float = 120.0,
-        retries: int = 8,
-        token: str | None = None,
-        max_message_mb: int = 256,
-    ) -> None:
-        if max_in_flight < 1:
-            raise ValueError(f"`max_in_flight` must be >= 1, got {max_in_flight}.")
+    def __init__(self, target: str, options: ClientOptions | None = None, **overrides) -> None:
+        """`options` (default: ClientOptions()), with single fields overridden by keyword (e.g. `retries=0`)."""
         self.target = target.removeprefix("grpc://")
-        self.max_in_flight = max_in_flight
-        self.timeout_s = timeout_s
-        self.retries = retries
+        self.options = dataclasses.replace(options or ClientOptions(), **overrides)
+        token = self.options.bearer_token
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        n = max_message_mb * 1024 * 1024
-        self._options = [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+        n = self.options.max_message_mb * 1024 * 1024
+        self._grpc_options = [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
         self._channel: grpc.aio.Channel | None = None
 
     # -- plumbing ------------------------------------------------------------------------------------------------
     def _ch(self) -> grpc.aio.Channel:
         if self._channel is None:  # created lazily inside the running event loop
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._grpc_options)
         return self._channel
 
     def _unary(self, name: str, resp):
@@ -87,11 +116,11 @@ class TeacherClient:
     # -- API -----------------------------------------------------------------------------------------------------
     async def _retrying(self, call, message, timeout_s: float):
         """A unary call, retried with back-off while it fails with UNAVAILABLE (at most `retries` times)."""
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.options.retries + 1):
             try:
                 return await call(message, timeout=timeout_s, metadata=self.metadata)
             except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRYABLE or attempt == self.retries:
+                if err.code() not in _RETRYABLE or attempt == self.options.retries:
                     raise _rpc_error(err) from None
             await self._backoff(attempt)
         raise AssertionError("unreachable")
@@ -100,13 +129,13 @@ class TeacherClient:
         """The request's wire form, with this client's timeout as its deadline unless it has its own."""
         m = request.to_pb()
         if not m.timeout_ms:
-            m.timeout_ms = int(self.timeout_s * 1000)
+            m.timeout_ms = int(self.options.timeout_s * 1000)
         return m
 
     async def model_info(self) -> ModelInfo:
         """The teacher's ModelInfo (vocabulary, limits, tokenizer fingerprint)."""
         m = await self._retrying(
-            self._unary("GetModelInfo", pb.ModelInfo), pb.ModelInfoRequest(), self.timeout_s
+            self._unary("GetModelInfo", pb.ModelInfo), pb.ModelInfoRequest(), self.options.timeout_s
         )
         return ModelInfo.from_pb(m)
 
@@ -135,7 +164,9 @@ class TeacherClient:
     async def score(self, request: ScoreRequest) -> ScoreResult:
         """Scores one request (unary call), retrying UNAVAILABLE."""
         call = self._unary("Score", pb.ScoreResponse)
-        return ScoreResult.from_pb(await self._retrying(call, self._wire(request), self.timeout_s + 5.0))
+        return ScoreResult.from_pb(
+            await self._retrying(call, self._wire(request), self.options.timeout_s + 5.0)
+        )
 
     async def score_many(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Scores all requests over ScoreStream; results in request order, each `request_id` preserved."""
@@ -148,7 +179,7 @@ class TeacherClient:
         results: list[ScoreResult | None] = [None] * len(requests)
         remaining = set(range(len(requests)))
         last_err: TeacherError | None = None
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.options.retries + 1):
             try:
                 last_err = await self._stream_round(wire, remaining, results)
             except grpc.aio.AioRpcError as err:
@@ -157,11 +188,11 @@ class TeacherClient:
                 last_err = _rpc_error(err)
             if not remaining:
                 break
-            if attempt < self.retries:
+            if attempt < self.options.retries:
                 await self._backoff(attempt)
         if remaining:
             raise last_err or Unavailable(
-                f"{len(remaining)} requests unanswered after {self.retries} retries"
+                f"{len(remaining)} requests unanswered after {self.options.retries} retries"
             )
         for r, res in zip(requests, results, strict=True):
             res.request_id = r.request_id
@@ -171,7 +202,7 @@ class TeacherClient:
         """One ScoreStream call for the requests still in `remaining`; fills `results` and drains `remaining`.
         Returns the last retryable error seen in-band (or None); raises for any other error."""
         todo = sorted(remaining)
-        window = asyncio.Semaphore(self.max_in_flight)
+        window = asyncio.Semaphore(self.options.max_in_flight)
         retry_err: TeacherError | None = None
 
         async def requests_gen():
@@ -188,10 +219,10 @@ class TeacherClient:
         try:
             for _ in range(len(todo)):
                 try:
-                    resp = await asyncio.wait_for(call.read(), self.timeout_s + 10.0)
+                    resp = await asyncio.wait_for(call.read(), self.options.timeout_s + 10.0)
                 except asyncio.TimeoutError:
                     raise DeadlineExceeded(
-                        f"no response from the teacher within {self.timeout_s + 10:.0f}s"
+                        f"no response from the teacher within {self.options.timeout_s + 10:.0f}s"
                     ) from None
                 if resp is grpc.aio.EOF:
                     break
