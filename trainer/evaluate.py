@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.losses import LOSSES, Need, TeacherBatch, compute_loss
-from trainer.sampling import Rollouts, generate, student_logprobs
+from trainer.sampling import Rollouts, generate, pad_id_of, student_logprobs
 from trainer.tasks import Example, is_correct
 from trainer.teacher_io import TeacherIO, build_requests, to_teacher_batch
 
@@ -120,7 +120,7 @@ def evaluate(
     t0 = time.perf_counter()
     need = Need.FULL if full_rows else Need.TOPK
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    pad = pad_id_of(tokenizer)
     device = next(model.parameters()).device
     tally = _Tally()
 

@@ -8,6 +8,7 @@ are ignored) until every row is done or `max_tokens` tokens were generated. temp
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,18 +37,6 @@ class Rollouts:
     def completion(self, i: int) -> list[int]:
         return self.ids_BT[i, : self.lengths[i]].tolist()
 
-    def slice(self, rows: slice) -> Rollouts:
-        """Rows `rows`, trimmed to their own longest completion."""
-        mask = self.mask_BT[rows]
-        T = max(1, int(mask.sum(1).max().item())) if mask.numel() else 1
-        return Rollouts(
-            self.prompt_ids[rows],
-            self.ids_BT[rows, :T],
-            self.sample_lp_BT[rows, :T],
-            mask[:, :T],
-            self.pad_id,
-        )
-
 
 def _cache_kwarg(model) -> str:
     """transformers 5 names the KV cache argument `cache`; 4.x named it `past_key_values`."""
@@ -58,6 +47,18 @@ def _cache_kwarg(model) -> str:
 def _output_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast of the student's forward passes to `dtype` (None: float32, no autocast)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id that pads rollouts: the tokenizer's pad token, else its EOS, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +106,7 @@ def generate(
     cache = None
     feed, feed_pos = ids, pos
     T = 0
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+    autocast = _autocast(device, autocast_dtype)
     for t in range(max_tokens):
         with autocast:
             out = model(
@@ -140,14 +141,6 @@ def generate(
     return Rollouts([list(p) for p in prompts], out_ids[:, :T], out_lp[:, :T], out_mask[:, :T], pad_id)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def student_logprobs(model, rollouts: Rollouts, *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The student's log-probabilities (B, T, V) at every completion position, with gradient (temperature 1).
 
@@ -163,7 +156,7 @@ def student_logprobs(model, rollouts: Rollouts, *, autocast_dtype: torch.dtype |
     attn = torch.cat([attn_P, comp_mask], dim=1)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     T = comp.shape[1]
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+    autocast = _autocast(device, autocast_dtype)
     with autocast:
         out = model(
             input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1

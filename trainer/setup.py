@@ -24,6 +24,7 @@ from trainer.flops import ModelDims, StepFlops, dims_from_model
 from trainer.losses import Need, loss_of
 from trainer.metrics import MetricsWriter
 from trainer.progress import Progress
+from trainer.sampling import pad_id_of
 from trainer.tasks import Example, load_task, render
 from trainer.teacher_io import TeacherIO, check_teacher, teacher_dims
 
@@ -202,16 +203,9 @@ def set_up(
     return Run(
         cfg=cfg, dd=dd, device=device, out=out, t_start=t_start, resumed_from=ckpt, start=start, cum=cum,
         tokenizer=tokenizer, model=model, ddp=ddp, optimizer=optimizer, teacher=teacher, need=need,
-        job_id=cfg.run_job_id, vocab=vocab, eos=tokenizer.eos_token_id, pad=_pad_id(tokenizer),
+        job_id=cfg.run_job_id, vocab=vocab, eos=tokenizer.eos_token_id, pad=pad_id_of(tokenizer),
         autocast=torch.bfloat16 if cfg.dtype == "bfloat16" else None, data_rng=data_rng, sampler=sampler,
         train_ids=train_ids, held_ex=held_ex, held_ids=held_ids, eval_full_rows=eval_full_rows,
         eval_top_k=eval_top_k, s_dims=dims_from_model(model), t_dims=teacher_dims(info), writer=writer,
         progress=progress,
     )  # fmt: skip
-
-
-def _pad_id(tokenizer) -> int:
-    """The pad token id: the tokenizer's, else its EOS, else 0."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
