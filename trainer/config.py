@@ -170,12 +170,15 @@ class TrainConfig:
     prefix: PrefixConfig = _f(PrefixConfig, "Prefix schedule (nested: prefix: {schedule: ..., length: ...}).")
     loss: str = _f(
         "reverse_kl_sampled",
-        "Distillation loss, a row of trainer/losses.py LOSSES: "
-        + "; ".join(f"{name} ({row.help}, teacher sends: {row.need.value})" for name, row in LOSSES.items())
+        "Distillation loss, a row of the loss table in trainer/losses.py ([what the teacher sends]; reverse KL "
+        "is KL(student || teacher)): "
+        + "; ".join(f"{name} [{row.need.value}]: {row.help}" for name, row in LOSSES.items())
         + ".",
     )
     jsd_beta: float = _f(0.5, "beta of jsd_topk: 0 is forward KL, 1 reverse KL, 0.5 the symmetric JSD.")
-    top_k: int = _f(16, "Teacher top-k per position for the losses that need the top-k (*_topk) (>= 1).")
+    top_k: int = _f(
+        16, "Teacher top-k per position for the losses that need it ([topk] under `loss`) (>= 1)."
+    )
     temperature: float = _f(1.0, "Student sampling temperature (> 0).")
     teacher_temperature: float = _f(1.0, "Temperature at which the teacher scores (> 0).")
     eval: EvalConfig = _f(EvalConfig, "Evaluation (nested: eval: {every: ..., prompts: ...}).")

@@ -236,7 +236,7 @@ class Loss:
     fn: Callable[[LossInputs, str], torch.Tensor]
     """(inputs, reduction) -> the reduced loss; a thin adapter over one of the pure functions above."""
     help: str
-    """One line for the configuration reference."""
+    """A few words for the configuration reference (reverse KL is KL(student || teacher))."""
 
 
 # The loss table: the config's `loss` choices, what each asks of the teacher, and how it is computed.
@@ -244,32 +244,32 @@ LOSSES: dict[str, Loss] = {
     "reverse_kl_sampled": Loss(
         Need.TOKEN,
         lambda x, r: reverse_kl_sampled(x.student_token_lp_BT, x.teacher.token_lp_BT, x.mask_BT, r),
-        "KL(student || teacher) through the sampled tokens (policy-gradient form)",
+        "reverse KL through the sampled tokens (policy-gradient form)",
     ),
     "reverse_kl_topk": Loss(
         Need.TOPK,
         lambda x, r: reverse_kl_topk(x.student_lp_BTV, *x.topk(), x.mask_BT, r),
-        "KL(student || teacher) over the teacher's top-k plus a tail bucket",
+        "reverse KL over the teacher's top-k plus a tail bucket",
     ),
     "forward_kl_topk": Loss(
         Need.TOPK,
         lambda x, r: forward_kl_topk(x.student_lp_BTV, *x.topk(), x.mask_BT, r),
-        "KL(teacher || student) over the teacher's top-k plus a tail bucket",
+        "forward KL over the teacher's top-k plus a tail bucket",
     ),
     "jsd_topk": Loss(
         Need.TOPK,
         lambda x, r: jsd_topk(x.student_lp_BTV, *x.topk(), x.mask_BT, x.beta, r),
-        "generalized JSD(jsd_beta) over the teacher's top-k plus a tail bucket",
+        "generalized JSD(jsd_beta) over the top-k plus a tail bucket",
     ),
     "reverse_kl_full": Loss(
         Need.FULL,
         lambda x, r: reverse_kl_full(x.student_lp_BTV, x.full(), x.mask_BT, r),
-        "exact KL(student || teacher) over full vocabulary rows",
+        "exact reverse KL over full vocabulary rows",
     ),
     "forward_kl_full": Loss(
         Need.FULL,
         lambda x, r: forward_kl_full(x.student_lp_BTV, x.full(), x.mask_BT, r),
-        "exact KL(teacher || student) over full vocabulary rows",
+        "exact forward KL over full vocabulary rows",
     ),
 }
 
