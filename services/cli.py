@@ -1,42 +1,6 @@
-"""The `prefix-distill` console script: one typer app assembling the subcommands of each component.
+"""Temporary alias of services.app.cli while the trainer's entry point moves (removed in the same change)."""
 
-Heavy imports (torch, transformers, grpc) happen inside the commands, so `--help` stays fast.
-"""
-
-from __future__ import annotations
-
-import typer
-
-from services.models.commands import app as models_app
-from services.teacher.commands import register_score, teacher_app
-
-app = typer.Typer(
-    name="prefix-distill",
-    help="Teacher-as-a-service for on-policy prefix distillation of language models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-app.add_typer(teacher_app, name="teacher")
-app.add_typer(models_app, name="models")
-register_score(app)
-
-try:  # the trainer's commands (train, plot, demo) register themselves when present
-    from trainer.commands import register as register_trainer
-
-    register_trainer(app)
-except ImportError:  # pragma: no cover - trainer not built yet
-    pass
-
-
-from services.demo import register as register_demo  # noqa: E402 - demo and config-reference
-
-register_demo(app)
-
-
-def main() -> None:
-    app()
-
+from services.app.cli import app, main  # noqa: F401
 
 if __name__ == "__main__":
     main()

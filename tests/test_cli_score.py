@@ -30,7 +30,7 @@ def cli() -> list[str]:
     if exe.exists():
         return [str(exe)]
     found = shutil.which("prefix-distill")
-    return [found] if found else [sys.executable, "-m", "services.cli"]
+    return [found] if found else [sys.executable, "-m", "services.app"]
 
 
 def user_env() -> dict:
@@ -143,7 +143,7 @@ def run_in_process(args: list[str]):
     """The same typer app, in this process; stdout and stderr captured apart."""
     from typer.testing import CliRunner
 
-    from services.cli import app
+    from services.app.cli import app
 
     return CliRunner().invoke(app, args)
 

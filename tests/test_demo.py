@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from services.demo import ROWS
+from services.app.demo import ROWS
 
 TINY_JOB = [
     "--set", "batch_size=2", "--set", "micro_batch_size=2", "--set", "max_new_tokens=16",
@@ -66,7 +66,7 @@ class Demo:
         self.log = out.parent / f"{out.name}.log"
         self._fh = open(self.log, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "demo", "--tiny", "--out", str(out), *TINY_JOB, *extra],
+            [sys.executable, "-m", "services.app", "demo", "--tiny", "--out", str(out), *TINY_JOB, *extra],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
             env=env,

@@ -94,12 +94,6 @@ def test_compose_references_exist_and_configs_load():
         assert (ROOT / "configs" / Path(config).name).is_file()
 
 
-def test_demo_yaml_matches_the_demo_job():
-    from services.demo import DEMO_JOB
-
-    assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()) == DEMO_JOB
-
-
 # -- every service, natively -----------------------------------------------------------------------------------
 
 TINY_TRAIN_ARGS = (

@@ -13,7 +13,7 @@ README = ROOT / "README.md"
 
 
 def test_config_reference_is_up_to_date():
-    from services.config_reference import render
+    from services.app.config_reference import render
 
     committed = (ROOT / "docs" / "config.md").read_text()
     assert committed == render(), (
@@ -22,7 +22,7 @@ def test_config_reference_is_up_to_date():
 
 
 def test_config_reference_covers_every_key():
-    from services.config_reference import render
+    from services.app.config_reference import render
     from services.teacher.settings import TeacherSettings
     from trainer.config import describe
 
@@ -51,7 +51,7 @@ def _commands() -> dict[str, set[str]]:
     import click
     import typer
 
-    from services.cli import app
+    from services.app.cli import app
 
     root = typer.main.get_command(app)
     out = {}

@@ -18,7 +18,7 @@ def run_tiny(*calls: tuple[Path, list[str]]) -> list[subprocess.CompletedProcess
     """Runs `prefix-distill models tiny OUT ARGS...` for each call, concurrently (start-up is ~4 s each)."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "models", "tiny", str(out), *args],
+            [sys.executable, "-m", "services.app", "models", "tiny", str(out), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

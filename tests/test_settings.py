@@ -39,7 +39,7 @@ def test_namespace_per_model():
 
 def test_cli_rejects_bad_flag_with_field_named():
     r = subprocess.run(
-        [sys.executable, "-m", "services.cli", "teacher", "serve", "--model", "m", "--grpc-port", "99999"],
+        [sys.executable, "-m", "services.app", "teacher", "serve", "--model", "m", "--grpc-port", "99999"],
         capture_output=True,
         text=True,
         timeout=60,

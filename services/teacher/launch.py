@@ -17,7 +17,7 @@ from pathlib import Path
 
 from services.util.net import free_port
 
-CLI = [sys.executable, "-m", "services.cli"]
+CLI = [sys.executable, "-m", "services.teacher"]
 
 
 def child_env(**extra: str) -> dict:
@@ -115,7 +115,6 @@ class TeacherProcess(ChildProcess):
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
         args = [
             *CLI,
-            "teacher",
             mode,
             "--model",
             self.model,
@@ -147,7 +146,6 @@ class TeacherProcess(ChildProcess):
         """The command line of a separate worker for this front-end's model and Redis."""
         return [
             *CLI,
-            "teacher",
             "worker",
             "--model",
             self.model,

@@ -28,24 +28,9 @@ import typer
 
 from services.teacher.launch import TeacherProcess
 
-# The demo's job: prefix OPD with a constant L = 16 on 64-token responses, ~2.5 minutes of training on 2 CPU
-# cores with the SmolLM2 pair; configs/demo.yaml holds the same settings for `docker compose`. The loss is the
-# exact per-token reverse KL over the teacher's full rows (cheap at L = 16: 16 rows per rollout): on this pair
-# it lowered the held-out KL most reliably in 30 steps (the sampled estimator needs more steps at a lower lr,
-# and reverse_kl_topk let the KL grow by moving mass into the tail bucket).
-DEMO_JOB: dict = {
-    "prompts": "builtin:arith",
-    "steps": 30,
-    "batch_size": 8,
-    "samples_per_prompt": 1,
-    "micro_batch_size": 4,
-    "lr": 5e-5,
-    "max_new_tokens": 64,
-    "prefix": {"schedule": "constant", "length": 16},
-    "loss": "reverse_kl_full",
-    "eval": {"every": 15, "prompts": 16, "max_new_tokens": 48, "head_tokens": 16, "samples": 1},
-    "seed": 0,
-}
+# The demo's job lives in one place, configs/demo.yaml (also what `docker compose` runs): student, teacher and
+# output_dir are set here, then --steps and --set overrides apply on top.
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 # What the results table shows, in order: (metric key, label).
 ROWS = (
@@ -134,20 +119,23 @@ def prepare_models(tiny: bool, workdir: Path, say) -> tuple[Path, Path, str]:
     return paths.teacher, paths.student, "SmolLM2-135M-Instruct teacher (30 layers) -> 6-layer student"
 
 
-def job_config(student: Path, teacher: str, run_dir: Path, steps: int | None, overrides: list[str]):
-    """The demo's TrainConfig: DEMO_JOB, then --steps, then --set overrides."""
-    import copy
+def job_config(
+    student: Path,
+    teacher: str,
+    run_dir: Path,
+    steps: int | None,
+    overrides: list[str],
+    config: Path = DEMO_CONFIG,
+):
+    """The demo's TrainConfig: `config` (configs/demo.yaml), the models and run folder, --steps, --set overrides."""
+    from trainer.config import load_config
 
-    from trainer.config import apply_override, config_from_dict
-
-    data = copy.deepcopy(DEMO_JOB)
-    data.update(student=str(student), teacher=teacher, output_dir=str(run_dir))
+    if not config.is_file():
+        raise RuntimeError(f"the demo's job file {config} is missing; pass --config PATH.")
+    run = [f"student={student}", f"teacher={teacher}", f"output_dir={run_dir}"]
     if steps is not None:
-        data["steps"] = steps
-        data["eval"]["every"] = steps // 2 if steps >= 4 else 0
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return config_from_dict(data)
+        run += [f"steps={steps}", f"eval.every={steps // 2 if steps >= 4 else 0}"]
+    return load_config(config, [*run, *overrides])
 
 
 def plot_training_kl(run_dir: Path) -> Path | None:
@@ -222,6 +210,7 @@ def run_demo(
     tiny: bool = False,
     overrides: list[str] | None = None,
     console=None,
+    config: Path = DEMO_CONFIG,
 ) -> DemoResult:
     """Runs the demo end to end (see the module docstring); everything it starts is stopped on return."""
     from rich.console import Console
@@ -230,7 +219,7 @@ def run_demo(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from services.teacher.commands import quiet_progress_bars
+    from services.util.progress import quiet_progress_bars
 
     quiet_progress_bars()
     run_dir = Path(out) if out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
@@ -266,8 +255,8 @@ def run_demo(
                 timings["teacher_start_s"] = time.perf_counter() - t0
                 say(f"healthy after {timings['teacher_start_s']:.1f} s (curl {teacher.http}/v1/models)")
 
-                cfg = job_config(student_model, teacher.target, run_dir, steps, overrides or [])
-                stage(4, f"prefix-OPD job: {cfg.steps} steps x {cfg.batch_size} prompts of {cfg.prompts}, "
+                cfg = job_config(student_model, teacher.target, run_dir, steps, overrides or [], config)
+                stage(4, f"prefix-OPD job ({config.name}): {cfg.steps} steps x {cfg.batch_size} prompts of {cfg.prompts}, "
                          f"prefix L={cfg.prefix.length} of {cfg.max_new_tokens} tokens, loss {cfg.loss}")  # fmt: skip
                 import torch
 
@@ -334,11 +323,12 @@ def run_demo(
 
 def register(app: typer.Typer) -> None:
     """Adds `demo` and `config-reference` to the `prefix-distill` app."""
-    from services.config_reference import register as register_reference
+    from services.app.config_reference import register as register_reference
 
     @app.command()
     def demo(
-        steps: int = typer.Option(None, "--steps", help=f"Training steps (default {DEMO_JOB['steps']})."),
+        steps: int = typer.Option(None, "--steps", help="Training steps (default: the job file's)."),
+        config: Path = typer.Option(DEMO_CONFIG, "--config", help="The demo's job file."),
         out: Path = typer.Option(None, "--out", help="Run folder (default runs/demo-<timestamp>)."),
         redis_url: str = typer.Option(
             None, "--redis-url", help="Use this Redis instead of starting an embedded one."
@@ -356,7 +346,15 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         try:
-            run_demo(steps=steps, out=out, redis_url=redis_url, tiny=tiny, overrides=set_, console=console)
+            run_demo(
+                steps=steps,
+                out=out,
+                redis_url=redis_url,
+                tiny=tiny,
+                overrides=set_,
+                console=console,
+                config=config,
+            )
         except KeyboardInterrupt:
             console.print("interrupted: the teacher and Redis were stopped; nothing left running.")
             raise typer.Exit(130) from None
