@@ -21,7 +21,7 @@ from trainer.metrics import read_metrics
 from trainer.tasks import arith_task
 from trainer.teacher_io import TeacherMismatch
 
-CLI = [sys.executable, "-m", "services.cli"]
+CLI = [sys.executable, "-m", "services.app"]
 
 
 @pytest.fixture(scope="module")
