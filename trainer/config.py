@@ -143,10 +143,13 @@ class TrainConfig:
     prompts: str = _f(
         "builtin:arith",
         "Training prompts: a JSONL file with `prompt` and optional `answer` "
-        "fields, or builtin:NAME for a task shipped with the project (builtin:arith).",
+        "fields, or builtin:NAME for a task shipped with the project (builtin:plan, builtin:chain: the testbed's "
+        "rule tasks; builtin:arith: word problems for chat models).",
     )
     prompt_format: str = _f(
-        "auto", "auto (chat template when the student's tokenizer has one) | chat | raw (prompt text as is)."
+        "auto",
+        "auto (chat template when the student's tokenizer has one; a rule task's prompt as is) | chat | "
+        "raw (prompt text as is).",
     )
     steps: int = _f(100, "Optimizer steps (>= 1).")
     batch_size: int = _f(8, "Prompts per step and per rank (>= 1).")

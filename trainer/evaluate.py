@@ -16,7 +16,7 @@ import torch
 
 from trainer.losses import LOSSES, Need, TeacherBatch, compute_loss
 from trainer.sampling import Rollouts, generate, pad_id_of, student_logprobs
-from trainer.tasks import Example, is_correct
+from trainer.tasks import Example
 from trainer.teacher_io import TeacherIO, build_requests, to_teacher_batch
 
 # The evaluation KL: the loss table's reverse KL on what the teacher sends (full rows, else its top-k).
@@ -62,7 +62,7 @@ class _Tally:
             text = tokenizer.decode(comp, skip_special_tokens=True)
             ok = None
             if ex.answer is not None:
-                ok = is_correct(text, ex.answer)
+                ok = ex.is_correct(text)
                 self.answered += 1
                 self.correct += int(ok)
             if len(self.samples) < n_samples:

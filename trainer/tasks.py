@@ -1,6 +1,8 @@
 """Prompt sets: built-in tasks (`builtin:NAME`) and JSONL files, split into training and held-out prompts.
 
-`builtin:arith` is a CPU-sized reasoning task: one- and two-step arithmetic word problems with small numbers and
+`builtin:plan` and `builtin:chain` are the testbed's rule tasks (services.models.rules): answers of ~100
+characters where the first token decides the answer (plan) or a decision recurs every 15 characters (chain);
+any valid answer counts. `builtin:arith` is a CPU-sized reasoning task: one- and two-step arithmetic word problems with small numbers and
 an exact integer answer, asking for step-by-step reasoning that ends with "Answer: N". SmolLM2-135M-Instruct
 answers about one in five correctly with greedy 48-token answers (most of its answers need more tokens), its
 6-layer student none: distillation has room to move the student.
@@ -22,6 +24,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.models.rules import RULE_TASKS
+
 ARITH_INSTRUCTION = " Think step by step, then end with 'Answer: N'."
 _NAMES = ("Tom", "Sara", "Ben", "Lily", "Sam", "Mia", "Max", "Anna")
 _ITEMS = ("apples", "books", "pens", "cards", "coins", "stickers", "eggs", "balls")
@@ -29,10 +33,19 @@ _ITEMS = ("apples", "books", "pens", "cards", "coins", "stickers", "eggs", "ball
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt and, when the task has one, its exact final answer."""
+    """One prompt and, when the task has one, its exact final answer (or, for a rule task, one valid answer)."""
 
     prompt: str
     answer: str | None = None
+    rule: str | None = None
+    """The rule task (services.models.rules) that checks answers to this prompt; None: exact final answer."""
+
+    def is_correct(self, response: str) -> bool:
+        """Whether `response` answers the prompt: checked by the rule task, else by its final answer."""
+        if self.rule is not None:
+            return RULE_TASKS[self.rule].is_correct(self.prompt, response)
+        assert self.answer is not None, "a prompt without an answer cannot be checked"
+        return is_correct(response, self.answer)
 
 
 @dataclass
@@ -87,7 +100,18 @@ def arith_task(n_train: int = 2000, n_heldout: int = 200) -> Task:
     return Task("builtin:arith", train=pool[n_heldout:], heldout=pool[:n_heldout])
 
 
-BUILTIN = {"arith": arith_task}
+def rule_task(name: str) -> Task:
+    """A testbed task of services.models.rules: fixed splits, a shipped gold answer, checked by its rule."""
+    rules = RULE_TASKS[name]
+    train, heldout = rules.split()
+
+    def examples(ns: list[int]) -> list[Example]:
+        return [Example(rules.prompt(n), rules.gold(n), rule=name) for n in ns]
+
+    return Task(f"builtin:{name}", train=examples(train), heldout=examples(heldout))
+
+
+BUILTIN = {"arith": arith_task, "plan": lambda: rule_task("plan"), "chain": lambda: rule_task("chain")}
 
 
 def load_task(source: str) -> Task:
@@ -138,7 +162,12 @@ def uses_chat(tokenizer, fmt: str) -> bool:
 
 
 def render(example: Example, tokenizer, fmt: str = "auto") -> list[int]:
-    """Token ids of the prompt as the student sees it (chat template or raw text, no extra special tokens)."""
+    """Token ids of the prompt as the student sees it (chat template or raw text, no extra special tokens).
+
+    A rule task's prompt is its own format (`P537=`): "auto" uses it as is.
+    """
+    if example.rule is not None and fmt == "auto":
+        fmt = "raw"
     if uses_chat(tokenizer, fmt):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=False

