@@ -239,5 +239,29 @@ def test_every_loss_of_the_table_is_zero_for_a_perfect_student_and_reduces():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     for name, row in L.LOSSES.items():
         assert isinstance(row.need, L.Need) and row.help, name
-        assert L.compute_loss(name, t, sampled, tb, mask).item() == pytest.approx(0.0, abs=1e-6), name
         assert L.compute_loss(name, t, sampled, tb, mask, reduction="none").shape == (2, 3), name
+        if row.need == L.Need.NONE:  # supervised: no teacher to match, the same value without one
+            assert L.compute_loss(name, t, sampled, None, mask).item() == L.compute_loss(
+                name, t, sampled, tb, mask
+            ).item()
+            continue
+        assert L.compute_loss(name, t, sampled, tb, mask).item() == pytest.approx(0.0, abs=1e-6), name
+
+
+def test_nll_is_torch_cross_entropy_of_the_rollout_tokens():
+    torch.manual_seed(17)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 5))
+    mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2, [1.0] + [0.0] * 4])
+    s_lp = torch.log_softmax(logits, -1)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")  # (B, T)
+    keep = mask.bool()
+    got = {r: L.compute_loss("nll", s_lp, ids, None, mask, reduction=r) for r in L.REDUCTIONS}
+    want_mean = torch.nn.functional.cross_entropy(logits[keep], ids[keep])
+    torch.testing.assert_close(got["mean"], want_mean)
+    torch.testing.assert_close(got["sum"], per_token[keep].sum())
+    torch.testing.assert_close(got["none"], per_token * mask)
+    (g,) = torch.autograd.grad(got["mean"], logits)
+    (g_want,) = torch.autograd.grad(want_mean, logits)
+    torch.testing.assert_close(g, g_want)
+    assert L.LOSSES["nll"].need == L.Need.NONE

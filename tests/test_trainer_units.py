@@ -207,12 +207,16 @@ def test_prefix_costs_less_than_full_and_step_flops_sum():
     d = F.ModelDims(n_layer=4, d_attn=256, layer_params=3_000_000, head_params=12_000_000)
     t = F.ModelDims(n_layer=8, d_attn=512, layer_params=25_000_000, head_params=25_000_000)
     P = [30, 41]
-    full = F.step_flops(d, t, P, [256, 256])
-    pref = F.step_flops(d, t, P, [16, 16])
+
+    def on_policy(G):
+        return [F.RolloutTokens(p, sampled=G, scored=G, trained=G) for p in P]
+
+    full = F.step_flops(on_policy(256), student=d, teacher=t, sampler=d)
+    pref = F.step_flops(on_policy(16), student=d, teacher=t, sampler=d)
     assert pref.total < full.total / 5
     assert full.sampling == sum(F.sampling_flops(d, p, 256) for p in P)
     assert (full + pref).total == full.total + pref.total
-    assert F.step_flops(d, None, P, [16, 16]).teacher == 0
+    assert F.step_flops(on_policy(16), student=d, teacher=None, sampler=d).teacher == 0
     assert F.sampling_flops(d, 10, 0) == 0 and F.sampling_flops(d, 10, 1) == F.forward_flops(d, 10, 0, 1)
     # sampling = prefill + one forward per later token, by the definition
     assert F.sampling_flops(d, 10, 5) == F.forward_flops(d, 10, 0, 1) + sum(

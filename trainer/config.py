@@ -19,9 +19,11 @@ from trainer.configio import documented as _f
 from trainer.losses import LOSSES
 
 __all__ = [
+    "AnchorConfig",
     "ConfigError",
     "EvalConfig",
     "PrefixConfig",
+    "RolloutsConfig",
     "TrainConfig",
     "apply_override",
     "config_from_dict",
@@ -33,6 +35,8 @@ SCHEDULES = ("full", "constant", "linear", "step")
 DTYPES = ("float32", "bfloat16")
 PROMPT_FORMATS = ("auto", "chat", "raw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+ROLLOUT_SOURCES = ("student", "teacher", "gold")
+TAIL_TARGETS = ("reference", "teacher")
 
 
 @dataclass
@@ -75,6 +79,75 @@ class PrefixConfig:
                 "prefix.end",
                 f"must be in [prefix.start={self.start}, max_new_tokens={max_new_tokens}], got {self.end}.",
             )
+
+
+@dataclass
+class RolloutsConfig:
+    """Who writes the rollouts that are scored and trained on: the student (on-policy) or not (off-policy)."""
+
+    source: str = _f(
+        "student",
+        "student (on-policy distillation) | teacher (sampled by a local copy of the teacher model, "
+        "rollouts.model: off-policy, the same loss; the teacher service still scores them) | gold (the "
+        "task's reference answers, tokenized as is and cut to the step's L, EOS included when it fits: "
+        "supervised training with loss=nll; the task must have answers).",
+    )
+    model: str = _f(
+        "",
+        "The sampling model of source=teacher: a folder loadable by AutoModelForCausalLM that shares the "
+        "student's tokenizer. Default: the teacher's advertised model id when it is a folder here, else the "
+        "MODEL of teacher=inprocess:MODEL.",
+    )
+
+    def validate(self) -> None:
+        check(
+            self.source in ROLLOUT_SOURCES,
+            "rollouts.source",
+            f"must be one of {list(ROLLOUT_SOURCES)}, got {self.source!r}.",
+        )
+
+
+@dataclass
+class AnchorConfig:
+    """What keeps a short-prefix run from ruining the rest of the student's answers (the tail)."""
+
+    l2: float = _f(
+        0.0,
+        "Adds l2 x the sum over trained parameters of (theta - theta0)^2 to each step's loss, theta0 the "
+        "starting weights of `student` (also when resuming) (>= 0; 0: off).",
+    )
+    tail_fraction: float = _f(
+        0.0,
+        "Fraction of each step's rollouts (round(f x rollouts) of this rank, the first ones) that run to "
+        "max_new_tokens instead of the step's L, when L < max_new_tokens ([0, 1]; 0: off).",
+    )
+    tail_target: str = _f(
+        "reference",
+        "What trains the positions >= L of those full-length rollouts: reference (the teacher scores only "
+        "their first L tokens; the rest get the exact KL(student || reference), the reference being a frozen "
+        "copy of the starting student, times anchor.tail_weight) | teacher (the teacher scores every "
+        "position and the configured loss trains them all: full distillation on a subset).",
+    )
+    tail_weight: float = _f(1.0, "Weight of the tail's KL to the reference (tail_target=reference) (>= 0).")
+
+    def validate(self) -> None:
+        check(self.l2 >= 0, "anchor.l2", f"must be >= 0, got {self.l2}.")
+        check(
+            0.0 <= self.tail_fraction <= 1.0,
+            "anchor.tail_fraction",
+            f"must be in [0, 1], got {self.tail_fraction}.",
+        )
+        check(
+            self.tail_target in TAIL_TARGETS,
+            "anchor.tail_target",
+            f"must be one of {list(TAIL_TARGETS)}, got {self.tail_target!r}.",
+        )
+        check(self.tail_weight >= 0, "anchor.tail_weight", f"must be >= 0, got {self.tail_weight}.")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the run needs the frozen starting student as a reference policy."""
+        return self.tail_fraction > 0 and self.tail_target == "reference"
 
 
 @dataclass
@@ -182,8 +255,19 @@ class TrainConfig:
     top_k: int = _f(
         16, "Teacher top-k per position for the losses that need it ([topk] under `loss`) (>= 1)."
     )
-    temperature: float = _f(1.0, "Student sampling temperature (> 0).")
+    temperature: float = _f(1.0, "Sampling temperature of the rollouts (> 0).")
     teacher_temperature: float = _f(1.0, "Temperature at which the teacher scores (> 0).")
+    rollouts: RolloutsConfig = _f(
+        RolloutsConfig, "Rollout source (nested: rollouts: {source: teacher, model: ...})."
+    )
+    anchor: AnchorConfig = _f(
+        AnchorConfig, "Anchors toward the starting student (nested: anchor: {l2: ..., tail_fraction: ...})."
+    )
+    freeze: list[str] = _f(
+        [],
+        "Parameters whose name starts with one of these prefixes are not trained (e.g. [model.embed_tokens, "
+        "model.layers.0]); each prefix must match a parameter.",
+    )
     eval: EvalConfig = _f(EvalConfig, "Evaluation (nested: eval: {every: ..., prompts: ...}).")
     output_dir: str = _f("runs/run", "Run folder: metrics.jsonl, TensorBoard events, checkpoints/, final/.")
     save_every: int = _f(0, "Checkpoint every this many steps (0: only at the end).")
@@ -243,6 +327,9 @@ class TrainConfig:
             "teacher_temperature",
             f"must be > 0, got {self.teacher_temperature}.",
         )
+        self.rollouts.validate()
+        self.anchor.validate()
+        check(all(self.freeze), "freeze", f"must hold non-empty name prefixes, got {self.freeze!r}.")
         self.eval.validate()
         check(bool(self.output_dir), "output_dir", "must be a folder path.")
         check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}.")

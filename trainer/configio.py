@@ -3,7 +3,7 @@
 Generic over the tree (the trainer's is `trainer.config.TrainConfig`): a field whose type is a dataclass is a
 section, nested in YAML (`eval: {every: 2}`) and dotted in overrides and error messages (`eval.every`). Values
 of overrides are parsed as YAML scalars and then coerced to the field's type, so `--set lr=1e-4` is a float and
-`--set eval.every=0` an int. Unknown keys are an error that lists the valid ones: a typo must never be silently
+`--set eval.every=0` an int; a list field takes a YAML list (`freeze: [a, b]`, `--set freeze=[a,b]`). Unknown keys are an error that lists the valid ones: a typo must never be silently
 ignored. Every field carries its documentation in `metadata["help"]`, which `describe()` turns into the
 configuration reference.
 """
@@ -26,6 +26,8 @@ def documented(default, help: str, **kw):
     """A dataclass field with its documentation; a dataclass type as default makes a section of its defaults."""
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return field(default_factory=default, metadata={"help": help}, **kw)
+    if isinstance(default, list):  # a mutable default: each instance gets its own copy
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -57,6 +59,8 @@ def coerce(value, tp, key: str):
                 f"got {value!r}."
             )
         return value
+    if typing.get_origin(tp) is list:
+        return _coerce_list(value, typing.get_args(tp)[0], key)
     args = typing.get_args(tp)
     if args:  # a union such as int | str: the first member that accepts the value exactly
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -95,6 +99,16 @@ def coerce(value, tp, key: str):
             raise ConfigError(f"`{key}` must be a string, got {value!r}.")
         return str(value)
     raise AssertionError(f"unhandled field type {tp} of {key}")
+
+
+def _coerce_list(value, item_tp, key: str) -> list:
+    """A YAML list as list[item_tp] (only strings are used); None or an empty value is the empty list."""
+    assert item_tp is str, f"unhandled list item type {item_tp} of {key}"
+    if value is None or value == "":
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"`{key}` must be a list of non-empty strings, e.g. [a, b], got {value!r}.")
+    return list(value)
 
 
 def build(cls, data: dict, section: str = ""):

@@ -1,15 +1,17 @@
 """The training loop: `train(cfg) -> RunSummary`, on one process or as one rank of `torchrun` (DDP).
 
 `train` reads like the method; each stage is a function of its own:
-  set_up             load the student, connect to the teacher and check it, load the prompts, resume if asked;
+  set_up             load the student (freezing `freeze`), connect to the teacher and check it, load the prompts,
+                     the rollout source and the anchors, resume if asked (trainer.setup);
   prepare_minibatch  L = prefix_length(step); draw `batch_size` prompts (this rank's data RNG),
-                     `samples_per_prompt` rollouts each; sample them micro-batch by micro-batch and send each
-                     micro-batch's requests to the teacher as soon as it is sampled, so the next one is sampled
-                     while the teacher scores it (the weights do not change within a step, so every rollout is
-                     strictly on-policy);
+                     `samples_per_prompt` rollouts each, written by the student, a teacher copy or the gold
+                     answers, the first anchor.tail_fraction of them to full length; micro-batch by micro-batch,
+                     each sent to the teacher as soon as it exists, so the next one is written while the teacher
+                     scores it (trainer.rollouts);
   train_step         as the teacher's scores arrive, forward + backward each micro-batch (gradients accumulate;
-                     DDP averages them across ranks on the last one), loss normalised by the step's number of
-                     trained tokens; then clip, set the learning rate, AdamW step;
+                     DDP averages them across ranks on the last one): the configured loss on each rollout's
+                     head, the KL to the starting student on anchored tails, normalised by the step's number of
+                     trained tokens; then the L2 anchor's gradient, clip, set the learning rate, AdamW step;
   log_step           progress/ loss/ teacher/ flops/ time/ metrics (sums across ranks);
   evaluate_now       every eval.every steps and at both ends (rank 0);
   save               a checkpoint every save_every steps; `finish` writes the final model.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +31,12 @@ from trainer.config import TrainConfig
 from trainer.distributed import setup_dist, weights_digest
 from trainer.evaluate import evaluate
 from trainer.flops import StepFlops, step_flops
-from trainer.losses import compute_loss, sampled_kl_estimate
-from trainer.sampling import Rollouts, generate, student_logprobs
-from trainer.schedule import learning_rate, prefix_length
+from trainer.losses import Need, compute_loss, sampled_kl_estimate
+from trainer.rollouts import MicroBatch, Minibatch, prepare_minibatch
+from trainer.sampling import student_logprobs
 from trainer.setup import Run, set_up
 from trainer.summary import RunSummary, summarize
-from trainer.teacher_io import build_requests, to_teacher_batch
+from trainer.teacher_io import to_teacher_batch
 
 __all__ = ["RunSummary", "summarize", "train"]
 
@@ -43,34 +44,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Minibatch:
-    """One step's rollouts, micro-batch by micro-batch, each with the future of its teacher scores."""
-
-    L: int
-    """The step's prefix length: rollouts run at most this many tokens."""
-    lr: float
-    prompts: list[list[int]]
-    """The step's prompts (each repeated samples_per_prompt times), in rollout order."""
-    pending: list[tuple[Rollouts, Future]]
-    sample_s: float
-    """Seconds spent sampling."""
-
-    @property
-    def n_tokens(self) -> float:
-        """Trained (generated) tokens of the step on this rank: the loss normaliser."""
-        return sum(float(ro.mask_BT.sum()) for ro, _ in self.pending)
-
-
-@dataclass
 class StepResult:
     """What a train step measured on this rank."""
 
     loss_sum: float = 0.0
-    """Sum of the per-token losses."""
+    """Sum of the configured loss over the head positions."""
+    tail_sum: float = 0.0
+    """tail_weight x the sum of KL(student || reference) over the tail positions."""
+    anchor_l2: float = 0.0
+    """l2 x sum (theta - theta0)^2 at the step's weights."""
     kl_sum: float = 0.0
-    """Sum of the Monte-Carlo per-token reverse KL estimates."""
+    """Sum of the Monte-Carlo per-token reverse KL estimates over the scored positions (on-policy only)."""
+    kl_tokens: float = 0.0
+    """Positions in kl_sum."""
     gap_max: float = 0.0
-    """Largest |training-time log p_S(x) - sampling-time log p_S(x)| (0 up to numerics: on-policy)."""
+    """Largest |training-time log p_S(x) - sampling-time log p_S(x)| (0 up to numerics; on-policy only)."""
     wait_s: float = 0.0
     """Seconds spent waiting for the teacher's scores."""
     train_s: float = 0.0
@@ -79,69 +67,46 @@ class StepResult:
     """Global gradient norm before clipping."""
 
 
-def prepare_minibatch(run: Run, step: int) -> Minibatch:
-    """Sample and submit: the step's rollouts, each micro-batch sent to the teacher as soon as it exists."""
-    cfg = run.cfg
-    L = prefix_length(cfg.prefix, step, cfg.steps, cfg.max_new_tokens)
-    lr = learning_rate(step, cfg.steps, peak=cfg.lr, warmup_steps=cfg.warmup_steps, kind=cfg.lr_schedule)
-    idx = run.data_rng.choice(
-        len(run.train_ids), size=cfg.batch_size, replace=len(run.train_ids) < cfg.batch_size
-    )
-    prompts = [run.train_ids[i] for i in idx for _ in range(cfg.samples_per_prompt)]
-    pending, sample_s = [], 0.0
-    for s in range(0, len(prompts), cfg.micro_batch_size):
-        ts = time.perf_counter()
-        ro = generate(
-            run.model,
-            prompts[s : s + cfg.micro_batch_size],
-            L,
-            eos_id=run.eos if cfg.stop_at_eos else None,
-            pad_id=run.pad,
-            temperature=cfg.temperature,
-            generator=run.sampler,
-            autocast_dtype=run.autocast,
-        )
-        sample_s += time.perf_counter() - ts
-        reqs = build_requests(
-            ro, need=run.need, job_id=run.job_id, top_k=cfg.top_k, temperature=cfg.teacher_temperature
-        )
-        pending.append((ro, run.teacher.submit(reqs)))
-    return Minibatch(L, lr, prompts, pending, sample_s)
-
-
-def _train_micro_batch(run: Run, ro: Rollouts, fut: Future, *, sync: bool, n_tokens: float, res: StepResult):
-    """Waits for one micro-batch's scores, then forward + backward on it (gradients accumulate)."""
+def _train_micro_batch(run: Run, m: MicroBatch, *, sync: bool, n_tokens: float, res: StepResult) -> None:
+    """Waits for one micro-batch's scores, then forward + backward on it (gradients accumulate): the configured
+    loss on the head positions, the reference KL on the tail positions, both over the step's trained tokens."""
     tw = time.perf_counter()
-    results = fut.result()
+    results = m.scores.result() if m.scores is not None else None
     res.wait_s += time.perf_counter() - tw
     tt = time.perf_counter()
-    tb = to_teacher_batch(results, ro.ids_BT.shape[1], run.device, run.need, run.vocab)
-    mask_BT = ro.mask_BT.to(run.device)
-    ids_BT = ro.ids_BT.to(run.device)
+    ro, dev = m.ro, run.device
+    tb = None if results is None else to_teacher_batch(results, ro.ids_BT.shape[1], dev, run.need, run.vocab)
+    head_BT, ids_BT = m.head_BT.to(dev), ro.ids_BT.to(dev)  # (B, T) each
     with contextlib.nullcontext() if sync else run.ddp.no_sync():
-        s_lp_BTV = student_logprobs(run.trained, ro, autocast_dtype=run.autocast)
+        s_lp_BTV = student_logprobs(run.trained, ro, autocast_dtype=run.autocast)  # (B, T, V)
         loss = compute_loss(
-            run.cfg.loss, s_lp_BTV, ids_BT, tb, mask_BT, beta=run.cfg.jsd_beta, reduction="sum"
+            run.cfg.loss, s_lp_BTV, ids_BT, tb, head_BT, beta=run.cfg.jsd_beta, reduction="sum"
         )
-        (loss / max(1.0, n_tokens)).backward()
-    with torch.no_grad():
-        s_tok_BT = s_lp_BTV.detach().gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1)
-        res.kl_sum += float(sampled_kl_estimate(s_tok_BT, tb.token_lp_BT, mask_BT, "sum"))
-        gap = ((s_tok_BT.cpu() - ro.sample_lp_BT).abs() * ro.mask_BT).max()
-        res.gap_max = max(res.gap_max, float(gap))
+        tail = run.anchor.tail_loss(s_lp_BTV, ro, m.tail_BT, run.autocast)
+        ((loss if tail is None else loss + tail) / max(1.0, n_tokens)).backward()
+    if run.source.on_policy:  # estimates that only hold for the student's own samples
+        with torch.no_grad():
+            s_tok_BT = s_lp_BTV.detach().gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1)  # (B, T)
+            if tb is not None:
+                res.kl_sum += float(sampled_kl_estimate(s_tok_BT, tb.token_lp_BT, head_BT, "sum"))
+                res.kl_tokens += float(head_BT.sum())
+            gap = ((s_tok_BT.cpu() - ro.sample_lp_BT).abs() * ro.mask_BT).max()
+            res.gap_max = max(res.gap_max, float(gap))
     res.loss_sum += float(loss.detach())
+    res.tail_sum += 0.0 if tail is None else float(tail.detach())
     res.train_s += time.perf_counter() - tt
 
 
 def train_step(run: Run, mb: Minibatch) -> StepResult:
-    """Train on the scores: each micro-batch as its scores arrive, then one optimizer step."""
+    """Train on the scores: each micro-batch as its scores arrive, the L2 anchor's gradient, one optimizer step."""
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
     res, n_tokens = StepResult(), mb.n_tokens
-    for c, (ro, fut) in enumerate(mb.pending):
-        sync = run.ddp is None or c == len(mb.pending) - 1  # DDP all-reduces on the last micro-batch only
-        _train_micro_batch(run, ro, fut, sync=sync, n_tokens=n_tokens, res=res)
+    for c, m in enumerate(mb.micro):
+        sync = run.ddp is None or c == len(mb.micro) - 1  # DDP all-reduces on the last micro-batch only
+        _train_micro_batch(run, m, sync=sync, n_tokens=n_tokens, res=res)
     tt = time.perf_counter()
+    res.anchor_l2 = run.anchor.add_l2_grad()  # after the all-reduce: the same term on every rank
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip or float("inf"))
     for group in run.optimizer.param_groups:
         group["lr"] = mb.lr
@@ -151,46 +116,83 @@ def train_step(run: Run, mb: Minibatch) -> StepResult:
     return res
 
 
-def log_step(run: Run, done: int, mb: Minibatch, res: StepResult, t_step: float) -> None:
-    """Sums the step's counts over ranks, adds its FLOPs to the run's, and logs the step's metrics (rank 0)."""
-    cfg, eos = run.cfg, run.eos
-    lens = [n for ro, _ in mb.pending for n in ro.lengths]
+def _step_sums(run: Run, mb: Minibatch, res: StepResult) -> dict[str, float]:
+    """The step's counts of this rank summed over ranks, and the step's FLOPs added to the run's."""
+    eos = run.eos
+    lens = [n for m in mb.micro for n in m.ro.lengths]
     eos_hits = sum(
-        int(eos is not None and ro.ids_BT[i, n - 1] == eos)
-        for ro, _ in mb.pending
-        for i, n in enumerate(ro.lengths)
+        int(eos is not None and m.ro.ids_BT[i, n - 1] == eos)
+        for m in mb.micro
+        for i, n in enumerate(m.ro.lengths)
     )
-    sf = step_flops(run.s_dims, run.t_dims, [len(p) for p in mb.prompts], lens)
-    loss_sum, kl_sum, n_tokens, rollouts, eos_hits, *flops = run.dd.sum(
-        [res.loss_sum, res.kl_sum, mb.n_tokens, float(len(lens)), float(eos_hits)]
-        + [float(sf.sampling), float(sf.training), float(sf.teacher)]
+    counts = [m.tokens(sampled=run.source.kind != "gold", scored=run.need != Need.NONE) for m in mb.micro]
+    sf = step_flops(
+        [r for c in counts for r in c], student=run.s_dims, teacher=run.t_dims, sampler=run.source.dims
     )
-    sf = StepFlops(*(int(f) for f in flops))
+    local = {
+        "loss": res.loss_sum,
+        "tail": res.tail_sum,
+        "kl": res.kl_sum,
+        "kl_tokens": res.kl_tokens,
+        "tokens": mb.n_tokens,
+        "rollouts": float(len(lens)),
+        "tail_rollouts": float(mb.tail_rollouts),
+        "eos_hits": float(eos_hits),
+        "sampling": float(sf.sampling),
+        "training": float(sf.training),
+        "teacher": float(sf.teacher),
+    }
+    sums = dict(zip(local, run.dd.sum(list(local.values())), strict=True))
+    sf = StepFlops(int(sums["sampling"]), int(sums["training"]), int(sums["teacher"]))
     run.cum = run.cum + sf
+    return {**sums, "flops": sf}
+
+
+def log_step(run: Run, done: int, mb: Minibatch, res: StepResult, t_step: float) -> None:
+    """Sums the step's counts over ranks, adds its FLOPs to the run's, and logs the step's metrics (rank 0).
+
+    The loss/ terms add up to the optimised objective: loss/<loss> and loss/anchor_tail are per trained token
+    of the step, loss/anchor_l2 is added once."""
+    cfg, s = run.cfg, _step_sums(run, mb, res)
     if not run.dd.main:
         return
+    n, rollouts = max(1.0, s["tokens"]), s["rollouts"]
     metrics = {
         "progress/step": done,
         "progress/prefix_length": mb.L,
         "progress/lr": mb.lr,
         "progress/rollouts": rollouts,
-        "progress/completion_tokens": n_tokens / rollouts,
-        "progress/eos_rate": eos_hits / rollouts,
-        f"loss/{cfg.loss}": loss_sum / max(1.0, n_tokens),
-        "loss/reverse_kl_mc": kl_sum / max(1.0, n_tokens),
+        "progress/tail_rollouts": s["tail_rollouts"],
+        "progress/completion_tokens": s["tokens"] / rollouts,
+        "progress/eos_rate": s["eos_hits"] / rollouts,
+        f"loss/{cfg.loss}": s["loss"] / n,
         "loss/grad_norm": res.grad_norm,
-        "loss/sample_logprob_gap": res.gap_max,
-        **run.teacher.stats.take(),
-        "teacher/wait_s": res.wait_s,
-        **sf.as_metrics("flops/"),
-        **run.cum.as_metrics("flops/cum_"),
-        "time/sample_s": mb.sample_s,
-        "time/train_s": res.train_s,
-        "time/step_s": time.perf_counter() - t_step,
-        "time/elapsed_s": time.perf_counter() - run.t_start,
     }
+    if run.source.on_policy:
+        metrics["loss/sample_logprob_gap"] = res.gap_max
+        if s["kl_tokens"]:
+            metrics["loss/reverse_kl_mc"] = s["kl"] / s["kl_tokens"]
+    if cfg.anchor.uses_reference:
+        metrics["loss/anchor_tail"] = s["tail"] / n
+    if cfg.anchor.l2:
+        metrics["loss/anchor_l2"] = res.anchor_l2
+    metrics.update(
+        {
+            **run.teacher.stats.take(),
+            "teacher/wait_s": res.wait_s,
+            **s["flops"].as_metrics("flops/"),
+            **run.cum.as_metrics("flops/cum_"),
+            "time/sample_s": mb.sample_s,
+            "time/train_s": res.train_s,
+            "time/step_s": time.perf_counter() - t_step,
+            "time/elapsed_s": time.perf_counter() - run.t_start,
+        }
+    )
     run.writer.log(done, metrics)
-    run.progress.update(done, f"L={mb.L} kl={metrics['loss/reverse_kl_mc']:.3f}")
+    shown = (
+        ("kl", metrics["loss/reverse_kl_mc"]) if "loss/reverse_kl_mc" in metrics else ("loss", s["loss"] / n)
+    )
+    run.progress.update(done, f"L={mb.L} {shown[0]}={shown[1]:.3f}")
 
 
 def evaluate_now(run: Run, step: int) -> None:

@@ -18,9 +18,12 @@ returns the masked per-token losses (B, T).
 - `jsd_topk`: generalized JSD(beta) of TRL's GKD: beta * KL(T || M) + (1 - beta) * KL(S || M) with
   M = beta * T + (1 - beta) * S; beta = 0 is forward KL(T || S), beta = 1 reverse KL(S || T).
 - `*_full`: exact KL over the full vocabulary rows.
+- `nll`: supervised cross-entropy -log p_S(x) of the rollout tokens; it reads nothing from the teacher, so with
+  it the trainer sends the teacher no training requests (SeqKD on teacher-written rollouts, supervised training
+  on gold answers).
 
 `LOSSES` at the end is the one table of the config's `loss` choices: each row names what the loss needs from
-the teacher (`Need`: the sampled token's log-probability, the top-k, or full rows) and a small adapter from
+the teacher (`Need`: nothing, the sampled token's log-probability, the top-k, or full rows) and a small adapter from
 `LossInputs` to its pure function. A new loss is one row (plus a `LossInputs` field or a `Need` if it reads
 something new); the config, the requests and the evaluation read the table.
 """
@@ -125,6 +128,11 @@ def reverse_kl_sampled(
     return masked_reduce(-advantage_BT * student_token_lp_BT, mask_BT, reduction)
 
 
+def nll(student_token_lp_BT: torch.Tensor, mask_BT: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the rollout tokens (B, T): -log p_S(x) at every trained position."""
+    return masked_reduce(-student_token_lp_BT, mask_BT, reduction)
+
+
 def sampled_kl_estimate(
     student_token_lp_BT: torch.Tensor,
     teacher_token_lp_BT: torch.Tensor,
@@ -177,7 +185,7 @@ class TeacherBatch:
     """The teacher's scores of a micro-batch, padded to (B, T[, K | V]) on the student's device."""
 
     token_lp_BT: torch.Tensor
-    """(B, T) the teacher's log-probability of each sampled token (always present)."""
+    """(B, T) the teacher's log-probability of each sampled token (present whenever the teacher scored)."""
     topk_ids_BTK: torch.Tensor | None = None
     """(B, T, K) the teacher's top-k token ids (Need.TOPK)."""
     topk_lp_BTK: torch.Tensor | None = None
@@ -189,6 +197,8 @@ class TeacherBatch:
 class Need(str, enum.Enum):
     """What a loss needs from the teacher at each scored position (it sets what the requests ask for)."""
 
+    NONE = "none"
+    """Nothing: the loss does not read the teacher, and training sends it no requests."""
     TOKEN = "token"
     """The log-probability of the sampled token only (every request returns it)."""
     TOPK = "topk"
@@ -205,7 +215,8 @@ class LossInputs:
     """(B, T, V) the student's log-probabilities at the rollout positions, with gradient."""
     sampled_ids_BT: torch.Tensor
     """(B, T) int64 the sampled token ids."""
-    teacher: TeacherBatch
+    teacher: TeacherBatch | None
+    """The teacher's scores (None when the loss needs nothing from the teacher)."""
     mask_BT: torch.Tensor
     """(B, T) 1.0 where a position is trained."""
     beta: float = 0.5
@@ -216,15 +227,22 @@ class LossInputs:
         """(B, T) the student's log-probability of each sampled token."""
         return self.student_lp_BTV.gather(-1, self.sampled_ids_BT.unsqueeze(-1)).squeeze(-1)
 
+    def token(self) -> torch.Tensor:
+        """(B, T) the teacher's log-probability of each sampled token."""
+        assert self.teacher is not None, "this loss needs the teacher's scores"
+        return self.teacher.token_lp_BT
+
     def topk(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, T, K), log-probabilities (B, T, K)) of the teacher's top-k."""
         t = self.teacher
-        assert t.topk_ids_BTK is not None and t.topk_lp_BTK is not None, "this loss needs the teacher's top-k"
+        assert t is not None and t.topk_ids_BTK is not None and t.topk_lp_BTK is not None, (
+            "this loss needs the teacher's top-k"
+        )
         return t.topk_ids_BTK, t.topk_lp_BTK
 
     def full(self) -> torch.Tensor:
         """(B, T, V) the teacher's full rows."""
-        assert self.teacher.full_lp_BTV is not None, "this loss needs the teacher's full rows"
+        assert self.teacher is not None and self.teacher.full_lp_BTV is not None, "this loss needs full rows"
         return self.teacher.full_lp_BTV
 
 
@@ -243,7 +261,7 @@ class Loss:
 LOSSES: dict[str, Loss] = {
     "reverse_kl_sampled": Loss(
         Need.TOKEN,
-        lambda x, r: reverse_kl_sampled(x.student_token_lp_BT, x.teacher.token_lp_BT, x.mask_BT, r),
+        lambda x, r: reverse_kl_sampled(x.student_token_lp_BT, x.token(), x.mask_BT, r),
         "reverse KL through the sampled tokens (policy-gradient form)",
     ),
     "reverse_kl_topk": Loss(
@@ -271,6 +289,11 @@ LOSSES: dict[str, Loss] = {
         lambda x, r: forward_kl_full(x.student_lp_BTV, x.full(), x.mask_BT, r),
         "exact forward KL over full vocabulary rows",
     ),
+    "nll": Loss(
+        Need.NONE,
+        lambda x, r: nll(x.student_token_lp_BT, x.mask_BT, r),
+        "supervised cross-entropy of the rollout tokens (SeqKD, gold answers; no teacher requests)",
+    ),
 }
 
 
@@ -285,7 +308,7 @@ def compute_loss(
     name: str,
     student_lp_BTV: torch.Tensor,
     sampled_ids_BT: torch.Tensor,
-    teacher: TeacherBatch,
+    teacher: TeacherBatch | None,
     mask_BT: torch.Tensor,
     *,
     beta: float = 0.5,

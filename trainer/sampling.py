@@ -1,6 +1,8 @@
-"""Batched student generation with a KV cache: stops at `max_tokens` tokens or EOS; records ids and logprobs.
+"""Batched generation with a KV cache: stops a row at its `max_tokens` or EOS; records ids and logprobs.
 
-In training `max_tokens` is the step's prefix length L, in evaluation the full answer length. Prompts are
+In training `max_tokens` is the step's prefix length L (per row: the rollouts of the tail anchor run to the full
+length), in evaluation the full answer length. The model is the student's, or the teacher's for off-policy
+rollouts. Prompts are
 left-padded into one (B, P) batch with explicit position ids, so every row computes what it would alone. Each
 step feeds one token per row through the cache; rows that finished keep being fed the pad token (their outputs
 are ignored) until every row is done or `max_tokens` tokens were generated. temperature = 0 is greedy.
@@ -36,6 +38,32 @@ class Rollouts:
 
     def completion(self, i: int) -> list[int]:
         return self.ids_BT[i, : self.lengths[i]].tolist()
+
+    def select(self, rows: Sequence[int]) -> Rollouts:
+        """The rollouts of `rows` only, trimmed to their longest completion."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        T = max(1, int(self.mask_BT[idx].sum(1).max()))
+        return Rollouts(
+            [self.prompt_ids[i] for i in rows],
+            self.ids_BT[idx, :T],
+            self.sample_lp_BT[idx, :T],
+            self.mask_BT[idx, :T],
+            self.pad_id,
+        )
+
+
+def from_completions(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> Rollouts:
+    """Rollouts holding given completions (e.g. gold answers), right-padded; no sampling log-probabilities (0)."""
+    assert len(prompts) == len(completions) and all(len(c) > 0 for c in completions)
+    T = max(len(c) for c in completions)
+    ids = torch.full((len(completions), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), T), dtype=torch.float32)
+    for i, c in enumerate(completions):
+        ids[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+        mask[i, : len(c)] = 1.0
+    return Rollouts([list(p) for p in prompts], ids, torch.zeros_like(mask), mask, pad_id)
 
 
 def _cache_kwarg(model) -> str:
@@ -76,7 +104,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
-    max_tokens: int,
+    max_tokens: int | Sequence[int],
     *,
     eos_id: int | None,
     pad_id: int,
@@ -86,16 +114,19 @@ def generate(
 ) -> Rollouts:
     """Samples up to `max_tokens` tokens per prompt (stopping a row at `eos_id`); temperature 0 = greedy.
 
-    `max_tokens` is how far this call runs: the step's prefix length L in training (L <= the config's
-    `max_new_tokens`, the full response length), `eval.max_new_tokens` in evaluation. Draws come from
-    `generator` (on the CPU), so a seeded generator reproduces the same rollouts.
+    `max_tokens` is how far this call runs, one number for every row or one per row: the step's prefix length L
+    in training (L <= the config's `max_new_tokens`, the full response length), `eval.max_new_tokens` in
+    evaluation. Draws come from `generator` (on the CPU), so a seeded generator reproduces the same rollouts.
     """
     assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), "prompts must be non-empty"
-    assert max_tokens >= 1
+    B = len(prompts)
+    limits = [max_tokens] * B if isinstance(max_tokens, int) else list(max_tokens)
+    assert len(limits) == B and min(limits) >= 1, f"bad max_tokens {max_tokens}"
+    limit_B = torch.as_tensor(limits, dtype=torch.long)
+    max_tokens = max(limits)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    B = len(prompts)
     ids, attn = left_pad(prompts, pad_id, device)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     cache_kw = _cache_kwarg(model)
@@ -130,6 +161,7 @@ def generate(
         out_lp[live, t] = lp_BV.gather(1, tok_B[:, None]).squeeze(1)[live]
         out_mask[live, t] = 1.0
         T = t + 1
+        done |= live & (limit_B <= T)
         if eos_id is not None:
             done |= live & (tok_B == eos_id)
         if bool(done.all()) or t == max_tokens - 1:

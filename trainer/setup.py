@@ -2,7 +2,9 @@
 
 Order matters for reproducibility (a resumed run must draw what an uninterrupted one draws): the seeds are set
 before the student is loaded, the RNG states of a checkpoint are restored after everything that could consume
-randomness at set-up.
+randomness at set-up. Parameters are frozen (`freeze`) before the optimizer and the DDP wrapper are built, so
+both see only the trained ones; the starting student of the anchors and a teacher copy that writes off-policy
+rollouts are loaded from their own folders, never from a checkpoint.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import yaml
 
 from services.teacher.types import ModelInfo
 from trainer import checkpoint as ckpt_mod
+from trainer.anchor import Anchor, build_anchor, freeze
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
 from trainer.flops import ModelDims, StepFlops, dims_from_model
 from trainer.losses import Need, loss_of
 from trainer.metrics import MetricsWriter
 from trainer.progress import Progress
+from trainer.rollouts import RolloutSource, build_source
 from trainer.sampling import pad_id_of
 from trainer.tasks import Example, load_task, render
 from trainer.teacher_io import TeacherIO, check_teacher, teacher_dims
@@ -64,6 +68,10 @@ class Run:
     sampler: torch.Generator
     """This rank's sampling draws."""
     train_ids: list[list[int]]
+    source: RolloutSource
+    """Who writes the rollouts (config `rollouts`)."""
+    anchor: Anchor
+    """The L2 and tail anchors toward the starting student (config `anchor`)."""
     held_ex: list[Example]
     held_ids: list[list[int]]
     eval_full_rows: bool
@@ -81,10 +89,18 @@ class Run:
         return self.ddp if self.ddp is not None else self.model
 
 
-def _load_prompts(
-    cfg: TrainConfig, tokenizer, max_len: int
-) -> tuple[list[list[int]], list[Example], list[list[int]]]:
-    """(training prompt ids, held-out examples, held-out prompt ids); over-long prompts are skipped."""
+@dataclass
+class Prompts:
+    """The run's prompts, rendered; over-long ones skipped."""
+
+    train_ex: list[Example]
+    train_ids: list[list[int]]
+    held_ex: list[Example]
+    held_ids: list[list[int]]
+
+
+def _load_prompts(cfg: TrainConfig, tokenizer, max_len: int) -> Prompts:
+    """Training and held-out prompts (examples and token ids); over-long prompts are skipped."""
     task = load_task(cfg.prompts)
     if isinstance(cfg.eval.prompts, int):
         heldout = task.heldout[: cfg.eval.prompts]
@@ -105,13 +121,12 @@ def _load_prompts(
             )
         return out_ex, out_ids
 
-    _, train_ids = keep(task.train, cfg.max_new_tokens)
+    train_ex, train_ids = keep(task.train, cfg.max_new_tokens)
     if not train_ids:
         raise ValueError(
             f"no training prompt of {cfg.prompts!r} fits max_prompt_tokens={cfg.max_prompt_tokens}."
         )
-    held_ex, held_ids = keep(heldout, cfg.eval.max_new_tokens)
-    return train_ids, held_ex, held_ids
+    return Prompts(train_ex, train_ids, *keep(heldout, cfg.eval.max_new_tokens))
 
 
 def _eval_kl_mode(cfg: TrainConfig, info: ModelInfo, vocab: int, dd: Dist) -> tuple[bool, int]:
@@ -150,9 +165,10 @@ def _student(cfg: TrainConfig, ckpt: Path | None, device: torch.device):
     return tokenizer, model.to(device)
 
 
-def _optimizer(cfg: TrainConfig, model, ckpt: Path | None, dd: Dist, data_rng, sampler):
-    """(AdamW, steps done, cumulative FLOPs): fresh, or restored from the checkpoint with this rank's RNGs."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _optimizer(cfg: TrainConfig, params, ckpt: Path | None, dd: Dist, data_rng, sampler):
+    """(AdamW over the trained `params`, steps done, cumulative FLOPs): fresh, or restored from the checkpoint
+    with this rank's RNGs."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if ckpt is None:
         return optimizer, 0, StepFlops()
     state, rng = ckpt_mod.load_state(ckpt, dd.rank, dd.world)
@@ -179,15 +195,18 @@ def set_up(
     tokenizer, model = _student(cfg, ckpt, device)
     vocab = model.get_output_embeddings().weight.shape[0]
     need = loss_of(cfg.loss).need
+    trained = freeze(model, cfg.freeze)
 
     teacher = TeacherIO(cfg.teacher, cfg.teacher_client, device=str(device))
     closing.callback(teacher.close)
     info = teacher.model_info()
     check_teacher(info, tokenizer, vocab, student=cfg.student, need=need, top_k=cfg.top_k)
-    train_ids, held_ex, held_ids = _load_prompts(cfg, tokenizer, info.max_context)
+    prompts = _load_prompts(cfg, tokenizer, info.max_context)
     eval_full_rows, eval_top_k = _eval_kl_mode(cfg, info, vocab, dd)
+    source = build_source(cfg, info, tokenizer, model, prompts.train_ex, vocab, device)
+    anchor = build_anchor(cfg, trained, device)
 
-    optimizer, start, cum = _optimizer(cfg, model, ckpt, dd, data_rng, sampler)
+    optimizer, start, cum = _optimizer(cfg, [p for _, p in trained], ckpt, dd, data_rng, sampler)
     ddp = None
     if dd.on:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -205,7 +224,8 @@ def set_up(
         tokenizer=tokenizer, model=model, ddp=ddp, optimizer=optimizer, teacher=teacher, need=need,
         job_id=cfg.run_job_id, vocab=vocab, eos=tokenizer.eos_token_id, pad=pad_id_of(tokenizer),
         autocast=torch.bfloat16 if cfg.dtype == "bfloat16" else None, data_rng=data_rng, sampler=sampler,
-        train_ids=train_ids, held_ex=held_ex, held_ids=held_ids, eval_full_rows=eval_full_rows,
+        train_ids=prompts.train_ids, source=source, anchor=anchor, held_ex=prompts.held_ex,
+        held_ids=prompts.held_ids, eval_full_rows=eval_full_rows,
         eval_top_k=eval_top_k, s_dims=dims_from_model(model), t_dims=teacher_dims(info), writer=writer,
         progress=progress,
     )  # fmt: skip

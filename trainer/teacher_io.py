@@ -18,6 +18,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -241,20 +242,26 @@ def build_requests(
     top_k: int,
     temperature: float,
     full_dtype: str = "float32",
+    scored: Sequence[int] | None = None,
 ) -> list[ScoreRequest]:
     """One ScoreRequest per rollout (prompt ids + its completion), asking for what `need` says; `top_k` is sent
-    only when the top-k is needed. The client gives each request its id on the wire."""
+    only when the top-k is needed. `scored[i]`: only the first this many completion tokens of rollout i are
+    sent (default: all). The client gives each request its id on the wire."""
+    assert need != Need.NONE, "a loss that needs nothing from the teacher sends it no requests"
+    n = len(rollouts.prompt_ids)
+    keep = rollouts.lengths if scored is None else list(scored)
+    assert len(keep) == n and all(1 <= k <= m for k, m in zip(keep, rollouts.lengths, strict=True)), keep
     return [
         ScoreRequest(
             prompt_token_ids=np.asarray(rollouts.prompt_ids[i], dtype=np.int64),
-            completion_token_ids=np.asarray(rollouts.completion(i), dtype=np.int64),
+            completion_token_ids=np.asarray(rollouts.completion(i)[: keep[i]], dtype=np.int64),
             job_id=job_id,
             top_k=top_k if need == Need.TOPK else 0,
             full=need == Need.FULL,
             temperature=temperature,
             full_dtype=full_dtype,
         )
-        for i in range(len(rollouts.prompt_ids))
+        for i in range(n)
     ]
 
 
