@@ -145,7 +145,14 @@ def test_30_steps_lower_the_reverse_kl_to_the_teacher(tiny_student, tiny_teacher
 
 
 def test_every_loss_trains_through_the_service(tiny_student, service, tmp_path):
-    for loss in ("reverse_kl_topk", "forward_kl_topk", "jsd_topk", "reverse_kl_full", "forward_kl_full"):
+    for loss in (
+        "reverse_kl_topk",
+        "forward_kl_topk",
+        "jsd_topk",
+        "reverse_kl_full",
+        "forward_kl_full",
+        "nll",
+    ):
         cfg = base(
             tiny_student,
             service,
@@ -159,9 +166,26 @@ def test_every_loss_trains_through_the_service(tiny_student, service, tmp_path):
             "eval.prompts=2",
             "tensorboard=false",
         )
-        train(cfg)
+        summary = train(cfg)
         rows = [r for r in read_metrics(tmp_path / loss) if f"loss/{loss}" in r]
         assert len(rows) == 2 and all(np.isfinite(r[f"loss/{loss}"]) and r[f"loss/{loss}"] >= 0 for r in rows)
+        if loss == "nll":  # supervised: no training request reaches the teacher; evaluation still asks it
+            assert all(r["teacher/requests"] == 0 and r["flops/teacher"] == 0 for r in rows)
+            assert "loss/reverse_kl_mc" not in rows[0] and summary.after["eval/kl"] > 0
+
+
+def test_off_policy_rollouts_through_the_service(tiny_student, tiny_teacher, service, tmp_path):
+    """Teacher-written rollouts (the sampling model found from the service's advertised model id) and gold
+    answers, both scored by the service; no on-policy estimates are logged for them."""
+    for source in ("teacher", "gold"):
+        out = tmp_path / source
+        train(base(tiny_student, service, out, "steps=2", "batch_size=4", "prefix.length=4",
+                   f"rollouts.source={source}", "eval.at_start=false", "eval.prompts=2", "tensorboard=false"))  # fmt: skip
+        rows = [r for r in read_metrics(out) if "flops/total" in r]
+        assert len(rows) == 2 and all(r["teacher/requests"] == 4 for r in rows), source
+        assert all(np.isfinite(r["loss/reverse_kl_sampled"]) for r in rows), source
+        assert not any(k in rows[0] for k in ("loss/sample_logprob_gap", "loss/reverse_kl_mc")), source
+        assert (rows[0]["flops/sampling"] == 0) == (source == "gold"), source
 
 
 def equal_length_prompts(tok, path, n=12):
@@ -381,6 +405,13 @@ def test_torchrun_two_ranks_end_with_identical_weights(tiny_student, service, tm
         "progress_bar=false",
         "--set",
         "save_every=3",
+        # the anchors and a frozen part: each rank adds the same L2 term after DDP's average
+        "--set",
+        "anchor.l2=0.1",
+        "--set",
+        "anchor.tail_fraction=0.5",
+        "--set",
+        "freeze=[model.embed_tokens]",
     ]
     r = subprocess.run(args, capture_output=True, text=True, env=env(), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -390,6 +421,15 @@ def test_torchrun_two_ranks_end_with_identical_weights(tiny_student, service, tm
     assert digest_of(out / "final") != digest_of(tiny_student)  # and training did change them
     steps = [r for r in read_metrics(out) if "flops/total" in r]
     assert [r["progress/rollouts"] for r in steps] == [8, 8, 8]  # both ranks' rollouts counted
+    assert [r["progress/tail_rollouts"] for r in steps] == [4, 4, 4]
+    assert steps[0]["loss/anchor_l2"] == 0 < steps[-1]["loss/anchor_l2"]
+    from safetensors.torch import load_file
+
+    final, start = (
+        load_file(str(out / "final" / "model.safetensors")),
+        load_file(str(tiny_student / "model.safetensors")),
+    )
+    assert torch.equal(final["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
     # every rank wrote its own RNG state; rank 1 drew different prompts than rank 0 (seeded seed + rank)
     ckpt = out / "checkpoints" / "step-000003"
     r0 = torch.load(ckpt / "rng_rank0.pt", weights_only=False)

@@ -241,9 +241,10 @@ def test_every_loss_of_the_table_is_zero_for_a_perfect_student_and_reduces():
         assert isinstance(row.need, L.Need) and row.help, name
         assert L.compute_loss(name, t, sampled, tb, mask, reduction="none").shape == (2, 3), name
         if row.need == L.Need.NONE:  # supervised: no teacher to match, the same value without one
-            assert L.compute_loss(name, t, sampled, None, mask).item() == L.compute_loss(
-                name, t, sampled, tb, mask
-            ).item()
+            assert (
+                L.compute_loss(name, t, sampled, None, mask).item()
+                == L.compute_loss(name, t, sampled, tb, mask).item()
+            )
             continue
         assert L.compute_loss(name, t, sampled, tb, mask).item() == pytest.approx(0.0, abs=1e-6), name
 

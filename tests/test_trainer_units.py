@@ -57,12 +57,51 @@ def test_config_yaml_nesting_and_overrides(tmp_path):
             ["teacher_client.retrys=1"],
             "unknown key `teacher_client.retrys`; valid keys here: teacher_client.",
         ),
+        (["rollouts.source=model"], "`rollouts.source` must be one of ['student', 'teacher', 'gold']"),
+        (["anchor.l2=-0.1"], "`anchor.l2` must be >= 0, got -0.1."),
+        (["anchor.tail_fraction=1.5"], "`anchor.tail_fraction` must be in [0, 1], got 1.5."),
+        (["anchor.tail_target=student"], "`anchor.tail_target` must be one of ['reference', 'teacher']"),
+        (["anchor.tail_weight=-1"], "`anchor.tail_weight` must be >= 0, got -1.0."),
+        (["anchor.tail=1"], "unknown key `anchor.tail`; valid keys here: anchor.l2, anchor.tail_fraction"),
+        (
+            ["freeze=model.layers"],
+            "`freeze` must be a list of non-empty strings, e.g. [a, b], got 'model.layers'.",
+        ),
+        (
+            ["freeze=[model.layers, 3]"],
+            "`freeze` must be a list of non-empty strings, e.g. [a, b], got ['model",
+        ),
+        (["freeze={a: 1}"], "`freeze` must be a list of non-empty strings"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, REQ + overrides)
     assert message in str(err.value)
+
+
+def test_freeze_is_a_list_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "student: s\nteacher: t\nfreeze: [model.embed_tokens, model.layers]\n"
+        "rollouts: {source: teacher, model: /m/t}\nanchor: {l2: 0.01, tail_fraction: 0.125}\n"
+    )
+    cfg = load_config(path)
+    assert cfg.freeze == ["model.embed_tokens", "model.layers"]
+    assert (cfg.rollouts.source, cfg.rollouts.model) == ("teacher", "/m/t")
+    assert (cfg.anchor.l2, cfg.anchor.tail_fraction, cfg.anchor.tail_target) == (0.01, 0.125, "reference")
+    assert load_config(path, ["freeze=[model.norm]"]).freeze == ["model.norm"]
+    assert load_config(path, ["freeze=[]"]).freeze == [] and load_config(path, ["freeze="]).freeze == []
+    assert load_config(None, REQ).freeze == [] and load_config(None, REQ).to_dict()["freeze"] == []
+    path.write_text("student: s\nteacher: t\nfreeze:\n  - model.embed_tokens\n  - lm_head\n")
+    assert load_config(path).freeze == ["model.embed_tokens", "lm_head"]
+    defaults = {k: v for k, v, _ in describe()}
+    assert defaults["freeze"] == "[]" and defaults["rollouts.source"] == "'student'"
+    assert (defaults["anchor.l2"], defaults["anchor.tail_fraction"], defaults["anchor.tail_weight"]) == (
+        "0.0",
+        "0.0",
+        "1.0",
+    )
 
 
 def test_teacher_client_section_is_the_clients_options_and_its_token_is_never_saved(monkeypatch, tmp_path):
@@ -222,6 +261,34 @@ def test_prefix_costs_less_than_full_and_step_flops_sum():
     assert F.sampling_flops(d, 10, 5) == F.forward_flops(d, 10, 0, 1) + sum(
         F.forward_flops(d, 1, 10 + j, 1) for j in range(4)
     )
+
+
+def test_rollout_flops_by_hand():
+    """A tail rollout anchored to the reference: P = 5, 6 tokens sampled by the teacher copy, the first 2 scored,
+    all 6 trained, a reference forward over all 6; every term written out from F(n, c, g) by hand."""
+    s = F.ModelDims(n_layer=2, d_attn=8, layer_params=100, head_params=30)
+    t = F.ModelDims(n_layer=3, d_attn=16, layer_params=400, head_params=60)
+
+    def fwd(d, n, c, g):  # F(n, c, g) of the module docstring, term by term
+        return (
+            2 * d.layer_params * n
+            + 2 * d.head_params * g
+            + 4 * d.n_layer * d.d_attn * sum(range(c + 1, c + n + 1))
+        )
+
+    r = F.RolloutTokens(prompt=5, sampled=6, scored=2, trained=6, reference=6)
+    got = F.rollout_flops(r, student=s, teacher=t, sampler=t)
+    assert got.sampling == fwd(t, 5, 0, 1) + sum(fwd(t, 1, 5 + j - 1, 1) for j in range(1, 6))
+    assert got.training == 3 * fwd(s, 11, 0, 6) + fwd(s, 11, 0, 6)
+    assert got.teacher == fwd(t, 7, 0, 2)
+    # gold with nll: nothing sampled, nothing scored; an unknown teacher counts 0
+    gold = F.RolloutTokens(prompt=5, sampled=0, scored=0, trained=3)
+    assert F.rollout_flops(gold, student=s, teacher=t, sampler=None) == F.StepFlops(0, 3 * fwd(s, 8, 0, 3), 0)
+    assert F.step_flops([r, gold], student=s, teacher=None, sampler=t) == F.StepFlops(
+        got.sampling, got.training + 3 * fwd(s, 8, 0, 3), 0
+    )
+    with pytest.raises(AssertionError):
+        F.RolloutTokens(prompt=5, sampled=2, scored=3, trained=2)  # more scored than trained
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
