@@ -25,6 +25,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +38,9 @@ from trainer.sampling import Rollouts, from_completions, generate
 from trainer.schedule import learning_rate, prefix_length
 from trainer.tasks import Example
 from trainer.teacher_io import build_requests
+
+if TYPE_CHECKING:  # the Run is built by trainer.setup, which imports this module
+    from trainer.setup import Run
 
 
 @dataclass
@@ -102,7 +106,9 @@ def row_limits(n_rollouts: int, L: int, max_new_tokens: int, fraction: float) ->
     return [max_new_tokens] * n_tail + [L] * (n_rollouts - n_tail)
 
 
-def split_positions(ro: Rollouts, limits: list[int], L: int, anchor_tails: bool) -> tuple[torch.Tensor, ...]:
+def split_positions(
+    ro: Rollouts, limits: list[int], L: int, anchor_tails: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(head (B, T), tail (B, T)) masks of a micro-batch: with `anchor_tails`, a row allowed beyond L keeps its
     first L positions in the head and the rest in the tail; every other row is all head."""
     tail_BT = torch.zeros_like(ro.mask_BT)
@@ -130,7 +136,7 @@ class RolloutSource:
     def on_policy(self) -> bool:
         return self.kind == "student"
 
-    def write(self, run, rows: list[int], limits: list[int]) -> Rollouts:
+    def write(self, run: Run, rows: list[int], limits: list[int]) -> Rollouts:
         """Rollouts for training prompts `rows` (indices into run.train_ids), each at most its limit long."""
         prompts = [run.train_ids[i] for i in rows]
         if self.gold is not None:
@@ -210,7 +216,7 @@ def build_source(
     return RolloutSource(kind, student)
 
 
-def prepare_minibatch(run, step: int) -> Minibatch:
+def prepare_minibatch(run: Run, step: int) -> Minibatch:
     """Write and submit: the step's rollouts, each micro-batch sent to the teacher as soon as it exists."""
     cfg = run.cfg
     L = prefix_length(cfg.prefix, step, cfg.steps, cfg.max_new_tokens)
