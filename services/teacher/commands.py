@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import typer
 
 from services.teacher.errors import InvalidRequest, TeacherError
 from services.util.progress import quiet_progress_bars
 
-teacher_app = typer.Typer(help="Run the teacher service.", no_args_is_help=True)
+
+@dataclass(frozen=True)
+class FrontendExtension:
+    """Extra flags of `teacher serve | frontend` and the HTTP routes they add: a composition root's hook (the
+    teacher defines none; services/app adds the analysis page with `--student`)."""
+
+    options: Sequence
+    """Extra keyword-only `inspect.Parameter`s (typer options) of the two commands."""
+    routes: Callable[[dict], Callable | None]
+    """Their values -> the front-end's `http_routes` hook (services.teacher.server.HttpRoutes), or None."""
 
 
 def _parse_ids(text: str | None, param: str) -> list[int] | None:
@@ -91,7 +102,9 @@ def _settings(flags: dict):
         raise typer.Exit(2) from None
 
 
-def _make_command(name: str, doc: str, runner_name: str) -> None:
+def _make_command(
+    app: typer.Typer, name: str, doc: str, runner_name: str, extension: FrontendExtension | None = None
+) -> None:
     import inspect
     import logging
 
@@ -110,19 +123,42 @@ def _make_command(name: str, doc: str, runner_name: str) -> None:
             )
         )
 
+    extra_names = [p.name for p in extension.options] if extension else []
+
     def command(**flags) -> None:
         from services.teacher import server
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        extra = {k: flags.pop(k) for k in extra_names}
         settings = _settings(flags)
-        getattr(server, runner_name)(settings)
+        routes = extension.routes(extra) if extension else None
+        runner = getattr(server, runner_name)
+        if routes is None:
+            runner(settings)
+        else:
+            runner(settings, http_routes=routes)
 
-    command.__signature__ = inspect.Signature(params)
+    command.__signature__ = inspect.Signature([*params, *(extension.options if extension else ())])
     command.__doc__ = doc
     command.__name__ = name
-    teacher_app.command(name)(command)
+    app.command(name)(command)
 
 
-_make_command("serve", "Run a front-end (gRPC + HTTP) and --workers worker processes.", "serve")
-_make_command("frontend", "Run only the front-end (loads the tokenizer and config, no weights).", "frontend")
-_make_command("worker", "Run one worker: loads the model, serves batches from Redis.", "worker")
+def teacher_commands(extension: FrontendExtension | None = None) -> typer.Typer:
+    """The `teacher` command group; `extension` adds flags and HTTP routes to `serve` and `frontend`."""
+    app = typer.Typer(help="Run the teacher service.", no_args_is_help=True)
+    _make_command(
+        app, "serve", "Run a front-end (gRPC + HTTP) and --workers worker processes.", "serve", extension
+    )
+    _make_command(
+        app,
+        "frontend",
+        "Run only the front-end (loads the tokenizer and config, no weights).",
+        "frontend",
+        extension,
+    )
+    _make_command(app, "worker", "Run one worker: loads the model, serves batches from Redis.", "worker")
+    return app
+
+
+teacher_app = teacher_commands()

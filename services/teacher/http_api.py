@@ -8,8 +8,9 @@ queue, 503 when Redis or every worker is unreachable; never a 500 for bad input.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -93,15 +94,9 @@ async def _request_of(dispatcher: Dispatcher, body: LogprobsRequest) -> ScoreReq
         raise
 
 
-def create_app(dispatcher: Dispatcher) -> FastAPI:
-    """The FastAPI app over a started Dispatcher (which must carry the tokenizer)."""
-    app = FastAPI(
-        title="prefix-distill teacher",
-        description="Token-level teacher log-probabilities for on-policy (prefix) distillation.",
-        version="1.0",
-    )
-    info = dispatcher.info
-    texts = TokenTexts(dispatcher.tokenizer)
+def install_error_handlers(app: FastAPI) -> None:
+    """The error shape `{"error": {"param", "message"}}` on `app`: 422 for a malformed body, the status of each
+    TeacherError otherwise (also used by other HTTP apps that speak this API, e.g. the analysis app)."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -111,6 +106,21 @@ def create_app(dispatcher: Dispatcher) -> FastAPI:
     @app.exception_handler(TeacherError)
     async def teacher_error(_request: Request, exc: TeacherError) -> JSONResponse:
         return _error(http_status(exc), exc.param, exc.message)
+
+
+def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The FastAPI app over a started Dispatcher (which must carry the tokenizer), plus any extra `routers` a
+    composition root adds (the teacher itself defines none)."""
+    app = FastAPI(
+        title="prefix-distill teacher",
+        description="Token-level teacher log-probabilities for on-policy (prefix) distillation.",
+        version="1.0",
+    )
+    info = dispatcher.info
+    texts = TokenTexts(dispatcher.tokenizer)
+    install_error_handlers(app)
+    for router in routers:
+        app.include_router(router)
 
     @app.post("/v1/logprobs")
     async def logprobs(body: LogprobsRequest) -> Response:

@@ -14,11 +14,25 @@ import logging
 import multiprocessing as mp
 import signal
 import socket
+from collections.abc import Callable, Sequence
 
 from services.teacher.settings import TeacherSettings
 
 log = logging.getLogger("prefix_distill.server")
 GRACE_S = 5.0
+
+HttpRoutes = Callable[[str], Sequence]
+"""A composition root's hook: given this front-end's own gRPC target, the extra FastAPI routers its HTTP app
+serves (built once, off the event loop; they reach the teacher through that target like any client)."""
+
+
+def local_target(host: str, port: int) -> str:
+    """The gRPC target a client in this process dials for a server bound to `host`:`port`."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"grpc://{host}:{port}"
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -65,8 +79,11 @@ class WorkerPool:
                 p.join()
 
 
-async def run_frontend(settings: TeacherSettings, pool: WorkerPool | None = None) -> None:
-    """Runs gRPC and HTTP front-ends until SIGTERM/SIGINT (and supervises `pool` if given)."""
+async def run_frontend(
+    settings: TeacherSettings, pool: WorkerPool | None = None, http_routes: HttpRoutes | None = None
+) -> None:
+    """Runs gRPC and HTTP front-ends until SIGTERM/SIGINT (and supervises `pool` if given); `http_routes`
+    adds routers to the HTTP app."""
     import uvicorn
 
     from services.teacher.frontend import Dispatcher
@@ -80,7 +97,11 @@ async def run_frontend(settings: TeacherSettings, pool: WorkerPool | None = None
     grpc_server, grpc_port = await build_grpc_server(dispatcher, settings.grpc_host, settings.grpc_port)
     http_sock = _bind(settings.http_host, settings.http_port)
     http_port = http_sock.getsockname()[1]
-    config = uvicorn.Config(create_app(dispatcher), log_level="warning", lifespan="off", access_log=False)
+    routers = []
+    if http_routes is not None:
+        routers = await asyncio.to_thread(http_routes, local_target(settings.grpc_host, grpc_port))
+    app = create_app(dispatcher, routers)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     http_server = uvicorn.Server(config)
     http_server.install_signal_handlers = lambda: None  # we own the signals
     http_task = asyncio.create_task(http_server.serve(sockets=[http_sock]))
@@ -115,19 +136,19 @@ async def run_frontend(settings: TeacherSettings, pool: WorkerPool | None = None
         print("teacher front-end stopped", flush=True)
 
 
-def serve(settings: TeacherSettings) -> None:
+def serve(settings: TeacherSettings, http_routes: HttpRoutes | None = None) -> None:
     """`prefix-distill teacher serve`: front-end plus `settings.workers` supervised worker processes."""
     pool = WorkerPool(settings)
     pool.start()
     try:
-        asyncio.run(run_frontend(settings, pool))
+        asyncio.run(run_frontend(settings, pool, http_routes))
     finally:
         pool.stop()
 
 
-def frontend(settings: TeacherSettings) -> None:
+def frontend(settings: TeacherSettings, http_routes: HttpRoutes | None = None) -> None:
     """`prefix-distill teacher frontend`: transports only (tokenizer and config, no weights)."""
-    asyncio.run(run_frontend(settings))
+    asyncio.run(run_frontend(settings, http_routes=http_routes))
 
 
 def worker(settings: TeacherSettings) -> None:
