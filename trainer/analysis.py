@@ -6,11 +6,13 @@
 - **KL by position**: the exact per-token reverse KL(student || teacher) over full rows at each position of the
   student's own sampled answers (what on-policy training sees), averaged over prompts; and the share of the
   total KL that falls within the first L positions.
+- **One answer, token by token** (`compare_tokens`): teacher and student log-probabilities of each token, the exact
+  reverse and forward KL from full rows, and the teacher's top alternatives (what the analysis page shows).
 
 The teacher is only asked to score (the service has no generation endpoint): its greedy prefix is built one
 token at a time, each request scoring the prefix so far plus one placeholder token and reading the teacher's
-top-1 at the placeholder's position. The benchmark (bench/paper_table.py) and the analysis endpoints use these
-functions; they hold no state.
+top-1 at the placeholder's position. The benchmark (bench/paper_table.py) and the analysis endpoints
+(services/app/analysis_api.py: /v1/rescue, /v1/compare) use these functions; they hold no state.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import numpy as np
 import torch
 
 from services.teacher.types import ScoreRequest
-from trainer.losses import Need, reverse_kl_full
-from trainer.sampling import Rollouts, generate, pad_id_of, student_logprobs
+from trainer.losses import Need, forward_kl_full, reverse_kl_full
+from trainer.sampling import Rollouts, from_completions, generate, pad_id_of, student_logprobs
 from trainer.tasks import Example
 from trainer.teacher_io import TeacherIO, build_requests, to_teacher_batch
 
@@ -139,6 +141,10 @@ class PositionKL:
         total = sum(sums)
         return sum(sums[:L]) / total if total > 0 else 0.0
 
+    def shares(self) -> list[float]:
+        """`share_within(L)` for L = 1 .. the number of positions."""
+        return [self.share_within(L) for L in range(1, len(self.mean_by_position) + 1)]
+
 
 @torch.no_grad()
 def kl_by_position(
@@ -179,3 +185,85 @@ def kl_by_position(
         counts[:T] += mask_BT.sum(0).long().cpu().numpy()
     mean = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
     return PositionKL(mean.tolist(), counts.tolist())
+
+
+def student_answer(
+    student, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float, seed: int
+) -> list[int]:
+    """The student's own answer to one prompt: sampled at `temperature` (0: greedy) from a seeded generator."""
+    ro = generate(
+        student,
+        [list(prompt_ids)],
+        max_new_tokens,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=pad_id_of(tokenizer),
+        temperature=temperature,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return ro.completion(0)
+
+
+@dataclass
+class TokenComparison:
+    """Teacher and student at each of the T positions of one completion (every list has T entries)."""
+
+    token_ids: list[int]
+    teacher_logprobs: list[float]
+    """log p_T(c_t | prompt, c_<t)."""
+    student_logprobs: list[float]
+    """log p_S(c_t | prompt, c_<t)."""
+    reverse_kl: list[float]
+    """KL(student || teacher) over the full rows at position t (what on-policy distillation minimises)."""
+    forward_kl: list[float]
+    """KL(teacher || student) over the full rows at position t."""
+    top_ids: list[list[int]]
+    """The teacher's `top_k` most likely tokens at position t, most likely first."""
+    top_teacher_logprobs: list[list[float]]
+    top_student_logprobs: list[list[float]]
+    """The student's log-probabilities of the same `top_ids`."""
+
+
+@torch.no_grad()
+def compare_tokens(
+    student,
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    teacher: TeacherIO,
+    *,
+    top_k: int,
+    job_id: str,
+    pad_id: int,
+) -> TokenComparison:
+    """Scores one completion with the teacher (full rows and top-k) and the student (a forward pass)."""
+    req = ScoreRequest(
+        prompt_token_ids=np.asarray(prompt_ids, dtype=np.int64),
+        completion_token_ids=np.asarray(completion_ids, dtype=np.int64),
+        job_id=job_id,
+        top_k=top_k,
+        full=True,
+    )
+    (res,) = teacher.score([req])
+    ro = from_completions([prompt_ids], [completion_ids], pad_id)
+    device = next(student.parameters()).device
+    s_lp_1TV = student_logprobs(student, ro)
+    t_lp_1TV = torch.from_numpy(res.full_float32()).to(device)[None]
+    assert s_lp_1TV.shape == t_lp_1TV.shape, (
+        f"student {tuple(s_lp_1TV.shape)} vs teacher {tuple(t_lp_1TV.shape)}"
+    )
+    mask_1T = ro.mask_BT.to(device)
+    rev_T = reverse_kl_full(s_lp_1TV, t_lp_1TV, mask_1T, reduction="none")[0]
+    fwd_T = forward_kl_full(s_lp_1TV, t_lp_1TV, mask_1T, reduction="none")[0]
+    ids_T1 = ro.ids_BT[0].to(device)[:, None]
+    top_TK = np.zeros((len(completion_ids), 0), dtype=np.int64) if res.top_k_ids is None else res.top_k_ids
+    top_lp_TK = np.zeros(top_TK.shape, dtype=np.float32) if res.top_k_logprobs is None else res.top_k_logprobs
+    s_top_TK = s_lp_1TV[0].gather(1, torch.as_tensor(top_TK, dtype=torch.long, device=device))
+    return TokenComparison(
+        token_ids=[int(i) for i in completion_ids],
+        teacher_logprobs=res.token_logprobs.tolist(),
+        student_logprobs=s_lp_1TV[0].gather(1, ids_T1)[:, 0].tolist(),
+        reverse_kl=rev_T.tolist(),
+        forward_kl=fwd_T.tolist(),
+        top_ids=top_TK.tolist(),
+        top_teacher_logprobs=top_lp_TK.tolist(),
+        top_student_logprobs=s_top_TK.tolist(),
+    )

@@ -1,7 +1,8 @@
 """The `prefix-distill` console script: one typer app assembling the subcommands of each component.
 
 teacher serve|frontend|worker and score come from the teacher, models from services.models, train and plot
-from the trainer, demo and config-reference from this package.
+from the trainer, demo, config-reference and analysis from this package (which also adds `--student`, the
+analysis page, to teacher serve|frontend).
 
 Heavy imports (torch, transformers, grpc) happen inside the commands, so `--help` stays fast.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import typer
 
+from services.app.analysis_cli import analysis_app, analysis_extension
 from services.app.demo import register as register_demo
 from services.models.commands import app as models_app
-from services.teacher.commands import register_score, teacher_app
+from services.teacher.commands import register_score, teacher_commands
 from trainer.commands import register as register_trainer
 
 app = typer.Typer(
@@ -22,7 +24,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(teacher_app, name="teacher")
+app.add_typer(teacher_commands(analysis_extension()), name="teacher")
+app.add_typer(analysis_app, name="analysis")
 app.add_typer(models_app, name="models")
 register_score(app)
 
