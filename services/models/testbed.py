@@ -8,10 +8,12 @@ their seeds, deterministically on a given machine (about 15 minutes a pair on 2 
 How a pair is built (recipes in PAIRS):
 - one character tokenizer for both, so teacher and student share a tokenizer fingerprint;
 - the teacher: a 4-layer Llama trained from scratch on answers drawn from the task's preferred distribution,
-  with the loss on answer tokens only;
+  with the loss on answer tokens only; for `plan` also on answers that carry out a blindly drawn tag (no loss
+  on the tag), so that it continues any plan coherently, as a language model continues any text, and its KL to
+  a student is about the choice, not about arithmetic it never saw;
 - the student: a 2-layer Llama warmed up briefly, as the paper's weak students are, on data that teaches it to
   carry out every rule but not when to use which: for `plan`, tags drawn blindly (its favourite tag is often
-  invalid); for `chain`, a table that is wrong for two of the ten digits. It starts well below the teacher
+  invalid); for `chain`, a table whose preferred tag is wrong for two of the ten digits. It starts well below the teacher
   and can learn what it lacks.
 """
 
@@ -26,7 +28,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from services.models.rules import ALPHABET, CHAIN_TABLE, RULE_TASKS, RuleTask, chain_sample, plan_sample
+from services.models.rules import (
+    ALPHABET,
+    CHAIN_TABLE,
+    RULE_TASKS,
+    STEPS,
+    RuleTask,
+    chain_sample,
+    plan_answer,
+    plan_sample,
+)
 
 SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
 SHIPPED = Path(__file__).resolve().parent / "pairs"
@@ -65,8 +76,18 @@ class Pair:
     task: str
     teacher: Recipe
     student: Recipe
+    teacher_data: Callable[[int, random.Random], str | tuple[str, int]]
+    """The teacher's training answers: text, or (text, characters at its start that carry no loss)."""
     student_data: Callable[[int, random.Random], str]
     """The student's warm-up answers (what it learns to do before distillation)."""
+
+
+def _plan_teacher(n: int, rng: random.Random) -> str | tuple[str, int]:
+    # 3 in 10 answers carry out a tag drawn blindly, with no loss on the tag: the teacher learns to continue any
+    # plan (as a language model continues any text), while only valid plans teach it which tag to choose.
+    if rng.random() < 0.3:
+        return plan_answer(n, rng.choice(list(STEPS))), 1
+    return plan_sample(n, rng)
 
 
 def _plan_warmup(n: int, rng: random.Random) -> str:
@@ -74,7 +95,8 @@ def _plan_warmup(n: int, rng: random.Random) -> str:
     return plan_sample(n, rng, {"a": 0.05, "b": 0.1, "c": 0.15, "d": 0.3, "e": 0.25, "f": 0.15})
 
 
-_WRONG_TABLE = {**CHAIN_TABLE, 3: "ef", 8: "bc"}
+_WRONG_TABLE = {**CHAIN_TABLE, 3: "ac", 5: "ab"}
+"""The student's table: after a 3 or a 5 it prefers `a`, which is not allowed there (the others are right)."""
 
 
 def _chain_warmup(n: int, rng: random.Random) -> str:
@@ -82,8 +104,12 @@ def _chain_warmup(n: int, rng: random.Random) -> str:
 
 
 PAIRS = {
-    "plan": Pair("plan", Recipe(4, 128, 4, 1500, seed=1), Recipe(2, 96, 4, 1000, seed=2), _plan_warmup),
-    "chain": Pair("chain", Recipe(4, 128, 4, 1500, seed=1), Recipe(2, 96, 4, 1000, seed=2), _chain_warmup),
+    "plan": Pair(
+        "plan", Recipe(4, 128, 4, 1500, seed=1), Recipe(2, 96, 4, 1000, seed=2), _plan_teacher, _plan_warmup
+    ),
+    "chain": Pair(
+        "chain", Recipe(4, 128, 4, 1500, seed=1), Recipe(2, 96, 4, 1000, seed=2), chain_sample, _chain_warmup
+    ),
 }
 
 
@@ -116,17 +142,24 @@ def new_model(recipe: Recipe, tokenizer):
     return model
 
 
-def _batch(pairs: list[tuple[list[int], list[int]]], pad: int):
-    """(input ids (B, S), labels (B, S)): right-padded; labels are -100 on the prompt and the padding."""
+def _batch(rows: list[tuple[list[int], list[int], int]], pad: int):
+    """(input ids (B, S), labels (B, S)) of (prompt, answer, untrained) rows: right-padded; labels are -100 on
+    the prompt, on the first `untrained` answer tokens and on the padding."""
     import torch
 
-    S = max(len(p) + len(a) for p, a in pairs)
-    ids_BS = torch.full((len(pairs), S), pad)
-    labels_BS = torch.full((len(pairs), S), -100)
-    for i, (p, a) in enumerate(pairs):
+    S = max(len(p) + len(a) for p, a, _ in rows)
+    ids_BS = torch.full((len(rows), S), pad)
+    labels_BS = torch.full((len(rows), S), -100)
+    for i, (p, a, untrained) in enumerate(rows):
         ids_BS[i, : len(p) + len(a)] = torch.tensor(p + a)
-        labels_BS[i, len(p) : len(p) + len(a)] = torch.tensor(a)
+        labels_BS[i, len(p) + untrained : len(p) + len(a)] = torch.tensor(a[untrained:])
     return ids_BS, labels_BS
+
+
+def _answer(answers, n: int, rng: random.Random) -> tuple[str, int]:
+    """(answer text, how many of its first characters carry no loss): answer functions may return either."""
+    out = answers(n, rng)
+    return (out, 0) if isinstance(out, str) else out
 
 
 def supervised_train(model, tokenizer, task: RuleTask, answers, recipe: Recipe, progress=None) -> None:
@@ -204,11 +237,11 @@ def build_pair(name: str, out: Path, say=print) -> PairPaths:
     """Trains the pair `name` from its seeds into `out/teacher` and `out/student`; writes out/build.json."""
     import torch
 
-    pair, task = PAIRS[name], RULE_TASKS[name]
+    pair = PAIRS[name]
     tokenizer = build_tokenizer()
     report: dict = {"task": f"builtin:{name}", "torch_threads": torch.get_num_threads()}
     for role, recipe, answers in (
-        ("teacher", pair.teacher, task.sample),
+        ("teacher", pair.teacher, pair.teacher_data),
         ("student", pair.student, pair.student_data),
     ):
         report[role] = _build_model(name, role, recipe, answers, tokenizer, out / role)
