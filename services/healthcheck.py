@@ -42,7 +42,7 @@ def check_worker() -> str:
     try:
         alive = queue.live_workers()
     except redis.RedisError as err:
-        raise RuntimeError(f"redis {settings.redis_url}: {err}") from None
+        raise RuntimeError(f"redis {settings.redacted_redis_url()}: {err}") from None
     finally:
         queue.close()
     host = socket.gethostname() + ":"

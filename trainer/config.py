@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.teacher.client import ClientOptions
+from services.teacher.errors import InvalidRequest
+from services.teacher.types import check_id
 from trainer import configio
 from trainer.configio import ConfigError, check
 from trainer.configio import documented as _f
@@ -210,8 +212,8 @@ class TrainConfig:
     )
     job_id: str = _f(
         "",
-        "Job id sent with every request (queueing and fairness are per job); default: the "
-        "name of output_dir.",
+        "Job id sent with every request (queueing, fairness and token scopes are per job; up to 128 of "
+        "A-Z a-z 0-9 . _ : / @ + -); default: the name of output_dir.",
     )
     prompts: str = _f(
         "builtin:arith",
@@ -332,6 +334,10 @@ class TrainConfig:
         check(all(self.freeze), "freeze", f"must hold non-empty name prefixes, got {self.freeze!r}.")
         self.eval.validate()
         check(bool(self.output_dir), "output_dir", "must be a folder path.")
+        try:  # the teacher's own rule for job ids (a Redis key part and a metrics label)
+            check_id(self.run_job_id, "job_id", required=True)
+        except InvalidRequest as err:
+            raise ConfigError(f"{err.message} (default: the name of output_dir)") from None
         check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}.")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}.")
         check(self.dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}.")

@@ -2,10 +2,9 @@
 
 The async client runs on an event loop in a background thread, so the training thread can hand a micro-batch's
 requests to the teacher (`TeacherIO.submit` returns a future at once) and go on sampling the next micro-batch
-while the teacher scores this one. The client retries UNAVAILABLE itself (a teacher restart); on top of that a
-micro-batch that still fails with UNAVAILABLE, or meets RESOURCE_EXHAUSTED (the job's queue on the teacher is
-full: back-pressure, not an error), is resubmitted a few times with back-off (scoring has no side effects, so a
-resubmit is safe; the client gives each request its wire id and answers in request order).
+while the teacher scores this one. Retries are the client's alone (`services.teacher.client`: each unanswered
+request is sent again on UNAVAILABLE or on back-pressure, honouring the teacher's retry-after hint); what still
+fails after them fails the step. The client gives each request its wire id and answers in request order.
 
 `teacher: inprocess:MODEL` swaps the service for `InProcessTeacher`, the same async API over an in-process
 engine: for trials without Redis and for unit tests of the trainer itself.
@@ -108,13 +107,11 @@ class TeacherStats:
 class TeacherIO:
     """A teacher client living on its own event-loop thread; `submit` returns concurrent futures."""
 
-    RESUBMITS = 3
-    RESUBMIT_DELAY_S = 1.0  # first back-off; doubles, at most 10 s
-
     def __init__(self, target: str, options: ClientOptions | None = None, *, device: str = "cpu") -> None:
         """`target`: grpc://host:port, host:port, or inprocess:MODEL (an engine on `device`, no service)."""
         self.target = target
         self.stats = TeacherStats()
+        self._retries_seen = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-io", daemon=True)
         self._thread.start()
@@ -134,28 +131,17 @@ class TeacherIO:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def model_info(self) -> ModelInfo:
-        return self._run(self._with_resubmit(self.client.model_info))
-
-    async def _with_resubmit(self, call):
-        delay = self.RESUBMIT_DELAY_S
-        for attempt in range(self.RESUBMITS + 1):
-            try:
-                return await call()
-            except TeacherError as err:
-                if err.code not in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") or attempt == self.RESUBMITS:
-                    raise
-                with self.stats.lock:
-                    self.stats.retries += 1
-                log.warning("teacher %s (%s); retrying in %.0f s", err.code, err.message, delay)
-                await asyncio.sleep(delay)
-                delay = min(10.0, delay * 2)
+        return self._run(self.client.model_info())
 
     async def _score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         t0 = time.perf_counter()
-        results = await self._with_resubmit(lambda: self.client.score_many(requests))
+        results = await self.client.score_many(requests)
         assert len(results) == len(requests), "the teacher must answer every request"
         with self.stats.lock:
             s = self.stats
+            retried = self._client_retries()  # the client's running total: count each retry once
+            s.retries += retried - self._retries_seen
+            self._retries_seen = retried
             s.batches += 1
             s.requests += len(requests)
             s.tokens += sum(int(r.completion_token_ids.size) for r in requests)
@@ -163,6 +149,10 @@ class TeacherIO:
             s.queue_ms += sum(float(r.queue_ms) for r in results)
             s.compute_ms += sum(float(r.compute_ms) for r in results)
         return results
+
+    def _client_retries(self) -> int:
+        stats = getattr(self.client, "stats", None)  # the in-process teacher never retries
+        return stats.retried if stats is not None else 0
 
     def submit(self, requests: list[ScoreRequest]) -> concurrent.futures.Future:
         """Sends `requests` now; the future yields their results in request order."""

@@ -1,13 +1,20 @@
-"""The async Python client of the teacher, used by the trainer and by users.
+"""The async Python client of the teacher, used by the trainer and by users: the one retry policy.
 
 `score_many` sends a list of requests over one `ScoreStream` call with at most `max_in_flight` outstanding,
 matches responses by request id (they may arrive out of order) and returns results in request order as numpy
-arrays. Only UNAVAILABLE is retried (a teacher restart, Redis blip, no worker yet): requests are idempotent
-by id, so unanswered ones are simply sent again and a late duplicate answer is ignored. Every other failure
-raises the matching `TeacherError` (InvalidRequest names the field).
+arrays. Retries happen here and nowhere else, request by request:
+- an in-band UNAVAILABLE, or RESOURCE_EXHAUSTED with a retry-after hint (a full job queue, a spent quota), sends
+  that one request again after the hint (else an exponential back-off), at most `retries` times; the others go
+  on meanwhile;
+- a broken stream (a front-end restart, a Redis outage) is reopened after a back-off and every unanswered request
+  is sent again; `retries` bounds the reopenings in a row that bring no answer;
+- any other error is final for its request only: the others are still answered, then the first error is raised
+  (or, with `return_exceptions=True`, each failed request's error takes its place in the results).
+The server does not deduplicate by request id: a resent request is scored again, which is safe (scoring has no
+side effects); an answer to a request that already has one is dropped here and counted in `stats.duplicates`.
 
-`ClientOptions` holds the client's knobs (in-flight window, deadline, retries, token, message size) with their
-one default each; the trainer's `teacher_client` config section is that dataclass.
+`ClientOptions` holds the client's knobs (in-flight window, deadline, retries, token, TLS, message size) with
+their one default each; the trainer's `teacher_client` config section is that dataclass.
 """
 
 from __future__ import annotations
@@ -19,16 +26,17 @@ import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
-from services.teacher.errors import DeadlineExceeded, TeacherError, Unavailable, from_code
+from services.teacher.errors import DeadlineExceeded, TeacherError, Unavailable, from_code, retryable
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
 
 _METHOD = "/teacher.v1.Teacher/"
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 TOKEN_ENV = "PREFIX_DISTILL_TEACHER_TOKEN"
+MAX_DELAY_S = 30.0  # the longest wait before a retry, whatever the server hints
 
 
 def _opt(default, help: str):
@@ -41,10 +49,19 @@ class ClientOptions:
 
     max_in_flight: int = _opt(64, "Requests in flight to the teacher at once (per client: per rank) (>= 1).")
     timeout_s: float = _opt(120.0, "Deadline of one teacher request in seconds (> 0).")
-    retries: int = _opt(8, "Retries of a request on UNAVAILABLE (a teacher restart) (>= 0).")
+    retries: int = _opt(
+        8,
+        "Retries of one request on UNAVAILABLE or RESOURCE_EXHAUSTED with a retry-after hint, and reopenings "
+        "in a row of a broken stream (>= 0).",
+    )
     token: str = _opt(
         "",
         f"Bearer token for the teacher (empty: ${TOKEN_ENV}, else none); never written to a run's config.yaml.",
+    )
+    ca_file: str = _opt(
+        "",
+        "PEM file of the CA that signed the teacher's TLS certificate: talk TLS (so does a grpcs:// target, "
+        "with the system's CAs).",
     )
     max_message_mb: int = _opt(256, "Largest gRPC message sent or received, in MiB (>= 4).")
 
@@ -64,32 +81,106 @@ class ClientOptions:
         return self.token or os.environ.get(TOKEN_ENV) or None
 
 
+@dataclass
+class ClientStats:
+    """What this client did on the wire since it was made (read by the trainer's metrics and the fault suite)."""
+
+    sent: int = 0
+    """ScoreRequest messages sent (first tries and retries)."""
+    answered: int = 0
+    """Requests answered with scores."""
+    retried: int = 0
+    """Requests sent again (in-band back-pressure or UNAVAILABLE, or unanswered on a broken stream)."""
+    reconnects: int = 0
+    """Streams reopened after a broken one."""
+    duplicates: int = 0
+    """Answers to a request that already had one (dropped)."""
+
+
+def _hint_s(milliseconds) -> float | None:
+    ms = int(milliseconds or 0)
+    return ms / 1000.0 if ms > 0 else None
+
+
 def _rpc_error(err: grpc.aio.AioRpcError) -> TeacherError:
-    """The TeacherError for a failed call (the field name rides in trailing metadata)."""
-    param = ""
-    for key, value in err.trailing_metadata() or ():
-        if key == "x-error-param":
-            param = value
-    return from_code(err.code().name, err.details() or err.code().name, param)
+    """The TeacherError for a failed call (field name and retry-after hint ride in trailing metadata). A call
+    the server cancelled (it is shutting down) counts as UNAVAILABLE."""
+    meta = dict(err.trailing_metadata() or ())
+    code = "UNAVAILABLE" if err.code() == grpc.StatusCode.CANCELLED else err.code().name
+    return from_code(
+        code,
+        err.details() or err.code().name,
+        meta.get("x-error-param", ""),
+        _hint_s(meta.get("retry-after-ms")),
+    )
+
+
+def _in_band_error(resp: pb.ScoreResponse) -> TeacherError:
+    e = resp.error
+    return from_code(e.code, e.message, e.param, _hint_s(e.retry_after_ms))
+
+
+def retry_delay(attempt: int, err: TeacherError | None) -> float:
+    """Seconds before retry number `attempt` (1, 2, ...): the server's hint when it gave one (plus up to 20%
+    jitter), else an exponential back-off from 0.2 s with jitter; never over MAX_DELAY_S."""
+    if err is not None and err.retry_after_s is not None:
+        return min(MAX_DELAY_S, err.retry_after_s * (1.0 + 0.2 * random.random()))
+    return min(MAX_DELAY_S, min(5.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+
+
+class _Batch:
+    """The state of one `score_many`: wire messages, results or errors, and retries per request."""
+
+    def __init__(self, requests: Sequence[ScoreRequest], wire: list[pb.ScoreRequest]) -> None:
+        self.requests, self.wire = requests, wire
+        self.results: list[ScoreResult | TeacherError | None] = [None] * len(requests)
+        self.open = set(range(len(requests)))
+        self.attempts = [0] * len(requests)
+        self.progressed = False
+
+    def settle(self, i: int, outcome: ScoreResult | TeacherError) -> None:
+        self.results[i] = outcome
+        self.open.discard(i)
+        self.progressed = True
+
+    def fail_open(self, err: TeacherError) -> None:
+        for i in sorted(self.open):
+            self.settle(i, err)
+
+    def outcome(self, return_exceptions: bool) -> list:
+        for r, res in zip(self.requests, self.results, strict=True):
+            if isinstance(res, ScoreResult):
+                res.request_id = r.request_id
+            elif not return_exceptions:
+                raise res
+        return self.results
 
 
 class TeacherClient:
-    """Async client of one teacher (`grpc://host:port` or `host:port`)."""
+    """Async client of one teacher (`grpc://host:port`, `grpcs://host:port` for TLS, or `host:port`)."""
 
     def __init__(self, target: str, options: ClientOptions | None = None, **overrides) -> None:
         """`options` (default: ClientOptions()), with single fields overridden by keyword (e.g. `retries=0`)."""
-        self.target = target.removeprefix("grpc://")
+        self.tls = target.startswith("grpcs://")
+        self.target = target.removeprefix("grpcs://").removeprefix("grpc://")
         self.options = dataclasses.replace(options or ClientOptions(), **overrides)
+        self.tls = self.tls or bool(self.options.ca_file)
         token = self.options.bearer_token
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         n = self.options.max_message_mb * 1024 * 1024
         self._grpc_options = [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
         self._channel: grpc.aio.Channel | None = None
+        self.stats = ClientStats()
 
     # -- plumbing ------------------------------------------------------------------------------------------------
     def _ch(self) -> grpc.aio.Channel:
         if self._channel is None:  # created lazily inside the running event loop
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._grpc_options)
+            if self.tls:
+                ca = Path(self.options.ca_file).read_bytes() if self.options.ca_file else None
+                creds = grpc.ssl_channel_credentials(root_certificates=ca)
+                self._channel = grpc.aio.secure_channel(self.target, creds, options=self._grpc_options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._grpc_options)
         return self._channel
 
     def _unary(self, name: str, resp):
@@ -98,9 +189,6 @@ class TeacherClient:
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=resp.FromString,
         )
-
-    async def _backoff(self, attempt: int) -> None:
-        await asyncio.sleep(min(5.0, 0.2 * 2**attempt) * (0.5 + random.random()))
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -115,14 +203,16 @@ class TeacherClient:
 
     # -- API -----------------------------------------------------------------------------------------------------
     async def _retrying(self, call, message, timeout_s: float):
-        """A unary call, retried with back-off while it fails with UNAVAILABLE (at most `retries` times)."""
-        for attempt in range(self.options.retries + 1):
+        """A unary call, retried (at most `retries` times) while it fails with a retryable error."""
+        for attempt in range(1, self.options.retries + 2):
             try:
                 return await call(message, timeout=timeout_s, metadata=self.metadata)
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRYABLE or attempt == self.options.retries:
-                    raise _rpc_error(err) from None
-            await self._backoff(attempt)
+            except grpc.aio.AioRpcError as rpc_err:
+                err = _rpc_error(rpc_err)
+                if not retryable(err) or attempt > self.options.retries:
+                    raise err from None
+            self.stats.retried += 1
+            await asyncio.sleep(retry_delay(attempt, err))
         raise AssertionError("unreachable")
 
     def _wire(self, request: ScoreRequest) -> pb.ScoreRequest:
@@ -162,53 +252,66 @@ class TeacherClient:
             await asyncio.sleep(0.2)
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
-        """Scores one request (unary call), retrying UNAVAILABLE."""
+        """Scores one request (unary call), with the retry policy of the module docstring."""
         call = self._unary("Score", pb.ScoreResponse)
-        return ScoreResult.from_pb(
+        self.stats.sent += 1
+        res = ScoreResult.from_pb(
             await self._retrying(call, self._wire(request), self.options.timeout_s + 5.0)
         )
+        self.stats.answered += 1
+        return res
 
-    async def score_many(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        """Scores all requests over ScoreStream; results in request order, each `request_id` preserved."""
+    async def score_many(
+        self, requests: Sequence[ScoreRequest], *, return_exceptions: bool = False
+    ) -> list[ScoreResult]:
+        """Scores all requests over ScoreStream; results in request order, each `request_id` preserved. A request
+        that fails for good raises its error once every other request is settled, or with `return_exceptions`
+        stands in the list in place of its result."""
         tag = uuid.uuid4().hex[:8]
         wire = []
         for i, r in enumerate(requests):
             m = self._wire(r)
-            m.request_id = f"{tag}:{i}"  # unique on the wire; the caller's id is restored below
+            m.request_id = f"{tag}:{i}"  # unique on the wire; the caller's id is restored at the end
             wire.append(m)
-        results: list[ScoreResult | None] = [None] * len(requests)
-        remaining = set(range(len(requests)))
-        last_err: TeacherError | None = None
-        for attempt in range(self.options.retries + 1):
+        batch = _Batch(requests, wire)
+        fruitless = 0  # broken streams in a row that answered nothing
+        while batch.open:
+            batch.progressed = False
             try:
-                last_err = await self._stream_round(wire, remaining, results)
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRYABLE:
-                    raise _rpc_error(err) from None
-                last_err = _rpc_error(err)
-            if not remaining:
+                err = await self._stream(batch)
+            except grpc.aio.AioRpcError as rpc_err:
+                err = _rpc_error(rpc_err)
+            if not batch.open:
                 break
-            if attempt < self.options.retries:
-                await self._backoff(attempt)
-        if remaining:
-            raise last_err or Unavailable(
-                f"{len(remaining)} requests unanswered after {self.options.retries} retries"
-            )
-        for r, res in zip(requests, results, strict=True):
-            res.request_id = r.request_id
-        return results  # type: ignore[return-value]
+            assert err is not None
+            fruitless = 0 if batch.progressed else fruitless + 1
+            if not retryable(err) or fruitless > self.options.retries:
+                batch.fail_open(err)
+                break
+            self.stats.reconnects += 1
+            self.stats.retried += len(batch.open)
+            await asyncio.sleep(retry_delay(max(1, fruitless), err))
+        return batch.outcome(return_exceptions)
 
-    async def _stream_round(self, wire, remaining: set[int], results: list) -> TeacherError | None:
-        """One ScoreStream call for the requests still in `remaining`; fills `results` and drains `remaining`.
-        Returns the last retryable error seen in-band (or None); raises for any other error."""
-        todo = sorted(remaining)
+    async def _stream(self, batch: _Batch) -> TeacherError | None:
+        """One ScoreStream call for the open requests of `batch`, retrying in-band failures per request. Returns
+        None once every request is settled, else (or raises, as AioRpcError) why it ended early."""
+        loop = asyncio.get_running_loop()
+        todo: asyncio.Queue[int | None] = asyncio.Queue()
+        for i in sorted(batch.open):
+            todo.put_nowait(i)
         window = asyncio.Semaphore(self.options.max_in_flight)
-        retry_err: TeacherError | None = None
+        waiting: dict[int, asyncio.TimerHandle] = {}  # requests scheduled to be sent again
 
         async def requests_gen():
-            for i in todo:
+            while (i := await todo.get()) is not None:
                 await window.acquire()
-                yield wire[i]
+                self.stats.sent += 1
+                yield batch.wire[i]
+
+        def resend(i: int) -> None:
+            waiting.pop(i, None)
+            todo.put_nowait(i)
 
         stream = self._ch().stream_stream(
             _METHOD + "ScoreStream",
@@ -217,27 +320,45 @@ class TeacherClient:
         )
         call = stream(requests_gen(), metadata=self.metadata)
         try:
-            for _ in range(len(todo)):
+            while batch.open:
+                patience = self.options.timeout_s + 10.0 + (MAX_DELAY_S if waiting else 0.0)
                 try:
-                    resp = await asyncio.wait_for(call.read(), self.options.timeout_s + 10.0)
+                    resp = await asyncio.wait_for(call.read(), patience)
                 except asyncio.TimeoutError:
-                    raise DeadlineExceeded(
-                        f"no response from the teacher within {self.options.timeout_s + 10:.0f}s"
-                    ) from None
+                    return DeadlineExceeded(f"no response from the teacher within {patience:.0f}s")
                 if resp is grpc.aio.EOF:
-                    break
+                    return Unavailable(
+                        f"the teacher ended the stream with {len(batch.open)} requests unanswered"
+                    )
                 window.release()
-                i = int(resp.request_id.rsplit(":", 1)[1])
-                if i not in remaining:
-                    continue  # a duplicate of an answer we already have
-                if resp.HasField("error"):
-                    err = from_code(resp.error.code, resp.error.message, resp.error.param)
-                    if resp.error.code == "UNAVAILABLE":
-                        retry_err = err
-                        continue
-                    raise err
-                results[i] = ScoreResult.from_pb(resp)
-                remaining.discard(i)
+                self._receive(
+                    batch, resp, lambda i, delay: waiting.setdefault(i, loop.call_later(delay, resend, i))
+                )
+            return None
         finally:
+            for handle in waiting.values():
+                handle.cancel()
+            todo.put_nowait(None)
             call.cancel()
-        return retry_err
+
+    def _receive(self, batch: _Batch, resp: pb.ScoreResponse, schedule) -> None:
+        """Settles the request `resp` answers, or schedules it again (`schedule(i, delay)`) for a retryable
+        in-band error with attempts left."""
+        head, _, index = resp.request_id.rpartition(":")
+        i = int(index) if index.isdigit() else -1
+        if not head or not 0 <= i < len(batch.wire) or batch.wire[i].request_id != resp.request_id:
+            return  # not ours (cannot happen on a private stream)
+        if i not in batch.open:
+            self.stats.duplicates += 1
+            return
+        if not resp.HasField("error"):
+            self.stats.answered += 1
+            batch.settle(i, ScoreResult.from_pb(resp))
+            return
+        err = _in_band_error(resp)
+        if retryable(err) and batch.attempts[i] < self.options.retries:
+            batch.attempts[i] += 1
+            self.stats.retried += 1
+            schedule(i, retry_delay(batch.attempts[i], err))
+            return
+        batch.settle(i, err)

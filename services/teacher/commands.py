@@ -118,7 +118,12 @@ def _make_command(
             inspect.Parameter(
                 field,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(None, f"--{field.replace('_', '-')}", help=info.description),
+                default=typer.Option(
+                    None,
+                    f"--{field.replace('_', '-')}",
+                    *(info.json_schema_extra or {}).get("flag_aliases", ()),
+                    help=info.description,
+                ),
                 annotation=base | None,
             )
         )

@@ -1,9 +1,12 @@
 """The front-end core shared by the gRPC and HTTP transports: validate, queue to Redis, await the reply.
 
-`Dispatcher.submit` is the whole request path: model-dependent validation (so nothing invalid is queued),
-fail-fast checks (Redis reachable, a worker alive), enqueue under the job's pending bound, then wait for the
-reply envelope that a background task reads from this front-end's reply list. It also runs the health probe
-that drives gRPC health, /healthz and the queue gauges.
+`Dispatcher.submit` is the whole request path: the caller's scope and quotas (`auth`, `quota`), model-dependent
+validation (so nothing invalid is queued), fail-fast checks (Redis reachable, a worker alive), enqueue under the
+job's pending bound with the request's deadline (the tighter of its `timeout_ms` and the transport's own
+deadline), then wait for the reply envelope that a background task reads from this front-end's reply list. A
+caller that gives up (a cancelled gRPC call) takes its request out of the queue, and workers drop requests whose
+deadline has passed: neither costs a forward pass. It also runs the health probe that drives gRPC health,
+/healthz and the queue gauges.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from collections.abc import Callable
 import redis
 
 from services.teacher import metrics
+from services.teacher.auth import Principal, TokenTable
 from services.teacher.errors import DeadlineExceeded, QueueFull, TeacherError, Unavailable
 from services.teacher.queue import FrontendQueue, QueueConfig, ReplyStats, decode_reply
+from services.teacher.quota import Quotas
 from services.teacher.settings import TeacherSettings
 from services.teacher.types import ModelInfo, ScoreRequest
 from services.teacher.validation import validate_request
@@ -34,6 +39,8 @@ class Dispatcher:
         self.settings = settings
         self.info = info
         self.tokenizer = tokenizer
+        self.tokens = TokenTable.from_settings(settings)
+        self.quotas = Quotas()
         self.qcfg = QueueConfig.from_settings(settings)
         self.queue = FrontendQueue(settings.redis_url, self.qcfg)
         self.frontend_id = uuid.uuid4().hex[:12]
@@ -43,6 +50,7 @@ class Dispatcher:
         self.live_workers = 0
         self.health_listeners: list[Callable[[bool], object]] = []
         self._tasks: list[asyncio.Task] = []
+        self._withdrawing: set[asyncio.Task] = set()
         self._rate = metrics.TokenRate()
         self._jobs_shown: set[str] = set()
         self._serving: bool | None = None
@@ -67,18 +75,33 @@ class Dispatcher:
         return self.redis_ok and self.live_workers > 0
 
     # -- request path ------------------------------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller of an `Authorization` value (Unauthenticated when auth is on and it is not valid)."""
+        return self.tokens.authenticate(authorization)
+
     async def submit(
-        self, req: ScoreRequest, transport: str = "grpc", wire: bytes | None = None
+        self,
+        req: ScoreRequest,
+        transport: str = "grpc",
+        wire: bytes | None = None,
+        *,
+        principal: Principal | None = None,
+        deadline_s: float | None = None,
     ) -> tuple[bytes, ReplyStats]:
         """Queues `req` and returns (ScoreResponse bytes, worker stats); raises a TeacherError on failure.
 
-        `wire` is the ScoreRequest bytes `req` was parsed from, when the transport has them (gRPC): they are
-        queued as they are, since the worker parses them into the same request. Otherwise `req` is encoded.
+        `principal` is the authenticated caller (None: the anonymous caller, refused when auth is on);
+        `deadline_s` the seconds the transport still waits (a gRPC deadline), None for none. `wire` is the
+        ScoreRequest bytes `req` was parsed from, when the transport has them (gRPC): they are queued as they
+        are, since the worker parses them into the same request. Otherwise `req` is encoded.
         """
         t0 = time.perf_counter()
         code = "OK"
         try:
-            out = await self._submit(req, wire)
+            who = principal or self.authenticate(None)
+            who.authorize(req.job_id)
+            with self.quotas.admit(who, req.num_tokens):
+                out = await self._submit(req, wire, deadline_s)
             metrics.TOKENS.inc(out[1].tokens)
             self._rate.add(out[1].tokens)
             metrics.QUEUE_WAIT.observe(out[1].queue_ms / 1000.0)
@@ -92,13 +115,24 @@ class Dispatcher:
             metrics.REQUESTS.labels(transport=transport, code=code).inc()
             metrics.LATENCY.labels(transport=transport).observe(time.perf_counter() - t0)
 
-    async def _submit(self, req: ScoreRequest, wire: bytes | None) -> tuple[bytes, ReplyStats]:
+    def _timeout_s(self, req: ScoreRequest, deadline_s: float | None) -> float:
+        """Seconds this request may take: its `timeout_ms` (else the default), within the transport's deadline."""
+        timeout_s = req.timeout_ms / 1000.0 if req.timeout_ms else self.settings.request_timeout_s
+        if deadline_s is not None:
+            timeout_s = min(timeout_s, deadline_s)
+        if timeout_s <= 0:
+            raise DeadlineExceeded("the request's deadline had passed when it arrived.")
+        return timeout_s
+
+    async def _submit(
+        self, req: ScoreRequest, wire: bytes | None, deadline_s: float | None
+    ) -> tuple[bytes, ReplyStats]:
         validate_request(req, self.info)
         if not self.redis_ok:
             raise Unavailable("Redis is unreachable; the teacher cannot queue work. Retry later.")
         if self.live_workers == 0:
             raise Unavailable("no teacher worker is alive; retry when one has started.")
-        timeout_s = req.timeout_ms / 1000.0 if req.timeout_ms else self.settings.request_timeout_s
+        timeout_s = self._timeout_s(req, deadline_s)
         deadline_ms = int((time.time() + timeout_s) * 1000)
         rid = uuid.uuid4().hex
         fut = asyncio.get_running_loop().create_future()
@@ -122,17 +156,28 @@ class Dispatcher:
                     f"job {req.job_id!r} already has {self.qcfg.max_pending_per_job} pending requests; "
                     "slow down or retry later.",
                     "job_id",
+                    retry_after_s=self.settings.retry_after_s,
                 )
             try:
                 body = await asyncio.wait_for(fut, timeout_s)
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"no answer within {timeout_s:.1f}s.") from None
+            except asyncio.CancelledError:
+                self._withdraw(rid)  # the caller gave up: no forward pass for nobody
+                raise
         finally:
             self.pending.pop(rid, None)
             metrics.PENDING.set(len(self.pending))
         if isinstance(body, TeacherError):
             raise body
         return body
+
+    def _withdraw(self, rid: str) -> None:
+        """Takes a request nobody waits for out of the queue, in the background (best effort)."""
+        task = asyncio.get_running_loop().create_task(self.queue.cancel(rid))
+        self._withdrawing.add(task)
+        task.add_done_callback(self._withdrawing.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a Redis blip: it expires anyway
 
     # -- background --------------------------------------------------------------------------------------------
     def _fail_pending(self, err: TeacherError) -> None:
@@ -166,7 +211,9 @@ class Dispatcher:
             await self.queue.ping()
             self.live_workers = await self.queue.live_workers()
             await self.queue.touch(self.reply_key)
-            self._jobs_shown = metrics.set_depths(await self.queue.depths(), self._jobs_shown)
+            self._jobs_shown = metrics.set_depths(
+                await self.queue.depths(), self._jobs_shown, self.settings.max_metric_jobs
+            )
             metrics.INFLIGHT.set(await self.queue.inflight())
             self.redis_ok = True
         except (redis.RedisError, OSError):

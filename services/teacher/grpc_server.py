@@ -4,7 +4,9 @@ The servicer only converts and delegates to the `Dispatcher`. Bytes pass through
 is parsed (to validate it) and its original bytes are queued; a response is forwarded as the bytes the worker
 serialized. The front-end never re-encodes a message. All exceptions are
 mapped to status codes in one place (`_status`): bad input is INVALID_ARGUMENT with the field named, never
-INTERNAL.
+INTERNAL; back-pressure carries a `retry-after-ms` hint. Every teacher.v1 call is authenticated from its
+`authorization` metadata (`auth.py`; health and reflection stay open). With a certificate and key in the
+settings the port serves TLS only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -45,7 +48,7 @@ class _Received:
     def parse(cls, data: bytes) -> _Received:
         try:
             return cls(data, pb.ScoreRequest.FromString(data))
-        except DecodeError:
+        except (DecodeError, ValueError, RuntimeError):  # whatever the parser makes of hostile bytes
             return cls(data, None)
 
     @property
@@ -59,10 +62,13 @@ class _Received:
         return ScoreRequest.from_pb(self.message)
 
 
+def _retry_after_ms(err: TeacherError) -> int:
+    return 0 if err.retry_after_s is None else max(1, round(err.retry_after_s * 1000))
+
+
 def _error_response(request_id: str, err: TeacherError) -> pb.ScoreResponse:
-    return pb.ScoreResponse(
-        request_id=request_id, error=pb.Error(code=err.code, param=err.param, message=err.message)
-    )
+    error = pb.Error(code=err.code, param=err.param, message=err.message, retry_after_ms=_retry_after_ms(err))
+    return pb.ScoreResponse(request_id=request_id, error=error)
 
 
 def _as_teacher_error(err: Exception) -> TeacherError:
@@ -75,8 +81,18 @@ def _as_teacher_error(err: Exception) -> TeacherError:
 async def _status(context: grpc.aio.ServicerContext, err: Exception) -> None:
     """The one place that turns an exception into a gRPC status (and aborts the RPC)."""
     terr = _as_teacher_error(err)
-    context.set_trailing_metadata((("x-error-param", terr.param),))
+    trailers = [("x-error-param", terr.param)]
+    if terr.retry_after_s is not None:
+        trailers.append(("retry-after-ms", str(_retry_after_ms(terr))))
+    context.set_trailing_metadata(tuple(trailers))
     await context.abort(grpc.StatusCode[terr.code], terr.message)
+
+
+def _authorization(context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value
+    return None
 
 
 class TeacherServicer:
@@ -86,20 +102,27 @@ class TeacherServicer:
         self.d = dispatcher
         self.stream_window = stream_window
 
-    async def _forward(self, received: _Received, transport: str) -> bytes:
+    async def _forward(self, received: _Received, transport: str, principal, deadline_s=None) -> bytes:
         """Validates the request, queues its original bytes and returns the worker's response bytes."""
-        body, _ = await self.d.submit(received.request(), transport, wire=received.data)
+        body, _ = await self.d.submit(
+            received.request(), transport, wire=received.data, principal=principal, deadline_s=deadline_s
+        )
         return body
 
     async def Score(self, request: _Received, context) -> bytes:
         try:
-            return await self._forward(request, "grpc")
+            principal = self.d.authenticate(_authorization(context))
+            return await self._forward(request, "grpc", principal, context.time_remaining())
         except Exception as err:  # noqa: BLE001 - mapped to a status
             await _status(context, err)
 
     async def ScoreStream(self, request_iterator, context):
         """Answers each request as soon as it is ready. At most `stream_window` requests are in flight: the
         reader stops pulling from the client until responses drain, so HTTP/2 flow control pushes back."""
+        try:
+            principal = self.d.authenticate(_authorization(context))
+        except Exception as err:  # noqa: BLE001 - mapped to a status
+            await _status(context, err)
         out: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         tasks: set[asyncio.Task] = set()
@@ -107,7 +130,7 @@ class TeacherServicer:
 
         async def one(m: _Received) -> None:
             try:
-                body = await self._forward(m, "grpc_stream")
+                body = await self._forward(m, "grpc_stream", principal, context.time_remaining())
             except Exception as err:  # noqa: BLE001 - reported in-band, the stream goes on
                 body = _error_response(m.request_id, _as_teacher_error(err))
             await out.put(body)
@@ -140,6 +163,10 @@ class TeacherServicer:
                 await reader_task
 
     async def GetModelInfo(self, _request: bytes, context) -> pb.ModelInfo:
+        try:
+            self.d.authenticate(_authorization(context))
+        except Exception as err:  # noqa: BLE001 - mapped to a status
+            await _status(context, err)
         return self.d.info.to_pb()
 
 
@@ -186,7 +213,11 @@ async def build_grpc_server(dispatcher: Dispatcher, host: str, port: int) -> tup
 
     dispatcher.health_listeners.append(on_health)
     await on_health(dispatcher.serving)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if s.tls_cert_file:
+        key_cert = (Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([key_cert]))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
     await server.start()

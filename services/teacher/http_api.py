@@ -1,13 +1,17 @@
 """The HTTP transport (FastAPI): POST /v1/logprobs, GET /v1/models, /healthz, /metrics, /docs.
 
 For analysis and humans (curl, notebooks); students use gRPC. Errors are always
-`{"error": {"param": ..., "message": ...}}`: 400 for bad values, 422 for a malformed body, 429 for a full job
-queue, 503 when Redis or every worker is unreachable; never a 500 for bad input.
+`{"error": {"param": ..., "message": ...}}`: 400 for bad values, 422 for a malformed body (types are strict, as
+on gRPC: `"top_k": "3"` is refused), 401 without a valid bearer token and 403 for a job outside the token's
+scope (when auth is on), 413 for a body over `max_request_mb`, 429 (with `Retry-After`) for a full job queue or a
+spent quota, 503 when Redis or every worker is unreachable; never a 500 for bad input. Authentication is one
+middleware (`_guard`) in front of every route, the analysis routers included, except `OPEN_PATHS`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 
 from fastapi import APIRouter, FastAPI, Request
@@ -27,7 +31,7 @@ from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
 class LogprobsRequest(BaseModel):
     """Body of POST /v1/logprobs: exactly one of prompt / prompt_token_ids and of completion / completion_token_ids."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str | None = Field(None, description="Prompt text (tokenized without special tokens).")
     prompt_token_ids: list[int] | None = Field(None, description="Prompt as token ids.")
@@ -38,8 +42,44 @@ class LogprobsRequest(BaseModel):
     job_id: str = Field("http", description="Job the request is queued under (fairness, quotas).")
 
 
-def _error(status: int, param: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"param": param, "message": message}})
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+"""Paths served without a token (health probes, the API's own description)."""
+
+
+def _error(status: int, param: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"param": param, "message": message}}, headers=headers
+    )
+
+
+def _error_of(exc: TeacherError) -> JSONResponse:
+    """The response of a TeacherError: its status, `Retry-After` for back-pressure, `WWW-Authenticate` for 401."""
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    if exc.code == "UNAUTHENTICATED":
+        headers["WWW-Authenticate"] = "Bearer"
+    return _error(http_status(exc), exc.param, exc.message, headers)
+
+
+def _install_guard(app: FastAPI, dispatcher: Dispatcher) -> None:
+    """Refuses oversize bodies (413) and, when auth is on, calls without a valid token (401); the caller is
+    left in `request.state.principal` for the routes (job scopes and quotas are checked on submit)."""
+    limit = dispatcher.settings.max_request_bytes
+    open_paths = OPEN_PATHS | ({"/metrics"} if not dispatcher.settings.metrics_need_token else set())
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > limit:
+            return _error(413, "body", f"the request body is {size} bytes, over the limit of {limit}.")
+        if request.url.path not in open_paths:
+            try:
+                request.state.principal = dispatcher.authenticate(request.headers.get("authorization"))
+            except TeacherError as err:
+                metrics.REQUESTS.labels(transport="http", code=err.code).inc()
+                return _error_of(err)
+        return await call_next(request)
 
 
 def _param_of(exc: RequestValidationError) -> tuple[str, str]:
@@ -105,7 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TeacherError)
     async def teacher_error(_request: Request, exc: TeacherError) -> JSONResponse:
-        return _error(http_status(exc), exc.param, exc.message)
+        return _error_of(exc)
 
 
 def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> FastAPI:
@@ -119,14 +159,15 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
     info = dispatcher.info
     texts = TokenTexts(dispatcher.tokenizer)
     install_error_handlers(app)
+    _install_guard(app, dispatcher)
     for router in routers:
         app.include_router(router)
 
     @app.post("/v1/logprobs")
-    async def logprobs(body: LogprobsRequest) -> Response:
+    async def logprobs(body: LogprobsRequest, request: Request) -> Response:
         """The teacher's log-probability of each completion token, with its top-k alternatives."""
         req = await _request_of(dispatcher, body)
-        raw, _ = await dispatcher.submit(req, "http")
+        raw, _ = await dispatcher.submit(req, "http", principal=request.state.principal)
         result = ScoreResult.from_pb(pb.ScoreResponse.FromString(raw))
         body_json = logprobs_body(
             info.model_id, texts, req.prompt_token_ids, req.completion_token_ids, result

@@ -37,7 +37,12 @@ BATCH_SIZE = Histogram(
 )
 TOKENS = Counter("teacher_tokens_scored_total", "Prompt + completion tokens of answered requests.")
 TOKENS_PER_S = Gauge("teacher_tokens_per_second", "Tokens scored per second over the last 10 s.")
-QUEUE_DEPTH = Gauge("teacher_queue_depth", "Queued (unclaimed) requests per job.", ["job"])
+QUEUE_DEPTH = Gauge(
+    "teacher_queue_depth",
+    "Queued (unclaimed) requests per job; past max_metric_jobs jobs the shallowest are summed as job=_other.",
+    ["job"],
+)
+OTHER_JOBS = "_other"
 INFLIGHT = Gauge("teacher_inflight_requests", "Requests claimed by workers and not yet answered.")
 PENDING = Gauge("teacher_frontend_pending", "Requests this front-end is waiting on.")
 WORKERS = Gauge("teacher_live_workers", "Workers heard from within their TTL.")
@@ -61,10 +66,23 @@ class TokenRate:
         return sum(t for _, t in self.events) / self.window_s
 
 
-def set_depths(depths: dict[str, int], known: set[str]) -> set[str]:
-    """Updates the per-job depth gauge; jobs that drained drop to 0 then disappear. Returns the jobs shown."""
-    for job in known - set(depths):
+def bounded_depths(depths: dict[str, int], max_jobs: int) -> dict[str, int]:
+    """At most `max_jobs` labels: the deepest jobs (ties by name) and, when more exist, `_other` holding the
+    sum of the rest, so a flood of job ids cannot grow the metrics without bound."""
+    if len(depths) <= max_jobs:
+        return dict(depths)
+    ranked = sorted(depths.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = dict(ranked[: max_jobs - 1])
+    shown[OTHER_JOBS] = sum(n for _, n in ranked[max_jobs - 1 :])
+    return shown
+
+
+def set_depths(depths: dict[str, int], known: set[str], max_jobs: int) -> set[str]:
+    """Updates the per-job depth gauge (bounded, see `bounded_depths`); jobs that drained disappear. Returns
+    the labels shown."""
+    shown = bounded_depths(depths, max_jobs)
+    for job in known - set(shown):
         QUEUE_DEPTH.remove(job)
-    for job, n in depths.items():
+    for job, n in shown.items():
         QUEUE_DEPTH.labels(job=job).set(n)
-    return set(depths)
+    return set(shown)

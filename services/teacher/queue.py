@@ -9,6 +9,8 @@ Keys (all under the namespace `pd:<name>:`, so one Redis serves several teachers
   bell          LIST  doorbell: workers block on it to wake as soon as work arrives
   workers       ZSET  worker id -> last heartbeat (ms)
   reply:<fe>    LIST  reply envelopes for one front-end
+  stats         HASH  counters: scored (requests a worker ran), expired (dropped past their deadline),
+                      withdrawn (taken back by a front-end whose caller gave up)
 
 Every state change is one Lua script (`queue_scripts.py`), so it is atomic and works alike on Redis 6.2 and
 7.x (no streams). Claims are round-robin across jobs (one request per job per round) within a padded token
@@ -18,7 +20,8 @@ Delivery is at-least-once: a claim puts the request in `inflight`; a worker that
 and the next claim after the visibility timeout puts it back at the head of its job's queue. The request's
 hash is the single "not yet answered" marker: `complete` answers only while it exists and deletes it, so a
 client never sees two answers. `attempts` counts claims; past `max_tries` the request fails for good with
-INTERNAL and the last error recorded. Hashes expire after deadline + TTL, reply lists after the TTL, lists and
+INTERNAL and the last error recorded. A request whose deadline passes while it is queued is dropped by the next
+claim, never scored; a front-end withdraws one whose caller gave up. Hashes expire after deadline + TTL, reply lists after the TTL, lists and
 sets empty themselves: Redis memory returns to its baseline when the traffic stops.
 """
 
@@ -145,14 +148,21 @@ class WorkerQueue:
             )
         )
 
-    def complete_many(self, items: list[tuple[Claimed, bytes]]) -> None:
-        """Answers several requests in one round trip (a pipeline of `complete` scripts)."""
+    def complete_many(self, items: list[tuple[Claimed, bytes]], scored: int = 0) -> None:
+        """Answers several requests in one round trip (a pipeline of `complete` scripts) and adds `scored`
+        (requests the engine ran) to the `stats` counters."""
         pipe = self.redis.pipeline(transaction=False)
         for item, envelope in items:
             self._s["complete"](
                 args=[self.cfg.namespace, item.rid, item.reply, envelope, self.cfg.reply_ttl_ms], client=pipe
             )
+        if scored:
+            pipe.hincrby(self.cfg.key("stats"), "scored", scored)
         pipe.execute()
+
+    def stats(self) -> dict[str, int]:
+        """The queue's counters (scored, expired, withdrawn) since the namespace was created."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.cfg.key("stats")).items()}
 
     def nack(self, item: Claimed, reason: str) -> int:
         """Hands a request back (requeued, or failed for good after max_tries). Returns 1 requeued, 2 failed."""
@@ -222,6 +232,10 @@ class FrontendQueue:
             return []
         rest = await self.blocking.lpop(reply, max_items - 1) or []
         return [first[1], *rest]
+
+    async def cancel(self, rid: str) -> bool:
+        """Withdraws a queued request nobody waits for any more; False if a worker holds it or it is gone."""
+        return bool(await self._s["cancel"](args=[self.cfg.namespace, rid]))
 
     async def touch(self, reply: str) -> None:
         await self.redis.pexpire(reply, self.cfg.reply_ttl_ms)

@@ -83,7 +83,12 @@ while n < max_n and not full do
       local key = NS .. 'req:' .. rid
       local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error', 'enq')
       if not h[1] then
-        redis.call('LPOP', q)  -- its hash expired: nobody waits for it any more
+        redis.call('LPOP', q)  -- its hash expired or was withdrawn: nobody waits for it any more
+        progressed = true
+      elseif tonumber(h[4]) > 0 and tonumber(h[4]) < now then
+        redis.call('LPOP', q)  -- its deadline passed in the queue: dropped before any forward pass
+        redis.call('DEL', key)
+        redis.call('HINCRBY', NS .. 'stats', 'expired', 1)
         progressed = true
       else
         local tok = tonumber(h[2])
@@ -133,6 +138,21 @@ end
 redis.call('DEL', key)
 redis.call('RPUSH', ARGV[3], ARGV[4])
 redis.call('PEXPIRE', ARGV[3], tonumber(ARGV[5]))
+return 1
+"""
+
+# ARGV: namespace, rid. The front-end withdraws a request whose caller gave up: out of its job's queue unless a
+# worker already holds it. Returns 1 withdrawn, 0 gone or being scored.
+_CANCEL = """
+local rid = ARGV[2]
+local key = NS .. 'req:' .. rid
+local job = redis.call('HGET', key, 'job')
+if not job or redis.call('ZSCORE', NS .. 'inflight', rid) then return 0 end
+redis.call('DEL', key)
+local q = NS .. 'q:' .. job
+redis.call('LREM', q, 1, rid)
+if redis.call('LLEN', q) == 0 then redis.call('ZREM', NS .. 'jobs', job) end
+redis.call('HINCRBY', NS .. 'stats', 'withdrawn', 1)
 return 1
 """
 
@@ -186,6 +206,7 @@ SCRIPTS = {
         ("claim", _CLAIM),
         ("complete", _COMPLETE),
         ("nack", _NACK),
+        ("cancel", _CANCEL),
         ("extend", _EXTEND),
         ("heartbeat", _HEARTBEAT),
         ("live_workers", _LIVE_WORKERS),

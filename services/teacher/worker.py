@@ -117,7 +117,7 @@ class Worker:
             for one in retried:
                 replies += self._score_group([one])
             if replies:
-                self.queue.complete_many(replies)
+                self.queue.complete_many(replies, scored=len(fresh) + len(retried))
             self.batches += 1
         finally:
             with self._held_lock:

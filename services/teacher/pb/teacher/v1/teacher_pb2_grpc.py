@@ -27,6 +27,12 @@ if _version_not_supported:
 
 class TeacherStub:
     """/ The teacher: scores student completions token by token.
+    /
+    / When the teacher runs with a token file, every call carries `authorization: Bearer <token>` metadata:
+    / without a valid token a call fails with UNAUTHENTICATED, and a request whose `job_id` is outside the
+    / token's job-id prefix with PERMISSION_DENIED. Health and reflection need no token. A full job queue or a
+    / spent per-token quota is RESOURCE_EXHAUSTED with a `retry-after-ms` hint (trailing metadata on Score,
+    / `Error.retry_after_ms` on ScoreStream); a client retries those, and UNAVAILABLE, and nothing else.
     """
 
     def __init__(self, channel):
@@ -54,10 +60,17 @@ class TeacherStub:
 
 class TeacherServicer:
     """/ The teacher: scores student completions token by token.
+    /
+    / When the teacher runs with a token file, every call carries `authorization: Bearer <token>` metadata:
+    / without a valid token a call fails with UNAUTHENTICATED, and a request whose `job_id` is outside the
+    / token's job-id prefix with PERMISSION_DENIED. Health and reflection need no token. A full job queue or a
+    / spent per-token quota is RESOURCE_EXHAUSTED with a `retry-after-ms` hint (trailing metadata on Score,
+    / `Error.retry_after_ms` on ScoreStream); a client retries those, and UNAVAILABLE, and nothing else.
     """
 
     def Score(self, request, context):
-        """/ Scores one request and returns when it is done.
+        """/ Scores one request and returns when it is done. The call's deadline bounds the request's
+        / `timeout_ms`; a cancelled call withdraws the request from the queue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -66,7 +79,8 @@ class TeacherServicer:
     def ScoreStream(self, request_iterator, context):
         """/ Bidirectional: the client streams requests and receives each response as soon as it is ready,
         / possibly out of order; match them by `request_id`. A failed request comes back as a response with
-        / `error` set, so one bad request does not end the stream.
+        / `error` set, so one bad request does not end the stream. Closing the call withdraws the requests that
+        / are still queued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +121,12 @@ def add_TeacherServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Teacher:
     """/ The teacher: scores student completions token by token.
+    /
+    / When the teacher runs with a token file, every call carries `authorization: Bearer <token>` metadata:
+    / without a valid token a call fails with UNAUTHENTICATED, and a request whose `job_id` is outside the
+    / token's job-id prefix with PERMISSION_DENIED. Health and reflection need no token. A full job queue or a
+    / spent per-token quota is RESOURCE_EXHAUSTED with a `retry-after-ms` hint (trailing metadata on Score,
+    / `Error.retry_after_ms` on ScoreStream); a client retries those, and UNAVAILABLE, and nothing else.
     """
 
     @staticmethod

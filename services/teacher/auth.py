@@ -1,0 +1,122 @@
+"""Who may use the teacher: bearer tokens from a file, each scoped to a job-id prefix, with its own quotas.
+
+The token file (`--auth-tokens FILE`, `TEACHER_AUTH_TOKENS_FILE`) holds one token per line:
+
+    # token                            job-id prefix   quotas (optional; defaults from the settings)
+    s3cr3t-for-team-a-0123456789abcdef team-a/         max_pending=256 tokens_per_s=50000
+    s3cr3t-for-the-ci-0123456789abcdef                 (no prefix: any job id)
+
+A call carries its token as `Authorization: Bearer TOKEN` (HTTP) or `authorization: Bearer TOKEN` metadata
+(gRPC). Tokens are compared in constant time, against every entry (no early exit), and are never logged or
+echoed: a caller is known by its `Principal.name` (`token#<line>`). Without a token file every caller is
+`ANONYMOUS_NAME`, scoped to every job, under the default quotas.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.teacher.errors import PermissionDenied, Unauthenticated
+
+ANONYMOUS_NAME = "anonymous"
+_QUOTA_KEYS = {"max_pending": int, "tokens_per_s": float}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: what it may do and how much. `name` identifies it in logs, never the token."""
+
+    name: str
+    job_prefix: str
+    """Job ids this caller may use start with this ("" for any)."""
+    max_pending: int
+    """Requests in flight on one front-end (0: no quota)."""
+    tokens_per_s: float
+    """Prompt + completion tokens admitted per second on one front-end (0: no quota)."""
+
+    def authorize(self, job_id: str) -> None:
+        """PermissionDenied (naming `job_id`) when `job_id` is outside this caller's prefix."""
+        if not job_id.startswith(self.job_prefix):
+            raise PermissionDenied(
+                f"`job_id` {job_id!r} is outside this token's scope (job ids starting with "
+                f"{self.job_prefix!r}).",
+                "job_id",
+            )
+
+
+def _parse_line(fields: list[str], where: str, defaults: dict) -> tuple[str, str, dict]:
+    """(token, prefix, quotas) of one line's whitespace-separated fields."""
+    token, rest = fields[0], fields[1:]
+    prefix = ""
+    if rest and "=" not in rest[0]:
+        prefix, rest = rest[0], rest[1:]
+    quotas = dict(defaults)
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key not in _QUOTA_KEYS:
+            raise ValueError(f"{where}: unknown option {key!r}; expected one of {sorted(_QUOTA_KEYS)}")
+        try:
+            quotas[key] = _QUOTA_KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"{where}: {key} must be a number, got {value!r}") from None
+        if quotas[key] < 0:
+            raise ValueError(f"{where}: {key} must be >= 0")
+    return token, prefix, quotas
+
+
+class TokenTable:
+    """The tokens of a front-end; `enabled` is False without a token file (everyone is anonymous)."""
+
+    def __init__(self, entries: list[tuple[bytes, Principal]], anonymous: Principal | None) -> None:
+        self._entries = entries
+        self._anonymous = anonymous
+
+    @property
+    def enabled(self) -> bool:
+        return self._anonymous is None
+
+    @classmethod
+    def from_settings(cls, settings) -> TokenTable:
+        defaults = {"max_pending": settings.quota_max_pending, "tokens_per_s": settings.quota_tokens_per_s}
+        if not settings.auth_tokens_file:
+            return cls([], Principal(ANONYMOUS_NAME, "", **defaults))
+        return cls.load(settings.auth_tokens_file, defaults)
+
+    @classmethod
+    def load(cls, path: str | Path, defaults: dict) -> TokenTable:
+        """Reads a token file; ValueError naming the line (never the token) for a malformed one."""
+        entries: list[tuple[bytes, Principal]] = []
+        seen: set[bytes] = set()
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            where = f"{path}:{n}"
+            token, prefix, quotas = _parse_line(fields, where, defaults)
+            if token.encode() in seen:
+                raise ValueError(f"{where}: the same token is listed twice")
+            seen.add(token.encode())
+            entries.append((token.encode(), Principal(f"token#{n}", prefix, **quotas)))
+        if not entries:
+            raise ValueError(f"{path}: no tokens (authentication would refuse every call)")
+        return cls(entries, None)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller of an `Authorization` header value; Unauthenticated when it is missing or unknown."""
+        if self._anonymous is not None:
+            return self._anonymous
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated(
+                "a bearer token is required (Authorization: Bearer <token>).", "authorization"
+            )
+        given = token.strip().encode()
+        found: Principal | None = None
+        for secret, principal in self._entries:  # every entry, so the time does not depend on which matched
+            if hmac.compare_digest(secret, given):
+                found = principal
+        if found is None:
+            raise Unauthenticated("the bearer token is not valid for this teacher.", "authorization")
+        return found
