@@ -1,0 +1,117 @@
+"""The analysis page on the teacher's own HTTP front-end (`prefix-distill teacher serve --student`), in a real
+browser: Debian's Chromium driven by playwright.
+
+The page is loaded, a prompt submitted, and the colored tokens counted against the token count of the
+/v1/compare answer the page received (and against the same request sent here); hovering a token must show the
+teacher's top alternatives with both log-probabilities. A screenshot is saved under the test's tmp folder
+(and at $ANALYSIS_UI_SCREENSHOT when set). The test skips, saying why, only where no Chromium can be installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+
+import httpx
+import pytest
+from analysis_page import compare_single, ensure_chromium, hover_token, launch, run_batch
+
+from services.teacher.launch import ChildProcess
+from services.util.net import free_port
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def front(tiny_teacher, tiny_student, redis_url, tmp_path_factory):
+    """`prefix-distill teacher serve` (the composition root's CLI) with a student: the page at its /ui."""
+    grpc_port, http_port = free_port(), free_port()
+    args = [sys.executable, "-m", "services.app", "teacher", "serve", "--model", str(tiny_teacher)]
+    args += ["--redis-url", redis_url, "--workers", "1", "--student", str(tiny_student)]
+    args += ["--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port)]
+    args += ["--http-host", "127.0.0.1", "--http-port", str(http_port)]
+    proc = ChildProcess(args, tmp_path_factory.mktemp("an-ui") / "teacher.log")
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and proc.alive():
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the teacher with a student did not start:\n{proc.tail()}")
+        yield base
+    finally:
+        proc.stop()
+
+
+def test_teacher_front_end_serves_the_analysis(front):
+    assert httpx.get(front + "/ui").status_code == 200
+    r = httpx.post(
+        front + "/v1/compare", json={"prompt": "hello", "completion": " world", "top_k": 2}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["tokens"]) > 0 and len(r.json()["tokens"][0]["top"]) == 2
+    assert (
+        httpx.post(front + "/v1/logprobs", json={"prompt": "hello", "completion": " world"}).status_code
+        == 200
+    )
+    bad = httpx.post(front + "/v1/compare", json={"prompt": "hello", "completion": " world", "top_k": "x"})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "top_k"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    why = ensure_chromium()
+    if why:
+        pytest.skip(f"browser test skipped: {why}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch(p)
+        yield b
+        b.close()
+
+
+def test_page_colors_every_token_and_shows_alternatives(front, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    body = compare_single(page, front, "What is 2+3?", tokens=16, temperature=0, top_k=5)
+    n = len(body["tokens"])
+    assert n > 0
+    again = httpx.post(
+        front + "/v1/compare",
+        json={"prompt": "What is 2+3?", "generate": {"max_tokens": 16, "temperature": 0}, "top_k": 5},
+        timeout=60,
+    ).json()
+    assert len(again["tokens"]) == n
+    colors = page.eval_on_selector_all(
+        "#tokens .tok", "els => els.map(e => getComputedStyle(e).backgroundColor)"
+    )
+    assert len(colors) == n
+    assert all(c not in ("", "rgba(0, 0, 0, 0)", "transparent") for c in colors), colors
+
+    tip = hover_token(page, 1)
+    tok = body["tokens"][1]
+    assert f"{tok['teacher_logprob']:.3f}" in tip and f"{tok['student_logprob']:.3f}" in tip
+    assert page.locator("#tip table.alts tr").count() == 1 + len(tok["top"]) == 6
+    assert f"{tok['top'][0]['teacher_logprob']:.3f}" in page.inner_text("#tip table.alts")
+    page.screenshot(path=str(tmp_path / "ui.png"))
+    if os.environ.get("ANALYSIS_UI_SCREENSHOT"):
+        page.screenshot(path=os.environ["ANALYSIS_UI_SCREENSHOT"])
+    assert (tmp_path / "ui.png").stat().st_size > 10_000
+
+    run_batch(page, "builtin:plan", count=4, max_new_tokens=12, lengths="0,2,4")
+    assert page.locator("#kl-chart rect.bar").count() > 0
+    assert page.locator("#rescue-chart circle").count() == 3
+    assert "of the KL" in page.inner_text("#share")
+    page.fill("#lengths", "0,99")
+    page.click("#rescue-btn")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "lengths[1]" in page.inner_text("#error")  # errors are shown on the page, field named
+    page.screenshot(path=str(tmp_path / "ui-batch.png"))
+    assert not errors, errors
