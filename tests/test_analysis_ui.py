@@ -18,6 +18,7 @@ import httpx
 import pytest
 from analysis_page import compare_single, ensure_chromium, hover_token, launch, run_batch
 
+from services.models.testbed import prepare_pair
 from services.teacher.launch import ChildProcess
 from services.util.net import free_port
 
@@ -25,11 +26,22 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def front(tiny_teacher, tiny_student, redis_url, tmp_path_factory):
+def pair(tiny_teacher, tiny_student):
+    """The testbed's plan pair (teacher and student that differ where the paper says they do), else the tiny
+    random pair of the fixtures."""
+    try:
+        paths = prepare_pair("plan")
+        return {"teacher": paths.teacher, "student": paths.student, "plan": True}
+    except FileNotFoundError:
+        return {"teacher": tiny_teacher, "student": tiny_student, "plan": False}
+
+
+@pytest.fixture(scope="module")
+def front(pair, redis_url, tmp_path_factory):
     """`prefix-distill teacher serve` (the composition root's CLI) with a student: the page at its /ui."""
     grpc_port, http_port = free_port(), free_port()
-    args = [sys.executable, "-m", "services.app", "teacher", "serve", "--model", str(tiny_teacher)]
-    args += ["--redis-url", redis_url, "--workers", "1", "--student", str(tiny_student)]
+    args = [sys.executable, "-m", "services.app", "teacher", "serve", "--model", str(pair["teacher"])]
+    args += ["--redis-url", redis_url, "--workers", "1", "--student", str(pair["student"])]
     args += ["--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port)]
     args += ["--http-host", "127.0.0.1", "--http-port", str(http_port)]
     proc = ChildProcess(args, tmp_path_factory.mktemp("an-ui") / "teacher.log")
@@ -63,6 +75,18 @@ def test_teacher_front_end_serves_the_analysis(front):
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "top_k"
 
 
+def test_teacher_prefix_rescues_the_plan_student(front, pair):
+    """On `plan` the first token decides the answer: the student, which picks its plan blindly, is rescued by a
+    one-token teacher prefix (the paper's motivating observation, measured through /v1/rescue)."""
+    if not pair["plan"]:
+        pytest.skip("the plan pair is not built (services/models/pairs/plan)")
+    body = {"task": "builtin:plan", "count": 12, "lengths": [0, 1], "max_new_tokens": 110, "examples": 0}
+    r = httpx.post(front + "/v1/rescue", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    acc = {p["length"]: p["accuracy"] for p in r.json()["curve"]}
+    assert acc[1] >= 0.9 and acc[1] >= acc[0] + 0.3, acc
+
+
 @pytest.fixture(scope="module")
 def browser():
     why = ensure_chromium()
@@ -80,12 +104,12 @@ def test_page_colors_every_token_and_shows_alternatives(front, browser, tmp_path
     page = browser.new_page(viewport={"width": 1366, "height": 768})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    body = compare_single(page, front, "What is 2+3?", tokens=16, temperature=0, top_k=5)
+    body = compare_single(page, front, "P537=", tokens=16, temperature=0, top_k=5)
     n = len(body["tokens"])
     assert n > 0
     again = httpx.post(
         front + "/v1/compare",
-        json={"prompt": "What is 2+3?", "generate": {"max_tokens": 16, "temperature": 0}, "top_k": 5},
+        json={"prompt": "P537=", "generate": {"max_tokens": 16, "temperature": 0}, "top_k": 5},
         timeout=60,
     ).json()
     assert len(again["tokens"]) == n

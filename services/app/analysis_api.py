@@ -158,6 +158,14 @@ async def _compare_body(request: Request) -> CompareRequest | CompareBatchReques
         ) from None
 
 
+def _authorize(request: Request, job_id: str) -> None:
+    """On a teacher front-end with auth on, the caller's token (checked by its guard) must cover `job_id`: the
+    analysis reaches the teacher with its own client's token, so the caller's scope is checked here."""
+    principal = getattr(request.state, "principal", None)
+    if principal is not None:
+        principal.authorize(job_id)
+
+
 def analysis_router(service: AnalysisService) -> APIRouter:
     """The analysis routes over `service` (the page, its data, and the two analyses)."""
     router = APIRouter(tags=["analysis"])
@@ -166,12 +174,14 @@ def analysis_router(service: AnalysisService) -> APIRouter:
     async def compare(request: Request) -> JSONResponse:
         """Teacher vs student token by token (single form) or the mean KL by answer position (batch form)."""
         body = await _compare_body(request)
+        _authorize(request, body.job_id)
         run = service.compare_batch if isinstance(body, CompareBatchRequest) else service.compare_one
         return JSONResponse(await asyncio.to_thread(run, body))
 
     @router.post("/v1/rescue")
-    async def rescue(body: RescueRequest) -> JSONResponse:
+    async def rescue(body: RescueRequest, request: Request) -> JSONResponse:
         """Teacher-prefix rescue: the student's accuracy after a teacher-written prefix of each length."""
+        _authorize(request, body.job_id)
         return JSONResponse(await asyncio.to_thread(service.rescue, body))
 
     @router.get("/v1/analysis")

@@ -26,10 +26,14 @@ analysis_app = typer.Typer(help="Token-level analysis of a student against the t
 STUDENT_HELP = "A student to analyse: a model folder or hub id, or NAME=PATH (repeatable)."
 
 
-def _build(teacher_target: str, students: Sequence[str], device: str = "cpu"):
+def _build(teacher_target: str, students: Sequence[str], device: str = "cpu", ca_file: str = ""):
+    """The service over `teacher_target`; its client's token comes from $PREFIX_DISTILL_TEACHER_TOKEN."""
     from services.app.analysis_service import AnalysisService, load_students
+    from services.teacher.client import ClientOptions
 
-    return AnalysisService(teacher_target, load_students(students, device))
+    return AnalysisService(
+        teacher_target, load_students(students, device), ClientOptions(retries=2, ca_file=ca_file)
+    )
 
 
 def analysis_routes(students: Sequence[str], device: str = "cpu"):
@@ -65,6 +69,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="HTTP bind address."),
     port: int = typer.Option(8001, "--port", help="HTTP port (0: a free one)."),
     device: str = typer.Option("cpu", "--device", help="Device of the students: cpu | cuda | cuda:N."),
+    ca_file: str = typer.Option(
+        "", "--teacher-ca-file", help="CA of the teacher's TLS certificate (TLS on)."
+    ),
 ) -> None:
     """Serve the analysis page (/ui) and API (/v1/compare, /v1/rescue) over a running teacher."""
     import uvicorn
@@ -73,7 +80,7 @@ def serve(
     from services.util.net import free_port
 
     try:
-        service = _build(teacher, student, device)
+        service = _build(teacher, student, device, ca_file)
     except OSError as err:
         typer.echo(f"error: student: {err}", err=True)
         raise typer.Exit(2) from None

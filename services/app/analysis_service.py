@@ -98,7 +98,7 @@ class AnalysisService:
     ) -> None:
         assert students, "an analysis service needs at least one student"
         self.students = students
-        self.teacher = TeacherIO(teacher_target, options or ClientOptions(retries=2))
+        self.teacher = TeacherIO(teacher_target, options or ClientOptions())
         self._info: ModelInfo | None = None
         self._checked: set[tuple[str, Need]] = set()
         self._lock = threading.Lock()
