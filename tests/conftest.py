@@ -82,3 +82,12 @@ def own_redis(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many cases the bad-input suite tried (tests/tally.py), when it ran."""
+    from tally import TALLY, summary
+
+    if TALLY:
+        terminalreporter.write_sep("-", "hostile input")
+        terminalreporter.write_line(summary())

@@ -441,30 +441,32 @@ def test_jsonl_prompts_and_rendering(tmp_path, student):
 
 
 # ---------------------------------------------------------------------------------------------------- teacher I/O
-def test_teacher_io_resubmits_on_back_pressure_and_unavailable_but_not_on_bad_input(tiny_teacher, student):
+def test_teacher_io_keeps_no_retry_loop_of_its_own(tiny_teacher, student):
+    """Retries are the client's alone: what still fails after them reaches the trainer at once, once."""
     import numpy as np
 
-    from services.teacher.errors import InvalidRequest, QueueFull, Unavailable
+    from services.teacher.errors import InvalidRequest, QueueFull
     from services.teacher.types import ScoreRequest
     from trainer.losses import Need
     from trainer.teacher_io import TeacherIO, check_teacher
 
     io = TeacherIO(f"inprocess:{tiny_teacher}")
-    io.RESUBMIT_DELAY_S = 0.01
     try:
-        real = io.client.score_many
-        failures = [QueueFull("job queue full"), Unavailable("no worker")]
+        real, calls = io.client.score_many, []
 
-        async def flaky(requests):
-            if failures:
-                raise failures.pop(0)
-            return await real(requests)
+        async def exhausted(requests):
+            calls.append(len(requests))
+            raise QueueFull("job queue full", "job_id", retry_after_s=0.01)
 
-        io.client.score_many = flaky
+        io.client.score_many = exhausted
         req = ScoreRequest(np.array([5, 6]), np.array([7, 8, 9]), request_id="a")
+        with pytest.raises(QueueFull):
+            io.score([req])
+        assert calls == [1]  # no resubmit of the micro-batch
+        io.client.score_many = real
         (res,) = io.score([req])
         assert res.request_id == "a" and res.token_logprobs.shape == (3,)
-        assert io.stats.take()["teacher/retries"] == 2
+        assert io.stats.take()["teacher/retries"] == 0
         with pytest.raises(InvalidRequest, match="top_k"):
             io.score([ScoreRequest(np.array([5]), np.array([7]), top_k=10_000)])
         # the compatibility check passes for a student sharing the tokenizer

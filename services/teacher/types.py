@@ -91,22 +91,23 @@ class ScoreRequest:
             raise InvalidRequest(f"`top_k` must be an integer, got {self.top_k!r}.", "top_k")
         if self.top_k < 0:
             raise InvalidRequest(f"`top_k` must be >= 0, got {self.top_k}.", "top_k")
-        try:
-            temperature = float(self.temperature)
-        except (TypeError, ValueError):
-            raise InvalidRequest(
-                f"`temperature` must be a number, got {self.temperature!r}.", "temperature"
-            ) from None
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float, np.number)):
+            raise InvalidRequest(f"`temperature` must be a number, got {self.temperature!r}.", "temperature")
+        temperature = float(self.temperature)
         if not math.isfinite(temperature) or temperature <= 0:
             raise InvalidRequest(
                 f"`temperature` must be finite and > 0, got {self.temperature}.", "temperature"
             )
         self.temperature = temperature
-        if self.full_dtype not in codec.FLOAT_DTYPES:
+        if not isinstance(self.full, (bool, np.bool_)):
+            raise InvalidRequest(f"`full` must be true or false, got {self.full!r}.", "full")
+        if not isinstance(self.full_dtype, str) or self.full_dtype not in codec.FLOAT_DTYPES:
             raise InvalidRequest(
                 f"`full_dtype` must be one of {list(codec.FLOAT_DTYPES)}, got {self.full_dtype!r}.",
                 "full_dtype",
             )
+        if isinstance(self.timeout_ms, bool) or not isinstance(self.timeout_ms, (int, np.integer)):
+            raise InvalidRequest(f"`timeout_ms` must be an integer, got {self.timeout_ms!r}.", "timeout_ms")
         if self.timeout_ms < 0:
             raise InvalidRequest(f"`timeout_ms` must be >= 0, got {self.timeout_ms}.", "timeout_ms")
 
