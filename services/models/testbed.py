@@ -177,10 +177,11 @@ def supervised_train(model, tokenizer, task: RuleTask, answers, recipe: Recipe, 
         for group in opt.param_groups:
             group["lr"] = recipe.lr * warm * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
         ns = [rng.choice(train_ns) for _ in range(recipe.batch_size)]
-        pairs = [
-            (enc(list(task.prompt(n))), enc(list(answers(n, rng))) + [tokenizer.eos_token_id]) for n in ns
-        ]
-        ids_BS, labels_BS = _batch(pairs, tokenizer.pad_token_id)
+        rows = []
+        for n in ns:
+            text, untrained = _answer(answers, n, rng)
+            rows.append((enc(list(task.prompt(n))), enc(list(text)) + [tokenizer.eos_token_id], untrained))
+        ids_BS, labels_BS = _batch(rows, tokenizer.pad_token_id)
         logits_BSV = model(input_ids=ids_BS).logits
         loss = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1), labels_BS[:, 1:].flatten())
         opt.zero_grad()
