@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.teacher import metrics
 from services.teacher.errors import TeacherError, http_status
@@ -146,6 +147,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TeacherError)
     async def teacher_error(_request: Request, exc: TeacherError) -> JSONResponse:
         return _error_of(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not UTF-8, an unknown path or method) in the same shape
+        param = "body" if exc.status_code in (400, 413, 422) else ""
+        return _error(exc.status_code, param, str(exc.detail), getattr(exc, "headers", None))
 
 
 def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> FastAPI:
