@@ -23,6 +23,8 @@ ARGS = [
     "--no-first-run",
 ]
 ROOT = Path(__file__).resolve().parent.parent
+WAIT_MS = 180_000
+"""How long an analysis may run before the page is given up on."""
 
 
 def ensure_chromium() -> str | None:
@@ -53,11 +55,18 @@ def compare_single(
     page.fill("#gen-tokens", str(tokens))
     page.fill("#gen-temp", str(temperature))
     page.fill("#top-k", str(top_k))
-    with page.expect_response(lambda r: r.url.endswith("/v1/compare")) as info:
+    with page.expect_response(lambda r: r.url.endswith("/v1/compare"), timeout=WAIT_MS) as info:
         page.click("#compare-btn")
     body = info.value.json()
-    page.wait_for_selector("#tokens .tok")
+    _wait(page, "#tokens .tok")
     return body
+
+
+def _wait(page, selector: str) -> None:
+    """Until `selector` shows, or the page shows an error (raised as RuntimeError with its text)."""
+    page.wait_for_selector(f"{selector}, #error:not([hidden])", timeout=WAIT_MS)
+    if page.is_visible("#error"):
+        raise RuntimeError(f"the page shows an error: {page.inner_text('#error')}")
 
 
 def hover_token(page, index: int) -> str:
@@ -74,10 +83,10 @@ def run_batch(page, task: str, *, count: int, max_new_tokens: int, lengths: str)
     page.fill("#count", str(count))
     page.fill("#max-new", str(max_new_tokens))
     page.click("#batch-btn")
-    page.wait_for_selector("#kl-chart rect.bar")
+    _wait(page, "#kl-chart rect.bar")
     page.fill("#lengths", lengths)
     page.click("#rescue-btn")
-    page.wait_for_selector("#rescue-chart circle")
+    _wait(page, "#rescue-chart circle")
 
 
 def main() -> None:

@@ -63,8 +63,9 @@ function singleBody() {
   return body;
 }
 
+// Log scale up to the largest value: a few tokens usually carry most of the KL, and the rest stay visible.
 function colorOf(value, max, hue) {
-  const t = max > 0 ? Math.min(1, Math.max(0, value / max)) : 0;
+  const t = max > 0 ? Math.min(1, Math.log1p(Math.max(0, value)) / Math.log1p(max)) : 0;
   return `hsl(${hue}, 85%, ${Math.round(97 - 45 * t)}%)`;
 }
 
@@ -75,8 +76,7 @@ function measure(tok, by) {
 function paintTokens() {
   const by = $("color-by").value;
   const values = state.tokens.map((t) => measure(t, by));
-  const sorted = [...values].sort((a, b) => a - b);
-  const max = sorted.length ? Math.max(sorted[Math.floor(0.95 * (sorted.length - 1))], 1e-6) : 1;
+  const max = Math.max(...values, 1e-6);
   const hue = by === "teacher_logprob" ? 215 : 8;
   document.querySelectorAll("#tokens .tok").forEach((span, i) => {
     span.style.background = colorOf(values[i], max, hue);
@@ -85,7 +85,7 @@ function paintTokens() {
   const bar = document.createElement("span");
   bar.className = "bar";
   bar.style.background = `linear-gradient(to right, ${colorOf(0, 1, hue)}, ${colorOf(1, 1, hue)})`;
-  $("legend").append("0", bar, `≥ ${fmt(max)} nats`);
+  $("legend").append("0", bar, `${fmt(max)} nats (log scale)`);
 }
 
 function renderComparison(data) {

@@ -3,7 +3,7 @@
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
-const PAD = { left: 52, right: 14, top: 14, bottom: 36 };
+const PAD = { left: 52, right: 14, top: 24, bottom: 36 };
 
 function el(name, attrs, text) {
   const node = document.createElementNS(SVG_NS, name);
@@ -21,7 +21,7 @@ function frame(svg) {
 function niceMax(v) {
   if (!(v > 0)) return 1;
   const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
   return 10 * p;
 }
 
