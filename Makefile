@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser proto test test-slow test-all lint demo bench clean
+.PHONY: install browser proto test test-slow test-faults soak test-all lint demo bench clean
 
 install: $(VENV)/.installed browser
 
@@ -36,7 +36,16 @@ test: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m "slow"
+	$(BIN)/python -m pytest -q -m "slow and not faults"
+
+# Every fault scenario under load (~5 min): bench/results/faults.{md,json}; the quick part is in `make test`.
+test-faults: install
+	$(BIN)/python -m pytest -q -s -m faults
+
+# N jobs for M minutes against one teacher: bench/results/soak.{md,json}, docs/results/soak.png.
+SOAK_ARGS ?= --jobs 4 --minutes 10
+soak: install
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 test-all: install
 	$(BIN)/python -m pytest -q

@@ -122,10 +122,11 @@ def _in_band_error(resp: pb.ScoreResponse) -> TeacherError:
 
 def retry_delay(attempt: int, err: TeacherError | None) -> float:
     """Seconds before retry number `attempt` (1, 2, ...): the server's hint when it gave one (plus up to 20%
-    jitter), else an exponential back-off from 0.2 s with jitter; never over MAX_DELAY_S."""
+    jitter, at most MAX_DELAY_S), else an exponential back-off from 0.2 s to 2 s with +-50% jitter (a restart of
+    Redis or of a front-end takes about a second: retrying every few seconds finds it back soon)."""
     if err is not None and err.retry_after_s is not None:
         return min(MAX_DELAY_S, err.retry_after_s * (1.0 + 0.2 * random.random()))
-    return min(MAX_DELAY_S, min(5.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+    return min(2.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random())
 
 
 class _Batch:

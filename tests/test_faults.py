@@ -1,0 +1,36 @@
+"""The fault suite (bench/faults.py) under a steady load of several jobs: nothing lost, nothing answered twice,
+nothing wrong. The quick part (a worker kill -9, then a Redis restart that loses the queue) runs in `make test`;
+every scenario (repeated worker kills, Redis with and without AOF, a front-end restart under a streaming trainer,
+a trainer kill -9 and resume) runs in `make test-faults` and writes bench/results/faults.{md,json}."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import faults  # noqa: E402
+
+
+def check(figures) -> None:
+    for f in figures:
+        print(f)
+        assert f.answered > 0 and f.lost == 0 and f.twice == 0 and f.wrong == 0, f
+
+
+def test_quick_faults_lose_nothing(tmp_path):
+    check(faults.scenarios(tmp_path, quick=True, jobs=2))
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_every_fault_loses_nothing():
+    out = BENCH / "results" / "faults"
+    assert faults.main(["--out", str(out)]) == 0, out.with_suffix(".md").read_text()
+    import json
+
+    check([faults.Figures(**f) for f in json.loads(out.with_suffix(".json").read_text())])
