@@ -201,3 +201,78 @@ def test_trainer_token_and_ca_end_to_end(secured, tiny_student, tmp_path):
     assert summary.steps == 1
     with pytest.raises(Unauthenticated):
         train(load_config(None, [*common, "teacher_client.token=bad", f"output_dir={tmp_path / 'bad'}"]))
+
+
+def test_queue_over_rediss_with_a_password(tmp_path):
+    """Both sides of the queue over a TLS Redis that needs a password (`rediss://:pw@host/db?ssl_ca_certs=`)."""
+    import shutil
+    import subprocess
+    import time
+
+    from services.teacher.queue import (
+        FrontendQueue,
+        QueueConfig,
+        ReplyStats,
+        WorkerQueue,
+        decode_reply,
+        encode_ok,
+    )
+    from services.teacher.settings import TeacherSettings
+    from services.util.net import free_port
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("no redis-server on PATH")
+    certs, port = make_certs(tmp_path / "certs"), free_port()
+    args = [
+        exe,
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    args += ["--tls-cert-file", str(certs.cert), "--tls-key-file", str(certs.key)]
+    args += ["--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "no", "--requirepass", REDIS_PASSWORD]
+    server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"rediss://:{REDIS_PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={certs.ca}"
+    settings = TeacherSettings(model="m", redis_url=url, namespace="tls")
+    cfg = QueueConfig.from_settings(settings)
+    try:
+        worker = WorkerQueue(url, cfg)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                worker.redis.ping()
+                break
+            except Exception:  # noqa: BLE001 - not up yet (or built without TLS: skip below)
+                if server.poll() is not None:
+                    pytest.skip(f"this redis-server cannot serve TLS: {server.stdout.read()[-300:]!r}")
+                assert time.monotonic() < end, "the TLS redis-server did not come up"
+                time.sleep(0.1)
+
+        async def go():
+            front = FrontendQueue(url, cfg)
+            try:
+                assert await front.enqueue("r1", b"payload", "job", 3, cfg.key("reply:x"), 0)
+                (item,) = await asyncio.to_thread(worker.claim, 100, 4)
+                await asyncio.to_thread(
+                    worker.complete, item, encode_ok("r1", b"answer", ReplyStats(1, 3, 0, 0))
+                )
+                return await front.read_replies(cfg.key("reply:x"), 5)
+            finally:
+                await front.close()
+
+        (envelope,) = asyncio.run(go())
+        rid, (body, _) = decode_reply(envelope)
+        assert (rid, body) == ("r1", b"answer")
+        assert settings.redacted_redis_url().startswith("rediss://:***@127.0.0.1")
+        worker.close()
+    finally:
+        server.kill()
+        server.wait()
