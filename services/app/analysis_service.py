@@ -148,8 +148,11 @@ class AnalysisService:
             "tasks": [f"builtin:{name}" for name in BUILTIN],
         }
 
-    def _fits(self, s: Student, prompt, completion, *, top_k: int, full: bool, names: dict[str, str]) -> None:
-        """Model-dependent checks of one scoring (ids < both vocabularies, context, top_k, full-row guard)."""
+    def _fits(
+        self, s: Student, prompt, completion, *, top_k: int, full: bool, names: dict[str, str], job_id: str
+    ) -> None:
+        """Checks of one planned scoring before any work: the job id, ids < both vocabularies, the teacher's
+        context, top_k and full-row guard (by the teacher's own `validate_request`)."""
         for param, ids in (("prompt_token_ids", prompt), ("completion_token_ids", completion)):
             if len(ids) and max(ids) >= s.vocab:
                 raise InvalidRequest(
@@ -158,7 +161,9 @@ class AnalysisService:
                     names.get(param, param),
                 )
         try:
-            req = ScoreRequest(np.asarray(prompt), np.asarray(completion), top_k=top_k, full=full)
+            req = ScoreRequest(
+                np.asarray(prompt), np.asarray(completion), job_id=job_id, top_k=top_k, full=full
+            )
             validate_request(req, self.info())
         except InvalidRequest as err:
             raise _renamed(err, names) from None
@@ -180,16 +185,11 @@ class AnalysisService:
             )
         else:  # the completion is the student's answer, written below
             prompt, _ = resolve_ids(s.tokenizer, body.prompt, body.prompt_token_ids, None, [0])
+        given_as = "generate.max_tokens" if gen else "completion" if body.completion is not None else ""
         names = {"prompt_token_ids": "prompt" if body.prompt is not None else "prompt_token_ids"}
-        names["completion_token_ids"] = names["full"] = (
-            "generate.max_tokens"
-            if gen
-            else "completion"
-            if body.completion is not None
-            else "completion_token_ids"
-        )
+        names["completion_token_ids"] = names["full"] = given_as or "completion_token_ids"
         planned = [0] * gen.max_tokens if gen else completion
-        self._fits(s, prompt, planned, top_k=body.top_k, full=True, names=names)
+        self._fits(s, prompt, planned, top_k=body.top_k, full=True, names=names, job_id=body.job_id)
         with s.lock:
             if gen is not None:
                 completion = analysis.student_answer(
@@ -281,7 +281,7 @@ class AnalysisService:
                 "completion_token_ids": "max_new_tokens",
                 "full": "max_new_tokens",
             }
-            self._fits(s, p, [0] * body.max_new_tokens, top_k=0, full=True, names=names)
+            self._fits(s, p, [0] * body.max_new_tokens, top_k=0, full=True, names=names, job_id=body.job_id)
         with s.lock:
             kl = analysis.kl_by_position(
                 s.model,
@@ -318,7 +318,7 @@ class AnalysisService:
         for i, p in enumerate(ids):
             where = f"prompts[{i}]" if body.prompts is not None else "task"
             names = {"prompt_token_ids": where, "completion_token_ids": "max_new_tokens"}
-            self._fits(s, p, [0] * body.max_new_tokens, top_k=1, full=False, names=names)
+            self._fits(s, p, [0] * body.max_new_tokens, top_k=1, full=False, names=names, job_id=body.job_id)
         lengths = sorted(set(body.lengths))
         with s.lock:
             res = analysis.rescue_curve(
