@@ -2,7 +2,8 @@
 
 Each job runs `streams` coroutines on an event loop in a background thread; each sends chunks of `chunk`
 requests with `TeacherClient.score_many` (the trainer's path: ScoreStream with the client's retries) or, with
-`chunk=0`, one request at a time with `score` (unary, so every request has its own latency). Requests are
+`chunk=0`, one request at a time with `score` (unary, so every request has its own latency); `pace_s` is a
+pause after each chunk (a steady load rather than a saturating one). Requests are
 deterministic per (job, index), so every answer can be checked afterwards against a direct forward pass.
 """
 
@@ -62,9 +63,11 @@ class Load:
         streams: int = 2,
         prefix: str = "load",
         keep_answers: bool = True,
+        pace_s: float = 0.0,
         **client_options,
     ) -> None:
         self.target, self.chunk, self.streams, self.keep = target, chunk, streams, keep_answers
+        self.pace_s = pace_s
         self.options = {"retries": 40, "timeout_s": 60.0, **client_options}
         self.tallies = [JobTally(f"{prefix}-{j}") for j in range(jobs)]
         self.clients: list[TeacherClient] = []
@@ -122,6 +125,8 @@ class Load:
                     tally.errors[getattr(res, "code", type(res).__name__)] += 1
             tally.times.append(now)
             tally.latencies.append(now - t0)
+            if self.pace_s:
+                await asyncio.sleep(self.pace_s)
 
     @staticmethod
     async def _one(client: TeacherClient, req: ScoreRequest):
@@ -155,10 +160,15 @@ class Load:
                         wrong += 1
         return wrong
 
-    def recovery_s(self, fault_at: float) -> float:
-        """Seconds from `fault_at` until every job had an answer again (the slowest job)."""
+    def recovery_s(self, fault_at: float, window_s: float = 60.0) -> float:
+        """The longest any job went without an answer after `fault_at` (within `window_s`): from the fault, or
+        from its last answer after it, to its next answer. Inf if a job never got one again."""
         worst = 0.0
         for tally in self.tallies:
-            after = [t for t in tally.times if t > fault_at]
-            worst = max(worst, (after[0] - fault_at) if after else float("inf"))
+            times = [t for t in sorted(tally.times) if t <= fault_at + window_s]
+            after = [t for t in times if t > fault_at]
+            if not after:
+                return float("inf")
+            marks = [fault_at, *after]
+            worst = max(worst, max(b - a for a, b in zip(marks, marks[1:], strict=False)))
         return worst
