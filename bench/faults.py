@@ -96,7 +96,7 @@ def under_load(
 def worker_kills(kills: int, every_s: float):
     def inject(stack: Stack) -> list[float]:
         times = []
-        for k in range(kills):
+        for _ in range(kills):
             times.append(time.monotonic())
             stack.kill_worker(0)  # the oldest: a replacement started by an earlier kill may still be loading
             time.sleep(every_s)
