@@ -148,22 +148,13 @@ def rescue_report(results: list[dict], out: Path) -> str:
         )
         ax.plot(list(curve), [100 * v for v in curve.values()], marker="o", label=f"builtin:{t['task']}")
     ax.set_xscale("symlog", linthresh=2)
-    ax.set_xlabel("teacher-written prefix length L (tokens)")
-    ax.set_ylabel("student accuracy continuing it %")
-    ax.set_title("teacher-prefix rescue (student before training)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "rescue.png", dpi=120)
-    plt.close(fig)
-    table = "\n".join(lines)
-    (out / "rescue.md").write_text(
-        "# Teacher-prefix rescue\n\nThe student (before any distillation) continues a greedy teacher-written "
-        "prefix of L tokens; held-out accuracy in %. Produced by `bench/paper_table.py`.\n\n"
-        + table
-        + "\n\n![rescue](rescue.png)\n"
+    _label(ax, "teacher-written prefix length L (tokens)", "student accuracy continuing it %",
+           "teacher-prefix rescue (student before training)")  # fmt: skip
+    intro = (
+        "The student (before any distillation) continues a greedy teacher-written prefix of L tokens; held-out "
+        "accuracy in %."
     )
-    return table
+    return _write(fig, lines, out, "rescue", "Teacher-prefix rescue", intro)
 
 
 def kl_report(results: list[dict], out: Path) -> str:
@@ -185,21 +176,33 @@ def kl_report(results: list[dict], out: Path) -> str:
             n = max(counts) if counts else 1
             lines.append(f"| builtin:{t['task']} | {label} | {shares} | {total / max(1, n):.3f} |")
         ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_xlabel("answer position")
-        ax.set_ylabel("mean KL(student || teacher), nats")
-        ax.set_title(f"builtin:{t['task']}")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _label(ax, "answer position", "mean KL(student || teacher), nats", f"builtin:{t['task']}")
+    intro = (
+        "Exact per-token KL(student || teacher) over full rows on the student's own sampled answers "
+        "(temperature 1), held-out prompts, before training and after `full` and the best prefix method."
+    )
+    return _write(
+        fig, lines, out, "kl_position", "Where the signal sits: reverse KL by answer position", intro
+    )
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _write(fig, lines: list[str], out: Path, name: str, heading: str, intro: str) -> str:
+    """Saves `fig` as out/NAME.png and the table `lines` as out/NAME.md; returns the table."""
+    plt = _plt()
     fig.tight_layout()
-    fig.savefig(out / "kl_position.png", dpi=120)
+    fig.savefig(out / f"{name}.png", dpi=120)
     plt.close(fig)
     table = "\n".join(lines)
-    (out / "kl_position.md").write_text(
-        "# Where the signal sits: reverse KL by answer position\n\nExact per-token KL(student || teacher) over "
-        "full rows on the student's own sampled answers (temperature 1), held-out prompts, before training and "
-        "after `full` and the best prefix method. Produced by `bench/paper_table.py`.\n\n"
-        + table
-        + "\n\n![kl by position](kl_position.png)\n"
+    (out / f"{name}.md").write_text(
+        f"# {heading}\n\n{intro} Produced by `bench/paper_table.py`.\n\n{table}\n\n![{name}]({name}.png)\n"
     )
     return table
 
