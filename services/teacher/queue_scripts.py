@@ -15,10 +15,10 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function activate(job)
-  -- A job joins the round-robin at the current position: served after those already waiting.
+  -- A job joins the round-robin behind those already waiting, with an order of its own: jobs that join with
+  -- equal scores would be served by name (ZSET ties), favouring "job-0" over "job-9" on every round.
   if not redis.call('ZSCORE', NS .. 'jobs', job) then
-    local seq = tonumber(redis.call('GET', NS .. 'seq') or '0')
-    redis.call('ZADD', NS .. 'jobs', seq, job)
+    redis.call('ZADD', NS .. 'jobs', redis.call('INCR', NS .. 'seq'), job)
   end
 end
 local function ring()
