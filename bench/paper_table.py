@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -74,7 +75,7 @@ def train_one(
         f"student={pair.student}",
         f"teacher={target}",
         f"output_dir={run_dir}",
-        f"job_id={task}-{method}-s{seed}",
+        f"job_id={re.sub(r'[^A-Za-z0-9._+-]', '-', f'{task}-{method}-s{seed}')}",
         f"seed={seed}",
         *overrides,
     ]

@@ -138,10 +138,12 @@ def describe_job(cfg) -> str:
     )
 
 
-def _train_against_service(teacher_model, student_model, url, run_dir, job, console, say, timings):
-    """Starts the teacher service, runs the job against it, stops it; returns (config, run summary)."""
-    steps, overrides, config = job
-    teacher_threads, trainer_threads = split_threads()
+@contextlib.contextmanager
+def teacher_service(
+    teacher_model: Path, url: str, run_dir: Path, say, timings: dict
+) -> Iterator[TeacherProcess]:
+    """`teacher serve` (front-end + 1 worker) on free local ports until the block ends."""
+    teacher_threads, _ = split_threads()
     t0 = time.perf_counter()
     teacher = TeacherProcess(
         teacher_model, url, run_dir / "teacher.log", flags={"torch-threads": teacher_threads}
@@ -151,22 +153,45 @@ def _train_against_service(teacher_model, student_model, url, run_dir, job, cons
         teacher.wait_healthy()
         timings["teacher_start_s"] = time.perf_counter() - t0
         say(f"healthy after {timings['teacher_start_s']:.1f} s (curl {teacher.http}/v1/models)")
-        cfg = job_config(student_model, teacher.target, run_dir, steps, overrides, config)
-        console.print(
-            f"[bold cyan][4/5][/bold cyan] the job ({config.name}): {describe_job(cfg)}", highlight=False
-        )
-        import torch
-
-        from trainer.loop import train
-
-        torch.set_num_threads(trainer_threads)
-        t0 = time.perf_counter()
-        summary = train(cfg)
-        timings["train_s"] = time.perf_counter() - t0
-        return cfg, summary
+        yield teacher
     finally:
         say("stopping the teacher ...")
         teacher.stop()
+
+
+def train_job(cfg, console, config: Path, timings: dict):
+    """Runs the job with the trainer's share of the cores; returns its RunSummary."""
+    import torch
+
+    from trainer.loop import train
+
+    console.print(
+        f"[bold cyan][4/5][/bold cyan] the job ({config.name}): {describe_job(cfg)}", highlight=False
+    )
+    torch.set_num_threads(split_threads()[1])
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    timings["train_s"] = time.perf_counter() - t0
+    return summary
+
+
+def keep_serving(teacher: TeacherProcess, students: list[Path], run_dir: Path, console) -> None:
+    """The analysis page for the run's students (start and final) against the live teacher, until Ctrl-C."""
+    from services.app.analysis_cli import serve_analysis
+
+    server = serve_analysis(teacher.target, students, log=run_dir / "analysis.log")
+    try:
+        console.print(
+            f"[bold]analysis page[/bold]: {server.url}  (students: {', '.join(map(str, students))}; "
+            "Ctrl-C stops everything)",
+            highlight=False,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 def run_demo(
@@ -177,9 +202,11 @@ def run_demo(
     redis_url: str | None = None,
     overrides: list[str] | None = None,
     config: Path | None = None,
+    serve: bool = False,
     console=None,
 ) -> DemoResult:
-    """Runs the demo end to end (see the module docstring); everything it starts is stopped on return."""
+    """Runs the demo end to end (see the module docstring); everything it starts is stopped on return. With
+    `serve`, the analysis page stays up (teacher included) until Ctrl-C once the results are printed."""
     from rich.console import Console
 
     from services.util.progress import quiet_progress_bars
@@ -208,14 +235,21 @@ def run_demo(
             teacher_model, student_model, what = prepare_models(pair, say)
             say(f"{what}\n  teacher: {teacher_model}\n  student: {student_model}")
             stage(3, "teacher service (front-end + 1 worker)")
-            job = (steps, overrides or [], config)
-            cfg, summary = _train_against_service(
-                teacher_model, student_model, url, run_dir, job, console, say, timings
-            )
+            with teacher_service(teacher_model, url, run_dir, say, timings) as teacher:
+                cfg = job_config(student_model, teacher.target, run_dir, steps, overrides or [], config)
+                summary = train_job(cfg, console, config, timings)
+                stage(5, "results")
+                result = _report(cfg, summary, run_dir, console, say, timings, t_all)
+                if serve:
+                    keep_serving(teacher, [student_model, run_dir / "final"], run_dir, console)
         if not redis_url:
             say("embedded Redis stopped")
-    stage(5, "results")
-    return _report(cfg, summary, run_dir, console, say, timings, t_all)
+    console.print(f"done in {time.perf_counter() - t_all:.0f} s; nothing left running.", highlight=False)
+    if not serve:
+        console.print(
+            "explore the run in a browser (per-token KL, rescue): add --keep-serving", highlight=False
+        )
+    return result
 
 
 def _report(cfg, summary, run_dir: Path, console, say, timings: dict, t_all: float) -> DemoResult:
@@ -244,7 +278,6 @@ def _report(cfg, summary, run_dir: Path, console, say, timings: dict, t_all: flo
     console.print(f"run folder: {run_dir}", highlight=False)
     for name in ("metrics.jsonl", "summary.json", *(p.name for p in plots), "final/", "teacher.log"):
         say(name)
-    console.print(f"done in {timings['total_s']:.0f} s; nothing left running.", highlight=False)
     return result
 
 
@@ -260,6 +293,11 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, "--out", help="Run folder (default runs/demo-<timestamp>)."),
         redis_url: str = typer.Option(None, "--redis-url", help="Use this Redis instead of an embedded one."),
         set_: list[str] = typer.Option([], "--set", help="Override a job key, e.g. --set prefix.length=8."),
+        keep_serving_: bool = typer.Option(
+            False,
+            "--keep-serving",
+            help="Afterwards, keep the teacher and the analysis page up until Ctrl-C.",
+        ),
     ) -> None:
         """One-command demo: embedded Redis, a teacher service, a short prefix-OPD job, before/after."""
         from rich.console import Console
