@@ -160,6 +160,13 @@ class TrainerRun:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def wrote_step_after(self, step: int, since: float) -> bool:
+        """Whether this run has written a training step past `step` since `since` (time.monotonic)."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists() or path.stat().st_mtime < time.time() - (time.monotonic() - since):
+            return False
+        return any("progress/prefix_length" in r and r.get("step", 0) > step for r in self.rows())
+
     def steps_done(self) -> int:
         return sum(1 for r in self.rows() if "progress/prefix_length" in r)
 

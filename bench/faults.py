@@ -162,8 +162,7 @@ def trainer_kill(stack: Stack, student: Path, folder: Path, reference: list[dict
     run.proc.signal(signal.SIGKILL)
     run.wait(10)
     resumed = TrainerRun(student, stack.target, folder / "killed", steps=12, save_every=3, resume=True)
-    done_before = 6
-    while resumed.steps_done() <= done_before and resumed.proc.alive():
+    while not resumed.wrote_step_after(6, since=t) and resumed.proc.alive():
         time.sleep(0.05)
     recovery = time.monotonic() - t
     code = resumed.wait()

@@ -28,6 +28,7 @@ def test_quick_faults_lose_nothing(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.faults
+@pytest.mark.timeout(1800)
 def test_every_fault_loses_nothing():
     out = BENCH / "results" / "faults"
     assert faults.main(["--out", str(out)]) == 0, out.with_suffix(".md").read_text()

@@ -50,7 +50,7 @@ class ClientOptions:
     max_in_flight: int = _opt(64, "Requests in flight to the teacher at once (per client: per rank) (>= 1).")
     timeout_s: float = _opt(120.0, "Deadline of one teacher request in seconds (> 0).")
     retries: int = _opt(
-        8,
+        20,
         "Retries of one request on UNAVAILABLE or RESOURCE_EXHAUSTED with a retry-after hint, and reopenings "
         "in a row of a broken stream (>= 0).",
     )
