@@ -5,8 +5,9 @@ steps (COMMON); only the rollouts, the prefix schedule and the loss differ:
 
     full              on-policy distillation over the whole answer (exact reverse KL, full rows)
     prefix-L<n>       the same on the first n tokens of each rollout only
-    prefix-L<n>+l2    ... plus an L2 pull toward the starting weights (anchor.l2): zero extra FLOPs
-    prefix-L<n>+head  ... training only the output layer (freeze the embeddings and decoder layers)
+    prefix-L<n>+head  ... training only the final norm and output layer (the embeddings and decoder layers
+                      frozen): zero extra FLOPs
+    prefix-L<n>+l2    ... plus an L2 pull toward the starting weights (anchor.l2 = 20 / n): zero extra FLOPs
     linear-<a>-<b>    a prefix growing linearly from a to b tokens over the run
     offpolicy-L<n>    teacher-written prefixes of n tokens, same loss (the paper's ablation)
     seqkd             supervised training on the teacher's own full answers (sampled at temperature 1)
@@ -51,11 +52,11 @@ def prefix(n: int, *extra: str) -> list[str]:
 METHODS: dict[str, list[str]] = {
     "full": ["prefix.schedule=full"],
     "prefix-L2": prefix(2),
-    "prefix-L4": prefix(4),
     "prefix-L8": prefix(8),
     "prefix-L16": prefix(16),
+    "prefix-L2+head": prefix(2, FREEZE_TRUNK),
+    "prefix-L8+head": prefix(8, FREEZE_TRUNK),
     "prefix-L2+l2": prefix(2, "anchor.l2=10"),
-    "prefix-L4+head": prefix(4, FREEZE_TRUNK),
     "linear-4-120": ["prefix.schedule=linear", "prefix.start=4", "prefix.end=120"],
     "offpolicy-L16": prefix(16, "rollouts.source=teacher"),
     "seqkd": ["prefix.schedule=full", "rollouts.source=teacher", "loss=nll"],
