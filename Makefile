@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser proto test test-slow test-faults soak test-all lint demo bench clean
+.PHONY: install browser proto test test-slow test-faults test-testbed soak test-all lint demo bench-paper bench-safety clean docker-tools test-compose
 
 install: $(VENV)/.installed browser
 
@@ -29,6 +29,12 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "warning: Debian's chromium could not be installed; the browser test will skip"
 
+# Debian's Docker engine, Compose v1 and debootstrap for `make test-compose` (root and apt-get; nothing starts here).
+docker-tools:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null && \
+	  { command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; } || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null; }
+
 proto:
 	$(BIN)/python proto/protogen.py
 
@@ -36,7 +42,11 @@ test: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m "slow and not faults"
+	$(BIN)/python -m pytest -q -m "slow and not faults and not rebuild"
+
+# Rebuild both testbed pairs from their seeds and check they reach the shipped accuracy (~1 hour on 2 cores).
+test-testbed: install
+	$(BIN)/python -m pytest -q -m rebuild
 
 # Every fault scenario under load (~5 min): bench/results/faults.{md,json}; the quick part is in `make test`.
 test-faults: install
@@ -56,6 +66,15 @@ lint: install
 
 demo: install
 	$(BIN)/prefix-distill demo
+
+# The paper's table on the testbed, both tasks, 3 seeds, through the teacher service (~90 min on 2 cores):
+# docs/results/paper_table.{md,json,png}, rescue.{md,png}, kl_position.{md,png}.
+bench-paper: install
+	$(BIN)/python bench/paper_table.py
+
+# Prefix length x safeguard on both tasks, 2 seeds (~60 min): docs/results/prefix_safety.{md,json,png}.
+bench-safety: install
+	$(BIN)/python bench/prefix_safety.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -87,9 +87,10 @@ def test_shipped_pair_teacher_solves_the_task_and_the_student_lags(name):
 
 
 @pytest.mark.slow
+@pytest.mark.rebuild
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_rebuild_from_seeds_reaches_the_shipped_accuracy(name, tmp_path):
-    """~15 minutes a pair on 2 cores (`make test-testbed`)."""
+    """~30 minutes a pair on 2 cores (`make test-testbed`)."""
     import torch
 
     shipped = json.loads((SHIPPED / name / "build.json").read_text())
