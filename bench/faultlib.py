@@ -76,6 +76,21 @@ class Stack:
         w.stop()
         self.add_worker()
 
+    def wait_workers(self, n: int, timeout_s: float = 120.0) -> None:
+        """Until the front-end counts `n` live workers (after a kill: once the dead one's TTL has run out)."""
+        import httpx
+
+        time.sleep(float(self.flags["worker-ttl-s"]) + 0.5)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            try:
+                if httpx.get(self.front.http + "/healthz", timeout=2).json().get("workers", 0) >= n:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"fewer than {n} workers after {timeout_s:.0f} s")
+
     def restart_redis(self, down_s: float = 0.5) -> None:
         """kill -9 of Redis, then the same server (port, data folder) again."""
         self.redis.stop()

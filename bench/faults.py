@@ -4,7 +4,8 @@
     python bench/faults.py --quick    # a worker kill -9 then a Redis restart without persistence (~40 s)
 
 Scenarios (each on a fresh stack: its own Redis, a front-end, two separate workers, tiny local models):
-- `worker-kill-9`: kill -9 of a worker, repeatedly, a replacement started each time;
+- `worker-kill-9`: kill -9 of a worker, repeatedly, a replacement started each time (the next kill once it
+  serves, so one worker of two is down at a time);
 - `redis-restart-aof` / `redis-restart-none`: kill -9 of Redis and a restart, with an fsync-always append-only
   file (the queue survives) and with no persistence (the queue is lost: the clients' retries must recover it);
 - `frontend-restart`: kill -9 of the front-end and a new one on the same ports, while a trainer streams;
@@ -98,7 +99,8 @@ def worker_kills(kills: int, every_s: float):
         times = []
         for _ in range(kills):
             times.append(time.monotonic())
-            stack.kill_worker(0)  # the oldest: a replacement started by an earlier kill may still be loading
+            stack.kill_worker(0)  # the oldest
+            stack.wait_workers(stack.n_workers)  # the replacement serves: one worker down at a time
             time.sleep(every_s)
         return times
 
@@ -206,7 +208,7 @@ def _one(
     if quick:
         return [under_load(name, stack, engine, jobs, quick_faults, warm_s=1.0, settle_s=2.0, streams=1)]
     if name == "worker-kill-9":
-        return [under_load(name, stack, engine, jobs, worker_kills(6, every_s=3.0))]
+        return [under_load(name, stack, engine, jobs, worker_kills(6, every_s=1.0))]
     if name.startswith("redis-restart"):
         return [under_load(name, stack, engine, jobs, redis_restart, settle_s=4.0)]
     if name == "frontend-restart":
