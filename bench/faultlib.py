@@ -113,6 +113,9 @@ class Stack:
             grpc_port=old.grpc_port,
             http_port=old.http_port,
         )
+        t0 = time.monotonic()
+        self.front.wait_healthy(120)
+        self.last_start_s = time.monotonic() - t0 + down_s
 
     def stop(self) -> None:
         for w in self.workers:

@@ -219,7 +219,9 @@ def _one(
             times, box["trainer"] = frontend_restart_with_trainer(s, student, folder, reference)
             return times
 
-        return [under_load(name, stack, engine, jobs, inject), box["trainer"]]
+        figures = under_load(name, stack, engine, jobs, inject)
+        figures.note = f"the new front-end served {stack.last_start_s:.1f} s after the kill"
+        return [figures, box["trainer"]]
     reference = reference_run(stack, student, folder, 12, save_every=3)
     box = {}
 
