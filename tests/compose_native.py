@@ -3,7 +3,8 @@ Docker engine.
 
 What a container would see is reproduced from the files themselves:
 - the command: the service's `command` after compose's variable interpolation (`${VAR:-default}`, `$$`),
-  behind the image's ENTRYPOINT read from its Dockerfile (`prefix-distill` -> this venv's console script);
+  behind the service's `entrypoint` or else the image's ENTRYPOINT read from its Dockerfile (`prefix-distill`
+  -> this venv's console script, also first on PATH for a shell entrypoint);
 - the environment: the Dockerfile's ENV, then the service's `environment`;
 - volumes: every container path of the service's `volumes` (`/models`, `/runs`, `/configs`) is rewritten to a
   host folder (a named volume is a folder under `volumes_root`, a bind mount its source);
@@ -61,6 +62,18 @@ def _walk(node, fn):
     return fn(node) if isinstance(node, str) else node
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose env file (`--env-file`, `.env`); comments and blank lines skipped."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
+            out[key.strip()] = value.strip()
+    return out
+
+
 def load_compose(path: Path, env: dict[str, str]) -> dict:
     """The compose file with anchors resolved and variables interpolated."""
     data = yaml.safe_load(path.read_text())
@@ -87,6 +100,16 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
         pending = ""
         word, _, rest = line.partition(" ")
         out.append((word.upper(), rest.strip()))
+    return out
+
+
+def dockerfile_args(path: Path) -> dict[str, str | None]:
+    """The ARGs of a Dockerfile (before and after FROM) with their defaults (None: declared without one)."""
+    out: dict[str, str | None] = {}
+    for word, args in dockerfile_instructions(path):
+        if word == "ARG":
+            name, sep, default = args.partition("=")
+            out[name] = default if sep else None
     return out
 
 
@@ -240,7 +263,10 @@ def plan_services(
 
         command = svc.get("command", image.cmd)
         command = shlex.split(command) if isinstance(command, str) else list(command)
+        entrypoint = svc.get("entrypoint", image.entrypoint)
+        entrypoint = shlex.split(entrypoint) if isinstance(entrypoint, str) else list(entrypoint)
         env = dict(base_env)
+        env["PATH"] = f"{BIN}{os.pathsep}{base_env.get('PATH', os.defpath)}"  # `prefix-distill` in a shell
         env.update({k: translate(v) for k, v in image.env.items()})
         env.update({k: translate(str(v)) for k, v in (svc.get("environment") or {}).items()})
         test = (svc.get("healthcheck") or {}).get("test")
@@ -256,6 +282,6 @@ def plan_services(
             deps = {d: "service_started" for d in deps}
         else:
             deps = {d: spec.get("condition", "service_started") for d, spec in deps.items()}
-        argv = native_argv([*image.entrypoint, *[translate(a) for a in command]])
+        argv = native_argv([*entrypoint, *[translate(a) for a in command]])
         out[name] = NativeService(name, argv, env, health, deps)
     return out
