@@ -35,6 +35,11 @@ docker-tools:
 	  { command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; } || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null; }
 
+# docker-compose.yml under a real Docker engine (not in `make test`): an engine of its own when none answers (root),
+# local base images when docker.io is out of reach, both images built, the stack from nothing to nothing.
+test-compose: install docker-tools
+	PREFIX_DISTILL_TEST_COMPOSE=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_deploy_engine.py
+
 proto:
 	$(BIN)/python proto/protogen.py
 
@@ -48,7 +53,7 @@ test-slow: install
 test-testbed: install
 	$(BIN)/python -m pytest -q -m rebuild
 
-# Every fault scenario under load (~5 min): bench/results/faults.{md,json}; the quick part is in `make test`.
+# Every fault scenario under load (10-15 min on 2 busy cores): bench/results/faults.{md,json}; the quick part is in `make test`.
 test-faults: install
 	$(BIN)/python -m pytest -q -s -m faults
 

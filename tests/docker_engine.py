@@ -1,7 +1,7 @@
 """What `make test-compose` needs around docker-compose.yml: a Docker engine, base images, a package index, Compose.
 
-- `Engine`: the engine that answers `docker info`, else one of our own (`dockerd` as root, vfs storage, its own
-  socket, data root and exec root), stopped afterwards. Ours routes nothing off the machine: no NAT
+- `Engine`: the engine that answers `docker info`, else one of our own (`dockerd` as root, its own socket, data
+  root and exec root; overlay2 storage where the kernel allows it, else vfs), stopped afterwards. Ours routes nothing off the machine: no NAT
   (`--ip-masq=false`), no host firewall rules (`--iptables=false`; published ports go through docker-proxy on
   the host), no default bridge, and DNS pointed at the container's own loopback. Containers reach each other on
   compose's network; builds run with `--network host` and reach only 127.0.0.1.
@@ -58,7 +58,9 @@ def cache_dir() -> Path:
 
 def run(cmd: list[str], *, env=None, timeout=600, check=True, **kw) -> subprocess.CompletedProcess:
     """A command whose output is kept (text); on failure the error shows the end of both streams."""
-    res = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True, errors="replace", **kw)
+    res = subprocess.run(
+        cmd, env=env, timeout=timeout, capture_output=True, text=True, errors="replace", **kw
+    )
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} -> {res.returncode}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
     return res
@@ -90,7 +92,9 @@ class Engine:
             return self
         dockerd = shutil.which("dockerd")
         if dockerd is None or os.geteuid() != 0:
-            raise RuntimeError("no Docker engine reachable, and no dockerd to start as root (make docker-tools)")
+            raise RuntimeError(
+                "no Docker engine reachable, and no dockerd to start as root (make docker-tools)"
+            )
         t0 = time.monotonic()
         self.tmp = Path(tempfile.mkdtemp(prefix="pd-docker-", dir="/tmp"))  # short: socket paths are limited
         data_root = cache_dir() / "engine"
@@ -98,7 +102,6 @@ class Engine:
         self.log = self.tmp / "dockerd.log"
         cmd = [
             dockerd,
-            "--storage-driver", os.environ.get("PREFIX_DISTILL_DOCKER_STORAGE", "vfs"),
             "--data-root", str(data_root),
             "--exec-root", str(self.tmp / "exec"),
             "--pidfile", str(self.tmp / "dockerd.pid"),
@@ -108,6 +111,8 @@ class Engine:
             "--ip-masq=false",
             "--dns", "127.0.0.1",
         ]  # fmt: skip
+        if os.environ.get("PREFIX_DISTILL_DOCKER_STORAGE"):  # else dockerd's choice: overlay2 where it works
+            cmd += ["--storage-driver", os.environ["PREFIX_DISTILL_DOCKER_STORAGE"]]
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         self.env["DOCKER_HOST"] = f"unix://{sock}"
@@ -192,9 +197,13 @@ def build_local_base(engine: Engine, name: str = LOCAL_BASE) -> None:
             "ENV LANG=C.UTF-8",
             'CMD ["python"]',
         ]
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
+        tar = subprocess.Popen(
+            ["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE
+        )
         args = ["import", *(a for c in changes for a in ("--change", c)), "-", name]
-        imp = subprocess.run(["docker", *args], env=engine.env, stdin=tar.stdout, capture_output=True, timeout=900)
+        imp = subprocess.run(
+            ["docker", *args], env=engine.env, stdin=tar.stdout, capture_output=True, timeout=900
+        )
         tar.stdout.close()
         assert tar.wait() == 0 and imp.returncode == 0, imp.stderr.decode(errors="replace")
     finally:
@@ -274,7 +283,9 @@ def index_ca(folder: Path):
     server_pem, server_key = run_dir / "server.pem", run_dir / "server.key"
     server_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     server_key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     return ca_pem, server_pem, server_key
 
@@ -320,10 +331,13 @@ class WheelIndex:
         hashes_path.write_text(json.dumps(known, indent=1))
         for project, files in projects.items():
             links = "".join(
-                f'<a href="../../files/{html.escape(f)}#sha256={known[f]}">{html.escape(f)}</a><br>\n' for f in files
+                f'<a href="../../files/{html.escape(f)}#sha256={known[f]}">{html.escape(f)}</a><br>\n'
+                for f in files
             )
             (simple / project).mkdir(parents=True)
-            (simple / project / "index.html").write_text(f"<!DOCTYPE html><html><body>\n{links}</body></html>\n")
+            (simple / project / "index.html").write_text(
+                f"<!DOCTYPE html><html><body>\n{links}</body></html>\n"
+            )
         root_links = "".join(f'<a href="{p}/">{p}</a><br>\n' for p in sorted(projects))
         (simple / "index.html").write_text(f"<!DOCTYPE html><html><body>\n{root_links}</body></html>\n")
 

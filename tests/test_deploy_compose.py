@@ -44,7 +44,11 @@ def test_compose_file_is_also_compose_v1(path):
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"], ["--env-file", "configs/job-smollm2.env"]],
+    [
+        [],
+        ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"],
+        ["--env-file", "configs/job-smollm2.env"],
+    ],
     ids=["default", "gpu", "smollm2"],
 )
 def test_compose_v1_accepts_the_files(args):
@@ -129,9 +133,12 @@ def test_each_scaled_worker_takes_a_bounded_number_of_threads():
     services = load_compose(COMPOSE, {})["services"]
     threads = int(services["teacher-worker"]["environment"]["TEACHER_TORCH_THREADS"])
     assert threads >= 1
-    assert load_compose(COMPOSE, {"TEACHER_TORCH_THREADS": "4"})["services"]["teacher-worker"]["environment"][
-        "TEACHER_TORCH_THREADS"
-    ] == "4"
+    assert (
+        load_compose(COMPOSE, {"TEACHER_TORCH_THREADS": "4"})["services"]["teacher-worker"]["environment"][
+            "TEACHER_TORCH_THREADS"
+        ]
+        == "4"
+    )
 
 
 def test_build_arguments_reach_both_images():
@@ -184,7 +191,9 @@ def test_compose_references_exist_and_configs_load():
     assert compose["services"]["models"]["command"] == ["plan", "/models/plan"]
     for name in ("trainer", "trainer-b"):
         config = compose["services"][name]["command"].split("--config ")[1].split()[0]
-        cfg = load_config(ROOT / "configs" / Path(config).name, ["student=/s", "teacher=grpc://teacher:50051"])
+        cfg = load_config(
+            ROOT / "configs" / Path(config).name, ["student=/s", "teacher=grpc://teacher:50051"]
+        )
         assert cfg.prompts == "builtin:plan", config
         assert cfg.steps * cfg.batch_size * cfg.samples_per_prompt <= 4000, "the default job must stay short"
 

