@@ -1,6 +1,6 @@
 """The fault suite: faults injected under a steady load of several jobs, with the figures that show what survived.
 
-    python bench/faults.py            # every scenario (~5 min on 2 cores): bench/results/faults.{md,json}
+    python bench/faults.py            # every scenario (10-15 min on 2 cores): bench/results/faults.{md,json}
     python bench/faults.py --quick    # a worker kill -9 then a Redis restart without persistence (~40 s)
 
 Scenarios (each on a fresh stack: its own Redis, a front-end, two separate workers, tiny local models):

@@ -169,7 +169,15 @@ class TeacherClient:
         token = self.options.bearer_token
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         n = self.options.max_message_mb * 1024 * 1024
-        self._grpc_options = [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+        self._grpc_options = [
+            ("grpc.max_send_message_length", n),
+            ("grpc.max_receive_message_length", n),
+            # gRPC's own reconnect back-off grows to minutes; cap it like ours, or a channel whose teacher was
+            # down for 10 s waits seconds more after the teacher is back before it even tries to connect.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
         self._channel: grpc.aio.Channel | None = None
         self.stats = ClientStats()
 
