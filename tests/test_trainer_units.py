@@ -72,6 +72,7 @@ def test_config_yaml_nesting_and_overrides(tmp_path):
             "`freeze` must be a list of non-empty strings, e.g. [a, b], got ['model",
         ),
         (["freeze={a: 1}"], "`freeze` must be a list of non-empty strings"),
+        (["eval.split=test"], "`eval.split` must be one of heldout, validation, got 'test'."),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
@@ -406,6 +407,17 @@ def test_arith_task_is_deterministic_disjoint_and_correct():
         else:
             want = nums[0] - nums[1]
         assert ex.answer == str(want), q
+
+
+def test_validation_split_is_fixed_part_of_train_and_never_touches_heldout():
+    for name in ("plan", "chain"):
+        task = load_task(f"builtin:{name}")
+        val, again = task.validation(), load_task(f"builtin:{name}").validation()
+        assert val.heldout == again.heldout and len(val.heldout) == 150
+        prompts = lambda xs: {e.prompt for e in xs}  # noqa: E731
+        assert prompts(val.heldout) | prompts(val.train) == prompts(task.train)
+        assert not prompts(val.heldout) & prompts(val.train)
+        assert not (prompts(val.heldout) | prompts(val.train)) & prompts(task.heldout)
 
 
 def test_answer_checker():

@@ -319,3 +319,22 @@ def test_flops_of_every_mode_follow_the_formula(tiny_student, tiny_teacher, tmp_
         (row,) = [r for r in read_metrics(out) if "flops/total" in r]
         assert (row["flops/sampling"], row["flops/training"], row["flops/teacher"]) == want, name
         assert row["flops/total"] == sum(want), name
+
+
+# ------------------------------------------------------------------------------------------------ eval.split
+def test_validation_split_evaluates_on_training_prompts_left_out_of_training(
+    tiny_student, tiny_teacher, tmp_path
+):
+    from trainer.tasks import load_task
+
+    task = load_task("builtin:plan")
+    val = task.validation()
+    cfg = config(tiny_student, tiny_teacher, tmp_path, "prompts=builtin:plan", "eval.split=validation",
+                 "eval.prompts=150")  # fmt: skip
+    with started(cfg) as run:
+        assert run.held_ex == val.heldout  # evaluated on the validation part of the training prompts
+        trained = {tuple(ids) for ids in run.train_ids}
+        assert len(trained) == len(task.train) - 150
+        tok = run.tokenizer
+        for ex in val.heldout + task.heldout:  # neither a validation nor a held-out prompt is trained on
+            assert tuple(tok(ex.prompt, add_special_tokens=False)["input_ids"]) not in trained

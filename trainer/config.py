@@ -19,6 +19,7 @@ from trainer import configio
 from trainer.configio import ConfigError, check
 from trainer.configio import documented as _f
 from trainer.losses import LOSSES
+from trainer.tasks import SPLITS
 
 __all__ = [
     "AnchorConfig",
@@ -163,6 +164,12 @@ class EvalConfig:
         "or a source (a JSONL path or builtin:NAME, whose held-out split is used).",
     )
     limit: int = _f(0, "At most this many prompts from a source given in eval.prompts (0: all).")
+    split: str = _f(
+        "heldout",
+        "Which prompts eval.prompts counts from: `heldout` (the task's held-out split) or `validation` (a fixed "
+        "part of the training prompts, then left out of training: for choosing settings without ever "
+        "measuring the held-out split).",
+    )
     max_new_tokens: int = _f(64, "Length of the greedy evaluation answers, in tokens (>= 1).")
     batch_size: int = _f(8, "Prompts per evaluation generation batch (>= 1).")
     head_tokens: int = _f(
@@ -193,6 +200,7 @@ class EvalConfig:
         else:
             check(bool(self.prompts), "eval.prompts", "must be a count or a source, got ''.")
         check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}.")
+        check(self.split in SPLITS, "eval.split", f"must be one of {', '.join(SPLITS)}, got {self.split!r}.")
         check(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}.")
         check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}.")
         check(self.head_tokens >= 1, "eval.head_tokens", f"must be >= 1, got {self.head_tokens}.")

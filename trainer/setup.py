@@ -102,10 +102,13 @@ class Prompts:
 def _load_prompts(cfg: TrainConfig, tokenizer, max_len: int) -> Prompts:
     """Training and held-out prompts (examples and token ids); over-long prompts are skipped."""
     task = load_task(cfg.prompts)
+    if cfg.eval.split == "validation":
+        task = task.validation()
     if isinstance(cfg.eval.prompts, int):
         heldout = task.heldout[: cfg.eval.prompts]
     else:
-        heldout = load_task(cfg.eval.prompts).heldout
+        source = load_task(cfg.eval.prompts)
+        heldout = (source.validation() if cfg.eval.split == "validation" else source).heldout
         heldout = heldout[: cfg.eval.limit] if cfg.eval.limit else heldout
 
     def keep(examples, room):

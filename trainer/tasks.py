@@ -48,11 +48,30 @@ class Example:
         return is_correct(response, self.answer)
 
 
+SPLITS = ("heldout", "validation")
+"""What a run evaluates on (eval.split): the held-out split, or the validation part of the training prompts."""
+VALIDATION_PROMPTS = 150
+"""Training prompts set aside (a fixed choice) as the validation split."""
+
+
 @dataclass
 class Task:
     name: str
     train: list[Example]
     heldout: list[Example]
+
+    def validation(self, n: int = VALIDATION_PROMPTS) -> Task:
+        """This task with a fixed `n` of its training prompts as the evaluation split, left out of training, and
+        the held-out split gone: settings chosen on it never saw a held-out prompt."""
+        if len(self.train) < 2 * n:
+            raise ValueError(
+                f"{self.name}: {len(self.train)} training prompts are too few for a validation split."
+            )
+        order = list(range(len(self.train)))
+        random.Random(f"validation:{self.name}").shuffle(order)
+        chosen = set(order[:n])
+        rest = [ex for i, ex in enumerate(self.train) if i not in chosen]
+        return Task(self.name, train=rest, heldout=[self.train[i] for i in order[:n]])
 
 
 def _arith_problem(rng: random.Random) -> Example:
