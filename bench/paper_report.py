@@ -99,6 +99,46 @@ def verdict(records: list[dict], task: str) -> str:
     )
 
 
+def accuracy_at(curve: list[tuple[float, float]], flops: float) -> float | None:
+    """Accuracy of one run's (cumulative FLOPs, accuracy) curve at `flops`, linear in log FLOPs between its
+    evaluations; None past its last evaluation (the run never spent that much)."""
+    points = [(math.log(x), y) for x, y in curve if x > 0]
+    if not points or flops <= 0 or math.log(flops) > points[-1][0] + 1e-9:
+        return None
+    x = math.log(flops)
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return points[-1][1]
+
+
+def equal_compute(records: list[dict], task: str) -> str:
+    """OPD against supervised training on gold answers at sft-gold's whole budget: the issue's comparison."""
+    groups = _by_method(records, task)
+    if "sft-gold" not in groups:
+        return f"builtin:{task}: no `sft-gold` run."
+    gold_acc = _mean_std([r["accuracy"] for r in groups["sft-gold"]])[0]
+    budget = _mean_std([r["flops_total"] for r in groups["sft-gold"]])[0]
+    parts = []
+    for method in dict.fromkeys(["full", best_prefix_method(records, task)]):
+        if method not in groups:
+            continue
+        at = [accuracy_at(r["curve"], budget) for r in groups[method]]
+        if all(a is not None for a in at):
+            parts.append(f"`{method}` had {100 * statistics.fmean(at):.1f}% at the same FLOPs")
+        else:
+            acc = _mean_std([r["accuracy"] for r in groups[method]])[0]
+            spent = _mean_std([r["flops_total"] for r in groups[method]])[0]
+            parts.append(f"`{method}` ended at {100 * acc:.1f}% having spent {budget / spent:.1f}x less")
+    return (
+        f"builtin:{task}: `sft-gold` reached {100 * gold_acc:.1f}% with {budget:.3g} FLOPs; "
+        + "; ".join(parts)
+        + " (accuracy between evaluations interpolated in log FLOPs)."
+    )
+
+
 def _plt():
     import matplotlib
 
@@ -226,6 +266,13 @@ def write_report(results: list[dict], meta: dict, out: Path) -> str:
         "## Verdict",
         "",
         *[f"- {verdict(records, t)}" for t in tasks],
+        "",
+        "OPD against supervised training on the gold answers, at the compute that `sft-gold` used:",
+        "",
+        *[f"- {equal_compute(records, t)}" for t in tasks],
+        "",
+        "What the numbers mean, what makes a short prefix safe for these small students, and what else was "
+        "tried: [prefix_opd.md](prefix_opd.md).",
         "",
         "## Results",
         "",

@@ -13,6 +13,7 @@ method. The report (bench/paper_report.py) writes, under --out (default docs/res
 
     .venv/bin/python bench/paper_table.py                 # the full benchmark (~80 minutes on 2 cores)
     .venv/bin/python bench/paper_table.py --quick --out /tmp/quick    # the pipeline, one seed, 3 steps (~2 min)
+    .venv/bin/python bench/paper_table.py --report-only   # the report again from docs/results/paper_table.json
 """
 
 from __future__ import annotations
@@ -190,7 +191,18 @@ def main() -> None:
     parser.add_argument("--tasks", default="plan,chain", help="Comma-separated testbed tasks.")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per method.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="Folder of the report.")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Rewrite the report from OUT/paper_table.json (no training).",
+    )
     args = parser.parse_args()
+    if args.report_only:
+        from bench.paper_report import write_report
+
+        data = json.loads((args.out / "paper_table.json").read_text())
+        print(write_report(data["tasks"], data["meta"], args.out))
+        return
 
     import torch
     from rich.console import Console

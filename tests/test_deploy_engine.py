@@ -20,6 +20,7 @@ Timings go to stdout and to $PREFIX_DISTILL_COMPOSE_CACHE/timings.json (the READ
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,16 +53,16 @@ BUILT = ("teacher", "trainer")
 
 
 def _bodies(n: int) -> list[dict]:
-    """/v1/logprobs requests on the plan task: prompts and answers of the teacher's own format."""
+    """/v1/logprobs requests on the plan task: prompts and answers of the teacher's own format, each answer
+    written twice (~200 of the teacher's 256 positions: batches heavy enough to keep a worker busy)."""
     from services.models.rules import STEPS, plan_answer
 
     tags = sorted(STEPS)
     out = []
     for i in range(n):
         number = 100 + 37 * i
-        out.append(
-            {"prompt": f"P{number}=", "completion": plan_answer(number, tags[i % len(tags)]), "top_k": 5}
-        )
+        answer = plan_answer(number, tags[i % len(tags)])
+        out.append({"prompt": f"P{number}=", "completion": f"{answer} {answer}", "top_k": 5})
     return out
 
 
@@ -217,21 +219,64 @@ def _inflight(compose: Compose, redis_id: str) -> set[str]:
     return out
 
 
-def kill_a_busy_worker(compose: Compose, redis_id: str, tries: int = 4) -> tuple[str, int]:
-    """`docker kill` a worker container under load; returns (container, requests stranded with it). Stranded:
-    claimed and unanswered both 4 s and 12 s after the kill, while the live worker answers its own batches in
-    far less; they wait for the visibility timeout (30 s), then go back to the queue. Tried again with a fresh
-    worker when a kill fell between two batches."""
+class Burst:
+    """`n` /v1/logprobs requests sent at once (asyncio, one thread): a backlog that keeps every worker busy for
+    seconds. Each answer is checked against the reference; `answered` counts the good ones."""
+
+    def __init__(self, url: str, bodies: list[dict], reference: list[dict], n: int = 600) -> None:
+        self.url, self.bodies, self.reference, self.n = url, bodies, reference, n
+        self.answered = 0
+        self.failures: list[str] = []
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _one(self, client, i: int) -> None:
+        body, want = self.bodies[i % len(self.bodies)], self.reference[i % len(self.bodies)]
+        try:
+            resp = await client.post(self.url, json=body)
+            ok = resp.status_code == 200 and _same_answer(resp.json(), want, tol=1e-4)
+            note = f"{resp.status_code}: {resp.text[:300]}"
+        except Exception as err:  # a lost request shows up here
+            ok, note = False, repr(err)
+        if ok:
+            self.answered += 1
+        else:
+            self.failures.append(note)
+
+    async def _run(self) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.n)
+        async with httpx.AsyncClient(timeout=240, limits=limits) as client:
+            await asyncio.gather(*(self._one(client, i) for i in range(self.n)))
+
+    def start(self) -> Burst:
+        self.thread.start()
+        return self
+
+    def join(self) -> None:
+        self.thread.join(600)
+        assert not self.thread.is_alive(), "burst still running after 600 s"
+
+
+def kill_a_busy_worker(
+    compose: Compose, redis_id: str, burst: Callable[[], Burst], tries: int = 3
+) -> tuple[str, int, list[Burst]]:
+    """`docker kill` a worker container in the middle of a burst (both workers have a backlog then); returns
+    (container, requests stranded with it, the bursts). Stranded: claimed and unanswered both 4 s and 12 s after
+    the kill, while the live worker answers its own batches in far less; they wait for the visibility timeout
+    (30 s), then go back to the queue. Tried again with a fresh worker if a kill ever fell between batches."""
+    bursts = []
     for _ in range(tries):
         victim = _running(compose, "teacher-worker")[0]
-        _wait(lambda: _inflight(compose, redis_id), 60, "claimed requests under load", every_s=0.05)
+        bursts.append(burst().start())
+        _wait(lambda: bursts[-1].answered >= 20, 120, "20 answers of the burst", every_s=0.02)
         compose.engine.docker("kill", victim, timeout=60)
         time.sleep(4)
         early = _inflight(compose, redis_id)
         time.sleep(8)
         stranded = len(early & _inflight(compose, redis_id))
         if stranded:
-            return victim, stranded
+            return victim, stranded, bursts
         compose("up", "-d", "--scale", "teacher-worker=2", "teacher-worker", timeout=600)  # replace it, retry
         _wait(lambda: len(_running(compose, "teacher-worker")) == 2, 120, "2 workers again")
     raise AssertionError(f"no kill in {tries} caught a worker holding requests")
@@ -260,6 +305,7 @@ def _left_over(compose: Compose) -> dict[str, list[str]]:
 # -- the test ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(5400)  # image builds from scratch on vfs take most of it (2 cores: ~6 min an image)
 def test_compose_stack_under_a_real_engine(tmp_path):
     from services.util.net import free_port
 
@@ -400,20 +446,28 @@ def run_stack(compose, engine, times, http, native_models, bodies, reference, in
     t = time.monotonic()
     compose.env.update({"JOB_NAME": "two-jobs-a", "JOB_NAME_B": "two-jobs-b"})  # fresh runs of both jobs
     compose(*two, "up", "-d", "--no-deps", "trainer", "trainer-b", timeout=900)
-    with Load(f"{base}/v1/logprobs", bodies, reference) as load:
+    url = f"{base}/v1/logprobs"
+    with Load(url, bodies, reference) as load:
         _wait(lambda: load.answered >= 20, 300, "20 answers under load")
-        victim, stranded = kill_a_busy_worker(compose, redis_id)
+        victim, stranded, bursts = kill_a_busy_worker(
+            compose, redis_id, lambda: Burst(url, bodies, reference)
+        )
         at_kill = load.answered
         times.mark("two-jobs running; a worker holding requests killed", t)
+        for b in bursts:
+            b.join()
         _wait(lambda: load.answered >= at_kill + 40, 300, "40 more answers after the kill")
         codes = {s: _exit_code(compose, s, 1200) for s in ("trainer", "trainer-b")}
     times.mark("two-jobs: both short jobs done", t)
     assert codes == {"trainer": 0, "trainer-b": 0}, compose(*two, "logs", "--tail", "60").stdout[-6000:]
     assert not load.failures, load.failures[:5]
     assert load.answered == load.sent, (load.answered, load.sent)
+    for b in bursts:
+        assert not b.failures and b.answered == b.n, (b.answered, b.n, b.failures[:5])
     print(
-        f"[compose-test] killed {victim[:12]} holding {stranded} unanswered requests; "
-        f"{load.answered} of {load.sent} load requests answered as natively, slowest {max(load.latencies):.1f} s"
+        f"[compose-test] killed {victim[:12]} holding {stranded} unanswered requests (kill {len(bursts)}); "
+        f"all {sum(b.n for b in bursts)} burst and {load.sent} steady requests answered as natively "
+        f"(steady: slowest {max(load.latencies):.1f} s)"
     )
     for job in ("two-jobs-a", "two-jobs-b"):
         assert f"final model: /runs/{job}/final" in compose(*two, "logs", "--no-color").stdout

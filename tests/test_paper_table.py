@@ -42,3 +42,12 @@ def test_quick_paper_table_writes_every_record_table_and_plot(tmp_path):
     assert "## Verdict" in text and "builtin:plan" in text and "builtin:chain" in text
     for name in ("paper_table.png", "rescue.png", "kl_position.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_accuracy_at_interpolates_in_log_flops_and_never_extrapolates():
+    from bench.paper_report import accuracy_at
+
+    curve = [(0.0, 0.1), (1e9, 0.2), (1e10, 0.6), (1e11, 0.9)]
+    assert accuracy_at(curve, 1e10) == 0.6
+    assert abs(accuracy_at(curve, 10**9.5) - 0.4) < 1e-12  # halfway in log FLOPs
+    assert accuracy_at(curve, 2e11) is None  # the run never spent that much
