@@ -19,7 +19,7 @@ import pytest
 from analysis_page import compare_single, ensure_chromium, hover_token, launch, run_batch
 
 from services.models.testbed import prepare_pair
-from services.teacher.launch import ChildProcess
+from services.teacher.launch import ChildProcess, child_env
 from services.util.net import free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,15 +36,15 @@ def pair(tiny_teacher, tiny_student):
         return {"teacher": tiny_teacher, "student": tiny_student, "plan": False}
 
 
-@pytest.fixture(scope="module")
-def front(pair, redis_url, tmp_path_factory):
-    """`prefix-distill teacher serve` (the composition root's CLI) with a student: the page at its /ui."""
+@contextlib.contextmanager
+def serving(pair, redis_url, folder, *extra: str, env: dict | None = None):
+    """`prefix-distill teacher serve` (the composition root's CLI) with a student; yields its HTTP base URL."""
     grpc_port, http_port = free_port(), free_port()
     args = [sys.executable, "-m", "services.app", "teacher", "serve", "--model", str(pair["teacher"])]
     args += ["--redis-url", redis_url, "--workers", "1", "--student", str(pair["student"])]
     args += ["--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port)]
-    args += ["--http-host", "127.0.0.1", "--http-port", str(http_port)]
-    proc = ChildProcess(args, tmp_path_factory.mktemp("an-ui") / "teacher.log")
+    args += ["--http-host", "127.0.0.1", "--http-port", str(http_port), *extra]
+    proc = ChildProcess(args, folder / "teacher.log", env={**child_env(), **(env or {})})
     base = f"http://127.0.0.1:{http_port}"
     try:
         end = time.monotonic() + 120
@@ -58,6 +58,13 @@ def front(pair, redis_url, tmp_path_factory):
         yield base
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def front(pair, redis_url, tmp_path_factory):
+    """The page at /ui of a teacher with a student, no auth."""
+    with serving(pair, redis_url, tmp_path_factory.mktemp("an-ui")) as base:
+        yield base
 
 
 def test_teacher_front_end_serves_the_analysis(front):
@@ -139,3 +146,26 @@ def test_page_colors_every_token_and_shows_alternatives(front, browser, tmp_path
     assert "lengths[1]" in page.inner_text("#error")  # errors are shown on the page, field named
     page.screenshot(path=str(tmp_path / "ui-batch.png"))
     assert not errors, errors
+
+
+def test_page_of_a_teacher_with_tokens_asks_for_one(pair, redis_url, browser, tmp_path):
+    """With --auth-tokens the page's files are open (they hold no data) but every API call needs the token: the
+    page shows the 401, then works once the token is typed. The analysis reaches the teacher with its own token
+    ($PREFIX_DISTILL_TEACHER_TOKEN of the serving process)."""
+    (tmp_path / "tokens.txt").write_text("ui-token-123\nserver-token-456\n")
+    served = serving(pair, redis_url, tmp_path, "--auth-tokens", str(tmp_path / "tokens.txt"),
+                     env={"PREFIX_DISTILL_TEACHER_TOKEN": "server-token-456"})  # fmt: skip
+    with served as base:
+        for path in ("/ui", "/ui/app.js", "/ui/style.css"):
+            assert httpx.get(base + path).status_code == 200, path
+        assert httpx.get(base + "/v1/analysis").status_code == 401
+        page = browser.new_page()
+        page.goto(base + "/ui")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "HTTP 401" in page.inner_text("#error")
+        page.fill("#token", "ui-token-123")
+        page.dispatch_event("#token", "change")
+        page.wait_for_function("document.querySelector('#student').options.length > 0")
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        body = compare_single(page, base, "P537=", tokens=8, temperature=0, top_k=3)
+        assert len(body["tokens"]) > 0

@@ -43,8 +43,11 @@ class LogprobsRequest(BaseModel):
     job_id: str = Field("http", description="Job the request is queued under (fairness, quotas).")
 
 
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-"""Paths served without a token (health probes, the API's own description)."""
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui"})
+"""Paths served without a token (health probes, the API's own description, the analysis page)."""
+OPEN_PREFIXES = ("/ui/",)
+"""Path prefixes served without a token: the analysis page's static files (no data; the page sends the token
+its user types with each API call)."""
 
 
 def _error(status: int, param: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -74,7 +77,8 @@ def _install_guard(app: FastAPI, dispatcher: Dispatcher) -> None:
         size = request.headers.get("content-length", "")
         if size.isdigit() and int(size) > limit:
             return _error(413, "body", f"the request body is {size} bytes, over the limit of {limit}.")
-        if request.url.path not in open_paths:
+        path = request.url.path
+        if path not in open_paths and not path.startswith(OPEN_PREFIXES):
             try:
                 request.state.principal = dispatcher.authenticate(request.headers.get("authorization"))
             except TeacherError as err:

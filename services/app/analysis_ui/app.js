@@ -12,11 +12,17 @@ function showError(text) {
   box.hidden = !text;
 }
 
+// A teacher started with --auth-tokens needs a token on every API call: typed once, kept for this tab only.
+function authHeaders() {
+  const token = sessionStorage.getItem("prefix-distill-token");
+  return token ? { authorization: `Bearer ${token}` } : {};
+}
+
 async function api(path, body) {
   let res;
   try {
-    res = await fetch(path, body === undefined ? {} : {
-      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
+    res = await fetch(path, body === undefined ? { headers: authHeaders() } : {
+      method: "POST", headers: { "content-type": "application/json", ...authHeaders() }, body: JSON.stringify(body),
     });
   } catch (err) {
     throw new Error(`cannot reach the server (${err.message}).`);
@@ -222,13 +228,23 @@ async function init() {
     $("own-prompts-label").hidden = !own;
     $("count").disabled = own;
   });
+  $("token").value = sessionStorage.getItem("prefix-distill-token") || "";
+  $("token").addEventListener("change", () => {
+    sessionStorage.setItem("prefix-distill-token", $("token").value.trim());
+    loadModels();
+  });
+  await loadModels();
+}
+
+// The teacher, the students and the tasks (GET /v1/analysis); again once a token is typed.
+async function loadModels() {
   try {
     const info = await api("/v1/analysis");
+    showError("");
     $("teacher-name").textContent = info.teacher.model || "unreachable";
     if (info.teacher.error) showError(`teacher: ${info.teacher.error}`);
-    for (const s of info.students) $("student").append(new Option(`${s.name} (${(s.parameters / 1e6).toFixed(1)}M)`, s.name));
-    for (const t of info.tasks) $("source").append(new Option(t, t));
-    $("source").append(new Option("my prompts", "own"));
+    $("student").replaceChildren(...info.students.map((s) => new Option(`${s.name} (${(s.parameters / 1e6).toFixed(1)}M)`, s.name)));
+    $("source").replaceChildren(...info.tasks.map((t) => new Option(t, t)), new Option("my prompts", "own"));
   } catch (err) {
     showError(err.message);
   }
