@@ -195,3 +195,29 @@ def test_keys_clean_up_after_completion(server):
     assert 0 < r.pttl("pd:test:reply:fe") <= 60_000
     w.leave("w1")
     assert r.exists("pd:test:workers") == 0 and w.live_workers() == []
+
+
+def test_a_burst_holding_every_pooled_connection_is_not_a_redis_outage(server):
+    """A burst of submits can take every pooled connection: the health probe and the metrics still answer (their
+    own connection), and a further submit waits for a free connection instead of failing."""
+    c = cfg()
+
+    async def go():
+        q = FrontendQueue(server.url, c)
+        pool = q.redis.connection_pool
+        held = [await pool.get_connection("EVALSHA") for _ in range(pool.max_connections)]
+        assert await asyncio.wait_for(q.ping(), 2) is True
+        assert await asyncio.wait_for(q.depths(), 2) == {} and await asyncio.wait_for(q.inflight(), 2) == 0
+        assert await asyncio.wait_for(q.live_workers(), 2) == 0
+        deadline = int(time.time() * 1000) + 60_000
+        submit = asyncio.create_task(q.enqueue("r1", b"x", "job-a", 3, "pd:test:reply:fe", deadline))
+        await asyncio.sleep(1.0)  # past no timeout: it waits for a connection rather than raising
+        assert not submit.done()
+        await pool.release(held.pop())
+        assert await asyncio.wait_for(submit, 5) is True
+        for conn in held:
+            await pool.release(conn)
+        assert await q.depths() == {"job-a": 1}
+        await q.close()
+
+    asyncio.run(go())

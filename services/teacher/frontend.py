@@ -139,15 +139,14 @@ class Dispatcher:
         self.pending[rid] = fut
         metrics.PENDING.set(len(self.pending))
         try:
-            try:
-                accepted = await self.queue.enqueue(
-                    rid,
-                    req.to_pb().SerializeToString() if wire is None else wire,
-                    req.job_id,
-                    req.num_tokens,
-                    self.reply_key,
-                    deadline_ms,
-                )
+            payload = req.to_pb().SerializeToString() if wire is None else wire
+            enqueue = self.queue.enqueue(
+                rid, payload, req.job_id, req.num_tokens, self.reply_key, deadline_ms
+            )
+            try:  # waits for a pooled connection under a burst: bounded by the request's own deadline
+                accepted = await asyncio.wait_for(enqueue, timeout_s)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"not even queued within {timeout_s:.1f}s (front-end busy).") from None
             except redis.RedisError as err:
                 self.redis_ok = False
                 raise Unavailable(f"Redis is unreachable ({err}); retry later.") from None

@@ -200,11 +200,13 @@ class FrontendQueue:
     def __init__(self, url: str, cfg: QueueConfig) -> None:
         self.cfg = cfg
         # A bounded pool: thousands of concurrent submits share a few connections instead of opening one each
-        # (every connection costs Redis memory and a file descriptor).
+        # (every connection costs Redis memory and a file descriptor). A submit waits for a free connection as
+        # long as it takes (the request's deadline bounds it, in the front-end): a busy pool is back-pressure,
+        # not a Redis outage.
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=16,
-            timeout=5,
+            timeout=None,
             socket_timeout=5,
             socket_connect_timeout=2,
             health_check_interval=10,
@@ -212,6 +214,11 @@ class FrontendQueue:
         self.redis = aioredis.Redis(connection_pool=pool)
         # A separate connection for the blocking reply read, so it never delays enqueues.
         self.blocking = aioredis.Redis.from_url(url, socket_connect_timeout=2, health_check_interval=10)
+        # And one for the health probe and the metrics, so a burst of submits holding every pooled connection
+        # is never taken for Redis being down.
+        self.control = aioredis.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
+        )
         self._s = {name: self.redis.register_script(src) for name, src in SCRIPTS.items()}
 
     async def enqueue(
@@ -237,29 +244,32 @@ class FrontendQueue:
         """Withdraws a queued request nobody waits for any more; False if a worker holds it or it is gone."""
         return bool(await self._s["cancel"](args=[self.cfg.namespace, rid]))
 
+    # -- health and metrics: on the control connection --------------------------------------------------------
     async def touch(self, reply: str) -> None:
-        await self.redis.pexpire(reply, self.cfg.reply_ttl_ms)
+        await self.control.pexpire(reply, self.cfg.reply_ttl_ms)
 
     async def live_workers(self) -> int:
-        return len(await self._s["live_workers"](args=[self.cfg.namespace, self.cfg.worker_ttl_ms]))
+        args = [self.cfg.namespace, self.cfg.worker_ttl_ms]
+        return len(await self._s["live_workers"](args=args, client=self.control))
 
     async def depths(self) -> dict[str, int]:
         """Queued (unclaimed) requests per job."""
-        jobs = [j.decode() for j in await self.redis.zrange(self.cfg.key("jobs"), 0, -1)]
+        jobs = [j.decode() for j in await self.control.zrange(self.cfg.key("jobs"), 0, -1)]
         if not jobs:
             return {}
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.control.pipeline(transaction=False)
         for j in jobs:
             pipe.llen(self.cfg.key("q:" + j))
         return dict(zip(jobs, await pipe.execute(), strict=True))
 
     async def inflight(self) -> int:
-        return int(await self.redis.zcard(self.cfg.key("inflight")))
+        return int(await self.control.zcard(self.cfg.key("inflight")))
 
     async def ping(self) -> bool:
-        return bool(await self.redis.ping())
+        return bool(await self.control.ping())
 
     async def close(self) -> None:
         await self.redis.aclose()
         await self.redis.connection_pool.disconnect()
         await self.blocking.aclose()
+        await self.control.aclose()
