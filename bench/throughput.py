@@ -105,56 +105,10 @@ def start_service(model: str, budget: int, batch_size: int, log: Path):
     return teacher.target, stop
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--model", default=None, help="teacher folder (default: SmolLM2-135M, prepared if needed)"
-    )
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--completion-len", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--batch-tokens", type=int, default=2048, help="token budget of one batch (all modes)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput"))
-    args = ap.parse_args()
-
+def report(times: dict[str, list[float]], tokens: int, model: str, args, out: Path) -> None:
+    """Prints the table of the modes against the raw forward and writes it to OUT.md and OUT.json."""
     from rich.console import Console
-    from rich.progress import track
     from rich.table import Table
-    from transformers import AutoModelForCausalLM
-
-    model = args.model
-    if model is None:
-        from services.models.smollm2 import prepare_smollm2
-
-        model = str(prepare_smollm2().teacher)
-    engine = load_engine(model)
-    raw_model = AutoModelForCausalLM.from_pretrained(model).eval()
-    reqs = make_requests(
-        args.requests, engine.info.vocab_size, args.prompt_len, args.completion_len, args.top_k
-    )
-    tokens = sum(r.num_tokens for r in reqs)
-    batch_size = max(1, args.batch_tokens // (args.prompt_len + args.completion_len))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    target, stop = start_service(model, args.batch_tokens, batch_size, out.with_suffix(".teacher.log"))
-    modes = {
-        "raw forward (transformers)": lambda: run_raw(raw_model, reqs, args.batch_tokens),
-        "engine (in-process)": lambda: engine.score(reqs),
-        "service (gRPC + Redis + worker)": lambda: run_service(target, reqs, max_in_flight=len(reqs)),
-    }
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    try:
-        for fn in modes.values():  # warm-up: first-call costs (allocator, thread pools, connections)
-            fn()
-        for _ in track(range(args.repeats), description="benchmarking"):
-            for name, fn in modes.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        stop()
 
     raw = statistics.median(times["raw forward (transformers)"])
     rows = []
@@ -190,6 +144,58 @@ def main() -> None:
         f"# Teacher throughput\n\n`{' '.join(sys.argv)}`\n\n{table.title}\n\n" + "\n".join(lines) + "\n"
     )
     print(f"wrote {out.with_suffix('.md')} and .json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--model", default=None, help="teacher folder (default: SmolLM2-135M, prepared if needed)"
+    )
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--completion-len", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--batch-tokens", type=int, default=2048, help="token budget of one batch (all modes)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput"))
+    args = ap.parse_args()
+
+    from rich.progress import track
+    from transformers import AutoModelForCausalLM
+
+    model = args.model
+    if model is None:
+        from services.models.smollm2 import prepare_smollm2
+
+        model = str(prepare_smollm2().teacher)
+    engine = load_engine(model)
+    raw_model = AutoModelForCausalLM.from_pretrained(model).eval()
+    reqs = make_requests(
+        args.requests, engine.info.vocab_size, args.prompt_len, args.completion_len, args.top_k
+    )
+    tokens = sum(r.num_tokens for r in reqs)
+    batch_size = max(1, args.batch_tokens // (args.prompt_len + args.completion_len))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target, stop = start_service(model, args.batch_tokens, batch_size, out.with_suffix(".teacher.log"))
+    modes = {
+        "raw forward (transformers)": lambda: run_raw(raw_model, reqs, args.batch_tokens),
+        "engine (in-process)": lambda: engine.score(reqs),
+        "service (gRPC + Redis + worker)": lambda: run_service(target, reqs, max_in_flight=len(reqs)),
+    }
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        for fn in modes.values():  # warm-up: first-call costs (allocator, thread pools, connections)
+            fn()
+        for _ in track(range(args.repeats), description="benchmarking"):
+            for name, fn in modes.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        stop()
+
+    report(times, tokens, model, args, out)
 
 
 if __name__ == "__main__":
