@@ -473,6 +473,8 @@ def run_stack(compose, engine, times, http, native_models, bodies, reference, in
         assert f"final model: /runs/{job}/final" in compose(*two, "logs", "--no-color").stdout
     # the README's way to get a run out of the volume (v1 has no `compose cp`)
     out = Path(index.folder).parent / "runs-copy"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     engine.docker("cp", f"{compose.ids('trainer')[0]}:/runs/two-jobs-a", str(out / "two-jobs-a"), timeout=300)
     assert (out / "two-jobs-a" / "final" / "config.json").is_file()
     assert (out / "two-jobs-a" / "metrics.jsonl").is_file()
