@@ -33,6 +33,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _mean(groups: dict[str, list[dict]], method: str, key: str) -> float:
+    """Mean over seeds of `key` for `method`."""
+    return _mean_std([r[key] for r in groups[method]])[0]
+
+
 def best_prefix_method(records, task: str) -> str:
     """The prefix method with the fewest FLOPs among those within 2 points of full, else the most accurate."""
     rows = [r if isinstance(r, dict) else r.__dict__ for r in records]
@@ -83,11 +88,9 @@ def verdict(records: list[dict], task: str) -> str:
     groups = _by_method(records, task)
     if "full" not in groups:
         return f"builtin:{task}: no `full` run to compare with."
-    full_acc = _mean_std([r["accuracy"] for r in groups["full"]])[0]
-    full_flops = _mean_std([r["flops_total"] for r in groups["full"]])[0]
+    full_acc, full_flops = _mean(groups, "full", "accuracy"), _mean(groups, "full", "flops_total")
     best = best_prefix_method(records, task)
-    acc = _mean_std([r["accuracy"] for r in groups[best]])[0]
-    saving = full_flops / _mean_std([r["flops_total"] for r in groups[best]])[0]
+    acc, saving = _mean(groups, best, "accuracy"), full_flops / _mean(groups, best, "flops_total")
     if acc >= full_acc - WITHIN:
         return (
             f"builtin:{task}: yes. `{best}` reached {100 * acc:.1f}% against full OPD's {100 * full_acc:.1f}% "
@@ -119,8 +122,7 @@ def equal_compute(records: list[dict], task: str) -> str:
     groups = _by_method(records, task)
     if "sft-gold" not in groups:
         return f"builtin:{task}: no `sft-gold` run."
-    gold_acc = _mean_std([r["accuracy"] for r in groups["sft-gold"]])[0]
-    budget = _mean_std([r["flops_total"] for r in groups["sft-gold"]])[0]
+    gold_acc, budget = _mean(groups, "sft-gold", "accuracy"), _mean(groups, "sft-gold", "flops_total")
     parts = []
     for method in dict.fromkeys(["full", best_prefix_method(records, task)]):
         if method not in groups:
@@ -129,8 +131,7 @@ def equal_compute(records: list[dict], task: str) -> str:
         if all(a is not None for a in at):
             parts.append(f"`{method}` had {100 * statistics.fmean(at):.1f}% at the same FLOPs")
         else:
-            acc = _mean_std([r["accuracy"] for r in groups[method]])[0]
-            spent = _mean_std([r["flops_total"] for r in groups[method]])[0]
+            acc, spent = _mean(groups, method, "accuracy"), _mean(groups, method, "flops_total")
             parts.append(f"`{method}` ended at {100 * acc:.1f}% having spent {budget / spent:.1f}x less")
     return (
         f"builtin:{task}: `sft-gold` reached {100 * gold_acc:.1f}% with {budget:.3g} FLOPs; "

