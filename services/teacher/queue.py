@@ -214,11 +214,9 @@ class FrontendQueue:
         self.redis = aioredis.Redis(connection_pool=pool)
         # A separate connection for the blocking reply read, so it never delays enqueues.
         self.blocking = aioredis.Redis.from_url(url, socket_connect_timeout=2, health_check_interval=10)
-        # And one for the health probe and the metrics, so a burst of submits holding every pooled connection
-        # is never taken for Redis being down.
-        self.control = aioredis.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
-        )
+        # The health probe shares the pool: it waits for a connection like a submit (never a pool timeout taken
+        # for an outage), and its pings clear connections a Redis restart left stale.
+        self.control = self.redis
         self._s = {name: self.redis.register_script(src) for name, src in SCRIPTS.items()}
 
     async def enqueue(
@@ -244,7 +242,7 @@ class FrontendQueue:
         """Withdraws a queued request nobody waits for any more; False if a worker holds it or it is gone."""
         return bool(await self._s["cancel"](args=[self.cfg.namespace, rid]))
 
-    # -- health and metrics: on the control connection --------------------------------------------------------
+    # -- health and metrics: through the pool ----------------------------------------------------------------
     async def touch(self, reply: str) -> None:
         await self.control.pexpire(reply, self.cfg.reply_ttl_ms)
 
@@ -272,4 +270,3 @@ class FrontendQueue:
         await self.redis.aclose()
         await self.redis.connection_pool.disconnect()
         await self.blocking.aclose()
-        await self.control.aclose()
