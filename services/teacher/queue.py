@@ -214,9 +214,8 @@ class FrontendQueue:
         self.redis = aioredis.Redis(connection_pool=pool)
         # A separate connection for the blocking reply read, so it never delays enqueues.
         self.blocking = aioredis.Redis.from_url(url, socket_connect_timeout=2, health_check_interval=10)
-        # The health probe shares the pool: it waits for a connection like a submit (never a pool timeout taken
-        # for an outage), and its pings clear connections a Redis restart left stale.
-        self.control = self.redis
+        # The health probe below shares the pool: it waits for a connection like a submit (never a pool timeout
+        # taken for an outage), and its pings clear connections a Redis restart left stale.
         self._s = {name: self.redis.register_script(src) for name, src in SCRIPTS.items()}
 
     async def enqueue(
@@ -242,29 +241,29 @@ class FrontendQueue:
         """Withdraws a queued request nobody waits for any more; False if a worker holds it or it is gone."""
         return bool(await self._s["cancel"](args=[self.cfg.namespace, rid]))
 
-    # -- health and metrics: through the pool ----------------------------------------------------------------
+    # -- health and metrics: through the pool --------------------------------------------------------
     async def touch(self, reply: str) -> None:
-        await self.control.pexpire(reply, self.cfg.reply_ttl_ms)
+        await self.redis.pexpire(reply, self.cfg.reply_ttl_ms)
 
     async def live_workers(self) -> int:
         args = [self.cfg.namespace, self.cfg.worker_ttl_ms]
-        return len(await self._s["live_workers"](args=args, client=self.control))
+        return len(await self._s["live_workers"](args=args, client=self.redis))
 
     async def depths(self) -> dict[str, int]:
         """Queued (unclaimed) requests per job."""
-        jobs = [j.decode() for j in await self.control.zrange(self.cfg.key("jobs"), 0, -1)]
+        jobs = [j.decode() for j in await self.redis.zrange(self.cfg.key("jobs"), 0, -1)]
         if not jobs:
             return {}
-        pipe = self.control.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for j in jobs:
             pipe.llen(self.cfg.key("q:" + j))
         return dict(zip(jobs, await pipe.execute(), strict=True))
 
     async def inflight(self) -> int:
-        return int(await self.control.zcard(self.cfg.key("inflight")))
+        return int(await self.redis.zcard(self.cfg.key("inflight")))
 
     async def ping(self) -> bool:
-        return bool(await self.control.ping())
+        return bool(await self.redis.ping())
 
     async def close(self) -> None:
         await self.redis.aclose()
