@@ -68,6 +68,18 @@ class Teacher:
             w.stop()
         self.front.stop()
 
+    def __enter__(self) -> Teacher:
+        """Waits until healthy; stopped on leaving, also when it never got healthy."""
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
 

@@ -43,12 +43,10 @@ def secured(tiny_teacher, tmp_path_factory):
         "tls-key-file": str(certs.key),
         "retry-after-s": "0.05",
     }
-    t = Teacher(tiny_teacher, redis.url, tmp, flags=flags)
     try:
-        t.wait_healthy()
-        yield t, certs
+        with Teacher(tiny_teacher, redis.url, tmp, flags=flags) as t:
+            yield t, certs
     finally:
-        t.stop()
         redis.stop()
 
 

@@ -28,12 +28,10 @@ FINAL = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}  # what bad input mu
 
 @pytest.fixture(scope="module")
 def teacher(tiny_teacher, redis_url, tmp_path_factory):
-    t = Teacher(tiny_teacher, redis_url, tmp_path_factory.mktemp("hostile"), flags={"max-request-mb": "1"})
-    try:
-        t.wait_healthy()
+    with Teacher(
+        tiny_teacher, redis_url, tmp_path_factory.mktemp("hostile"), flags={"max-request-mb": "1"}
+    ) as t:
         yield t
-    finally:
-        t.stop()
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,8 @@ def teacher(tiny_teacher, redis_url, tmp_path_factory):
     """A front-end with one separate worker; a dead worker still counts as alive for 30 s (worker-ttl-s)."""
     t = Teacher(tiny_teacher, redis_url, tmp_path_factory.mktemp("limits"), mode="frontend", flags=FLAGS)
     t.add_worker()
-    try:
-        t.wait_healthy()
+    with t:
         yield t
-    finally:
-        t.stop()
 
 
 def reqs(n: int, job: str, seed: int = 0, **kw) -> list[ScoreRequest]:

@@ -22,12 +22,8 @@ VOCAB = 512
 
 @pytest.fixture(scope="module")
 def teacher(tiny_teacher, redis_url, tmp_path_factory):
-    t = Teacher(tiny_teacher, redis_url, tmp_path_factory.mktemp("svc"), flags={"stream-window": "32"})
-    try:
-        t.wait_healthy()
+    with Teacher(tiny_teacher, redis_url, tmp_path_factory.mktemp("svc"), flags={"stream-window": "32"}) as t:
         yield t
-    finally:
-        t.stop()
 
 
 @pytest.fixture(scope="module")
