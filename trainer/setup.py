@@ -29,7 +29,7 @@ from trainer.metrics import MetricsWriter
 from trainer.progress import Progress
 from trainer.rollouts import RolloutSource, build_source
 from trainer.sampling import pad_id_of
-from trainer.tasks import Example, load_task, render
+from trainer.tasks import Example, Task, load_task, render
 from trainer.teacher_io import TeacherIO, check_teacher, teacher_dims
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,15 @@ class Prompts:
 
 def _load_prompts(cfg: TrainConfig, tokenizer, max_len: int) -> Prompts:
     """Training and held-out prompts (examples and token ids); over-long prompts are skipped."""
-    task = load_task(cfg.prompts)
-    if cfg.eval.split == "validation":
-        task = task.validation()
+
+    def split(task: Task) -> Task:  # eval.split: its validation part instead of its held-out prompts
+        return task.validation() if cfg.eval.split == "validation" else task
+
+    task = split(load_task(cfg.prompts))
     if isinstance(cfg.eval.prompts, int):
         heldout = task.heldout[: cfg.eval.prompts]
     else:
-        source = load_task(cfg.eval.prompts)
-        heldout = (source.validation() if cfg.eval.split == "validation" else source).heldout
+        heldout = split(load_task(cfg.eval.prompts)).heldout
         heldout = heldout[: cfg.eval.limit] if cfg.eval.limit else heldout
 
     def keep(examples, room):

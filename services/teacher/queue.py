@@ -241,13 +241,11 @@ class FrontendQueue:
         """Withdraws a queued request nobody waits for any more; False if a worker holds it or it is gone."""
         return bool(await self._s["cancel"](args=[self.cfg.namespace, rid]))
 
-    # -- health and metrics: through the pool --------------------------------------------------------
     async def touch(self, reply: str) -> None:
         await self.redis.pexpire(reply, self.cfg.reply_ttl_ms)
 
     async def live_workers(self) -> int:
-        args = [self.cfg.namespace, self.cfg.worker_ttl_ms]
-        return len(await self._s["live_workers"](args=args, client=self.redis))
+        return len(await self._s["live_workers"](args=[self.cfg.namespace, self.cfg.worker_ttl_ms]))
 
     async def depths(self) -> dict[str, int]:
         """Queued (unclaimed) requests per job."""
