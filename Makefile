@@ -72,12 +72,12 @@ lint: install
 demo: install
 	$(BIN)/prefix-distill demo
 
-# The paper's table on the testbed, both tasks, 3 seeds, through the teacher service (~90 min on 2 cores):
+# The paper's table on the testbed, both tasks, 3 seeds, through the teacher service (57 min on 2 busy cores):
 # docs/results/paper_table.{md,json,png}, rescue.{md,png}, kl_position.{md,png}.
 bench-paper: install
 	$(BIN)/python bench/paper_table.py
 
-# Prefix length x safeguard on both tasks, 2 seeds (~60 min): docs/results/prefix_safety.{md,json,png}.
+# Prefix length x safeguard on both tasks, 2 seeds (~40 min): docs/results/prefix_safety.{md,json,png}.
 bench-safety: install
 	$(BIN)/python bench/prefix_safety.py
 

@@ -11,7 +11,7 @@ method. The report (bench/paper_report.py) writes, under --out (default docs/res
     rescue.md / .png                   teacher-prefix rescue curves
     kl_position.md / .png              mean reverse KL by answer position, before and after training
 
-    .venv/bin/python bench/paper_table.py                 # the full benchmark (~80 minutes on 2 cores)
+    .venv/bin/python bench/paper_table.py                 # the full benchmark (~60 minutes on 2 cores)
     .venv/bin/python bench/paper_table.py --quick --out /tmp/quick    # the pipeline, one seed, 3 steps (~2 min)
     .venv/bin/python bench/paper_table.py --report-only   # the report again from docs/results/paper_table.json
 """

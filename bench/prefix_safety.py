@@ -20,7 +20,7 @@ Accuracy is measured on the validation split (`eval.split=validation`: 150 train
 training), never on the held-out split that the paper table reports. Runs use the in-process teacher (`teacher: inprocess:PATH`, the same engine the service runs, without the
 queue) to keep the sweep short; the paper table (bench/paper_table.py) runs its methods through the service.
 
-    .venv/bin/python bench/prefix_safety.py                  # ~35 minutes on 2 cores
+    .venv/bin/python bench/prefix_safety.py                  # ~40 minutes on 2 cores
     .venv/bin/python bench/prefix_safety.py --quick --out /tmp/safety
 """
 
