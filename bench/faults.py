@@ -21,6 +21,7 @@ with the same seed.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import signal
 import sys
@@ -57,6 +58,9 @@ class Figures:
 def _load_figures(name: str, load: Load, engine, fault_times: list[float], note: str = "") -> Figures:
     sent, answered = sum(t.sent for t in load.tallies), load.answered()
     stats = load.stats()
+    errors = sum((t.errors for t in load.tallies), collections.Counter())
+    if errors:  # what the unanswered requests got instead, by status code
+        note = "; ".join(filter(None, [note, "errors: " + ", ".join(f"{k} x{n}" for k, n in errors.items())]))
     return Figures(
         fault=name,
         faults=len(fault_times),
@@ -177,7 +181,7 @@ def reference_run(stack: Stack, student: Path, folder: Path, steps: int, save_ev
     return run.rows()
 
 
-def scenarios(folder: Path, quick: bool, jobs: int) -> list[Figures]:
+def scenarios(folder: Path, quick: bool, jobs: int, only: str = "") -> list[Figures]:
     from services.teacher.engine import load_engine
 
     teacher, student = tiny_models(folder / "models")
@@ -192,6 +196,7 @@ def scenarios(folder: Path, quick: bool, jobs: int) -> list[Figures]:
             ("frontend-restart", False),
             ("trainer-kill-9", False),
         ]
+        plan = [(name, aof) for name, aof in plan if not only or name == only]
     for name, aof in plan:
         stack = Stack(teacher, folder / name, aof=aof).start()
         try:
@@ -256,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--jobs", type=int, default=3, help="student jobs of the steady load")
     ap.add_argument("--out", type=Path, default=RESULTS / "faults", help="writes OUT.md and OUT.json")
+    ap.add_argument("--only", default="", help="one scenario by name, e.g. frontend-restart (default: all)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pd-faults-") as tmp:
-        figures = scenarios(Path(tmp), args.quick, args.jobs)
+        figures = scenarios(Path(tmp), args.quick, args.jobs, args.only)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps([asdict(f) for f in figures], indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(figures))
