@@ -119,6 +119,12 @@ def test_grpc_tokens_scopes_and_tls(secured):
         (res,) = asyncio.run(go(token, [req("team-a/1")]))
         assert isinstance(res, Unauthenticated)
 
+    async def refused_streams(n: int) -> list:  # a refusal must not race the client's writes (grpc#36066)
+        return await asyncio.gather(*(go("wrong", [req("team-a/1", str(i)) for i in range(32)]) for i in range(n)))
+
+    outcomes = {type(r).__name__ for rs in asyncio.run(refused_streams(40)) for r in rs}
+    assert outcomes == {"Unauthenticated"}
+
     async def unary(token: str, job: str):
         async with TeacherClient(t.target, token=token, ca_file=str(certs.ca), retries=0) as c:
             info = await c.model_info()

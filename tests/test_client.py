@@ -113,3 +113,29 @@ def test_sigterm_shuts_serve_down_cleanly(tiny_teacher, redis_url, tmp_path):
     left = [w.decode() for w in t.redis().zrange(workers_key, 0, -1) if w.decode().rsplit(":", 1)[1] in ours]
     assert left == [], f"{left}\n{t.front.text()}"
     t.front.stop()  # already exited: closes its log
+
+
+def test_a_broken_stream_is_retried_a_server_internal_is_not():
+    """grpcio's own INTERNAL for a write into an ending stream (grpc#36066) means the stream broke: retried,
+    like CANCELLED; an INTERNAL the server sent, and the server's trailers, are kept."""
+    import grpc
+
+    from services.teacher.client import _rpc_error
+    from services.teacher.errors import retryable
+
+    def err(code, details, trailers=()):
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), details)
+
+    core = _rpc_error(err(grpc.StatusCode.INTERNAL, "Internal error from Core"))
+    server = _rpc_error(err(grpc.StatusCode.INTERNAL, "internal error: KeyError"))
+    cancelled = _rpc_error(err(grpc.StatusCode.CANCELLED, "Cancelled"))
+    full = _rpc_error(
+        err(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "full",
+            (("x-error-param", "job_id"), ("retry-after-ms", "250")),
+        )
+    )
+    assert (core.code, server.code, cancelled.code) == ("UNAVAILABLE", "INTERNAL", "UNAVAILABLE")
+    assert [retryable(e) for e in (core, server, cancelled, full)] == [True, False, True, True]
+    assert (full.param, full.retry_after_s) == ("job_id", 0.25)

@@ -30,7 +30,17 @@ from pathlib import Path
 
 import grpc
 
-from services.teacher.errors import DeadlineExceeded, TeacherError, Unavailable, from_code, retryable
+from services.teacher.errors import (
+    CORE_INTERNAL_DETAILS,
+    PARAM_TRAILER,
+    RETRY_AFTER_TRAILER,
+    STREAM_ACCEPTED_HEADER,
+    DeadlineExceeded,
+    TeacherError,
+    Unavailable,
+    from_code,
+    retryable,
+)
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
 
@@ -104,14 +114,19 @@ def _hint_s(milliseconds) -> float | None:
 
 def _rpc_error(err: grpc.aio.AioRpcError) -> TeacherError:
     """The TeacherError for a failed call (field name and retry-after hint ride in trailing metadata). A call
-    the server cancelled (it is shutting down) counts as UNAVAILABLE."""
+    the server cancelled (it is shutting down), or one whose write failed as it ended (grpcio's local INTERNAL,
+    see CORE_INTERNAL_DETAILS), counts as UNAVAILABLE: the stream broke, the requests were not refused."""
     meta = dict(err.trailing_metadata() or ())
-    code = "UNAVAILABLE" if err.code() == grpc.StatusCode.CANCELLED else err.code().name
+    code = err.code().name
+    if err.code() == grpc.StatusCode.CANCELLED or (
+        err.code() == grpc.StatusCode.INTERNAL and err.details() == CORE_INTERNAL_DETAILS
+    ):
+        code = "UNAVAILABLE"
     return from_code(
         code,
         err.details() or err.code().name,
-        meta.get("x-error-param", ""),
-        _hint_s(meta.get("retry-after-ms")),
+        meta.get(PARAM_TRAILER, ""),
+        _hint_s(meta.get(RETRY_AFTER_TRAILER)),
     )
 
 
@@ -313,6 +328,11 @@ class TeacherClient:
         waiting: dict[int, asyncio.TimerHandle] = {}  # requests scheduled to be sent again
 
         async def requests_gen():
+            # Write nothing until the server has accepted the stream (or ended it): a write racing a refusal
+            # would replace the server's status (say UNAUTHENTICATED) with a local INTERNAL.
+            if STREAM_ACCEPTED_HEADER not in dict(await call.initial_metadata()):
+                await call.code()  # refused: wait for the status, so that nothing is written
+                return
             while (i := await todo.get()) is not None:
                 await window.acquire()
                 self.stats.sent += 1

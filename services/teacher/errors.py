@@ -12,6 +12,16 @@ message, refused by gRPC itself, does not and is never retried).
 
 from __future__ import annotations
 
+PARAM_TRAILER = "x-error-param"
+"""gRPC trailing metadata: the request field a failed call blames."""
+RETRY_AFTER_TRAILER = "retry-after-ms"
+"""gRPC trailing metadata: when to come back after RESOURCE_EXHAUSTED."""
+STREAM_ACCEPTED_HEADER = "x-stream-accepted"
+"""gRPC initial metadata on ScoreStream, sent once the caller is authenticated; clients write after it."""
+CORE_INTERNAL_DETAILS = "Internal error from Core"
+"""What grpcio's asyncio client reports, instead of the server's status, when it wrote into a stream that had
+just ended (grpc/grpc#36066): the stream broke, the server never said INTERNAL, so it counts as UNAVAILABLE."""
+
 
 class TeacherError(Exception):
     """Base class: `code` is a gRPC status name, `param` the request field at fault (or ""), `retry_after_s`

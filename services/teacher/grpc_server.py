@@ -23,7 +23,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.teacher.errors import Internal, InvalidRequest, TeacherError
+from services.teacher.errors import (
+    PARAM_TRAILER,
+    RETRY_AFTER_TRAILER,
+    STREAM_ACCEPTED_HEADER,
+    Internal,
+    InvalidRequest,
+    TeacherError,
+)
 from services.teacher.frontend import Dispatcher
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.types import ScoreRequest
@@ -81,9 +88,9 @@ def _as_teacher_error(err: Exception) -> TeacherError:
 async def _status(context: grpc.aio.ServicerContext, err: Exception) -> None:
     """The one place that turns an exception into a gRPC status (and aborts the RPC)."""
     terr = _as_teacher_error(err)
-    trailers = [("x-error-param", terr.param)]
+    trailers = [(PARAM_TRAILER, terr.param)]
     if terr.retry_after_s is not None:
-        trailers.append(("retry-after-ms", str(_retry_after_ms(terr))))
+        trailers.append((RETRY_AFTER_TRAILER, str(_retry_after_ms(terr))))
     context.set_trailing_metadata(tuple(trailers))
     await context.abort(grpc.StatusCode[terr.code], terr.message)
 
@@ -123,6 +130,9 @@ class TeacherServicer:
             principal = self.d.authenticate(_authorization(context))
         except Exception as err:  # noqa: BLE001 - mapped to a status
             await _status(context, err)
+        # The client writes nothing before this header (see client._stream): a refusal can then never race a
+        # request write, which would hide our status behind a client-side INTERNAL (grpc/grpc#36066).
+        await context.send_initial_metadata(((STREAM_ACCEPTED_HEADER, "1"),))
         out: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         tasks: set[asyncio.Task] = set()

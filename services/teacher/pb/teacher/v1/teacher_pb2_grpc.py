@@ -80,7 +80,9 @@ class TeacherServicer:
         """/ Bidirectional: the client streams requests and receives each response as soon as it is ready,
         / possibly out of order; match them by `request_id`. A failed request comes back as a response with
         / `error` set, so one bad request does not end the stream. Closing the call withdraws the requests that
-        / are still queued.
+        / are still queued. Once the caller is authenticated the server sends the initial metadata
+        / `x-stream-accepted: 1`; a client should write no request before it (grpcio's asyncio client reports a
+        / write that races a refusal as INTERNAL "Internal error from Core", hiding UNAUTHENTICATED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
