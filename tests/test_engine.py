@@ -23,7 +23,8 @@ TOL_BATCH = 1e-5
 
 @pytest.fixture(scope="module")
 def engine(tiny_teacher):
-    return load_engine(str(tiny_teacher))
+    """Prompt reuse off: these tests pin the plain padded pass (tests/test_prompt_kv.py covers reuse)."""
+    return load_engine(str(tiny_teacher), prompt_cache_mb=0)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,11 @@ class TeacherSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TEACHER_", extra="forbid")
 
     model: str = Field(description="Model folder or hub id of the teacher.")
-    backend: Literal["hf"] = Field("hf", description="Scoring engine (hf: transformers).")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Scoring engine: hf (transformers) or vllm (vLLM prompt logprobs, recommended on a GPU; "
+        "needs vLLM installed, no full rows, temperature 1 only).",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     device: str = Field("cpu", description="cpu | cuda | cuda:N | auto.")
     redis_url: str = Field(
@@ -49,6 +53,17 @@ class TeacherSettings(BaseSettings):
         "a single request must fit it alone.",
     )
     max_batch_size: int = Field(64, ge=1, description="Most requests in one batch.")
+    prompt_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="Memory for prompt keys/values kept across batches (MiB): requests sharing a prompt compute "
+        "it once (hf backend, full-attention models); 0: off, every request bit for bit a plain forward.",
+    )
+    lm_head_dtype: Literal["same", "float32"] = Field(
+        "same",
+        description="LM head precision: same as the weights, or float32 over a bfloat16/float16 trunk (most "
+        "of the low-precision speed, most of float32's accuracy).",
+    )
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="Wait window to gather a batch after waking."
     )
@@ -135,7 +150,13 @@ class TeacherSettings(BaseSettings):
     def engine_spec(self) -> EngineSpec:
         """The one description of the engine this teacher runs (what workers load and front-ends describe)."""
         return EngineSpec(
-            model=self.model, backend=self.backend, dtype=self.dtype, device=self.device, limits=self.limits()
+            model=self.model,
+            backend=self.backend,
+            dtype=self.dtype,
+            device=self.device,
+            limits=self.limits(),
+            prompt_cache_mb=self.prompt_cache_mb,
+            lm_head_dtype=self.lm_head_dtype,
         )
 
     def key_namespace(self) -> str:

@@ -45,3 +45,7 @@ class EngineSpec:
     """cpu | cuda | cuda:N | auto."""
     limits: EngineLimits
     """The limits the engine advertises and enforces."""
+    prompt_cache_mb: int
+    """Bound of the kept prompt keys/values (engine/prompt_kv.py), MiB; 0 turns prompt reuse off."""
+    lm_head_dtype: str
+    """`same` (the weights dtype) or `float32`: a float32 LM head over a lower-precision trunk."""

@@ -1,12 +1,15 @@
 """The default engine: a Hugging Face `AutoModelForCausalLM` scoring many ragged sequences per forward pass.
 
 Sequences are right-padded into one (B, S) batch with an attention mask and explicit position ids, so each
-row computes exactly what it would alone. Only the hidden states of scored positions go through the LM head
-(in chunks bounded by memory), then temperature, log_softmax in float32, gather, top-k and optional full rows.
+row computes exactly what it would alone; requests that share a prompt compute it once (engine/prompt_kv.py).
+Only the hidden states of scored positions go through the LM head (in chunks bounded by memory; optionally in
+float32 over a lower-precision trunk), then temperature, log_softmax in float32, gather, top-k and optional
+full rows.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from services.teacher import codec
+from services.teacher.engine import prompt_kv
 from services.teacher.engine.base import Engine
 from services.teacher.modelinfo import build_model_info
 from services.teacher.spec import EngineSpec
@@ -51,6 +55,11 @@ class HFEngine(Engine):
         self.model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=self.dtype).to(self.device).eval()
         self.decoder = self.model.get_decoder()
         self.lm_head = self.model.get_output_embeddings()
+        if spec.lm_head_dtype not in ("same", "float32"):
+            raise ValueError(f"`lm_head_dtype` must be 'same' or 'float32', got {spec.lm_head_dtype!r}.")
+        self.head_dtype = torch.float32 if spec.lm_head_dtype == "float32" else self.dtype
+        if self.head_dtype != self.dtype:  # a float32 copy (a tied embedding stays in the trunk's dtype)
+            self.lm_head = copy.deepcopy(self.lm_head).to(self.head_dtype)
         cfg = self.model.config.get_text_config()
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
@@ -60,10 +69,14 @@ class HFEngine(Engine):
         )
         assert self.lm_head.weight.shape[0] == self.info.vocab_size, "lm_head rows must equal vocab_size"
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        reuse = spec.prompt_cache_mb > 0 and prompt_kv.supports_reuse(self.model.config)
+        self.prompts = prompt_kv.PromptLRU(spec.prompt_cache_mb * 1024 * 1024) if reuse else None
+        self.last_reused: list[int] = []  # prompt tokens each request of the last batch reused
+        self.tokens_reused = 0  # all prompt tokens reused since start
 
     def _logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
         """Float32 logits (N, V) of hidden states (N, H), with the model's own final scaling/softcapping."""
-        logits_NV = self.lm_head(hidden_NH).float()
+        logits_NV = self.lm_head(hidden_NH.to(self.head_dtype)).float()
         if self.logit_scale is not None:
             logits_NV = logits_NV * self.logit_scale
         if self.softcap:
@@ -81,33 +94,17 @@ class HFEngine(Engine):
         return results
 
     def _scored_hidden(self, requests: Sequence[ScoreRequest]) -> torch.Tensor:
-        """Hidden states (N, H) of the N positions that predict completion tokens, from one padded pass.
-
-        Rows are right-padded into (B, S) with an attention mask and explicit position ids, so each row
-        computes exactly what it would alone.
-        """
-        dev = self.device
-        B = len(requests)
-        lengths = [r.num_tokens for r in requests]
-        S = max(lengths)
-        ids_BS = np.zeros((B, S), dtype=np.int64)
-        mask_BS = np.zeros((B, S), dtype=np.int64)
-        for i, r in enumerate(requests):
-            p, n = r.prompt_token_ids.size, lengths[i]
-            ids_BS[i, :p] = r.prompt_token_ids
-            ids_BS[i, p:n] = r.completion_token_ids
-            mask_BS[i, :n] = 1
-        input_ids = torch.from_numpy(ids_BS).to(dev)
-        attention_mask = torch.from_numpy(mask_BS).to(dev)
-        position_ids = torch.arange(S, device=dev).unsqueeze(0).expand(B, S)
-        hidden_BSH = self.decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-
-        # Position p-1 predicts token p: completion token t of row i sits at P_i + t.
-        rows = np.repeat(np.arange(B), [r.completion_token_ids.size for r in requests])
-        cols = np.concatenate([np.arange(r.prompt_token_ids.size - 1, r.num_tokens - 1) for r in requests])
-        return hidden_BSH[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)]  # (N, H)
+        """Hidden states (N, H) of the N positions that predict completion tokens, in request order: one padded
+        pass, or with prompt reuse on, each distinct prompt computed once (engine/prompt_kv.py)."""
+        if self.prompts is None:
+            hidden_BSH, _ = prompt_kv.padded_pass(self.decoder, self.device, requests, keep_cache=False)
+            self.last_reused = [0] * len(requests)
+            return prompt_kv.scored_rows(hidden_BSH, requests)
+        hidden_NH, self.last_reused = prompt_kv.scored_hidden_with_reuse(
+            self.decoder, self.device, requests, self.prompts
+        )
+        self.tokens_reused += sum(self.last_reused)
+        return hidden_NH
 
     def _score_positions(self, hidden_NH: torch.Tensor, requests: Sequence[ScoreRequest]) -> _Scores:
         """Token logprobs, top-k and (where asked) full rows of every scored position, in logit chunks."""

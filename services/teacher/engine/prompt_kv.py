@@ -1,0 +1,226 @@
+"""Shared prompts: a prompt's keys and values are computed once and reused by every request that shares it.
+
+Distillation traffic scores the same prompt again and again (`samples_per_prompt` samples of it, every epoch,
+every job on the same prompt set), and the prompt is usually longer than the scored prefix. So:
+
+- within a batch, the first request with a given prompt runs the plain padded pass (`padded_pass`), which keeps
+  that prompt's per-layer keys/values and the hidden state of its last token (which predicts completion token 0);
+- every other request with that prompt, in this batch or a later one (a bounded LRU, `PromptLRU`), runs only
+  its completion tokens, attending to the kept keys/values (`completion_pass`).
+
+Exactness: a request that computes its prompt gets exactly what the plain pass always gave (the same call, bit
+for bit). A request that reuses a prompt gets the same math with another summation order (measured in
+float32: differences of order 1e-6 nats; see tests/test_prompt_kv.py and docs/results/teacher_throughput.md).
+Keys are per engine, i.e. per model and dtype, and hold the prompt ids themselves (a digest of them).
+
+Only models whose layers all use full causal attention qualify (`supports_reuse`): a sliding-window layer's
+cache is not a plain prefix of keys/values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.teacher.types import ScoreRequest
+
+
+@dataclass(frozen=True)
+class PromptState:
+    """What a request needs of its prompt to run only its completion tokens."""
+
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    """Per layer (keys, values), each (heads, P, head_dim), rotary positions 0..P-1 applied."""
+    last_H: torch.Tensor
+    """(H,) final hidden state at the last prompt token: it predicts completion token 0."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv) + self.last_H.nbytes
+
+
+def prompt_key(prompt_ids: np.ndarray) -> bytes:
+    """The cache key of a prompt: a 128-bit digest of its token ids (length included)."""
+    ids = np.ascontiguousarray(prompt_ids, dtype=np.int64)
+    return hashlib.blake2b(ids.tobytes(), digest_size=16, person=b"prompt-kv").digest()
+
+
+class PromptLRU:
+    """Prompt states, least recently used evicted first, bounded by their bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._items: OrderedDict[bytes, PromptState] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: bytes) -> PromptState | None:
+        state = self._items.get(key)
+        if state is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return state
+
+    def put(self, key: bytes, state: PromptState) -> None:
+        if key in self._items or state.nbytes > self.max_bytes:
+            return
+        self._items[key] = state
+        self.bytes += state.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.evictions += 1
+
+
+def supports_reuse(config) -> bool:
+    """Whether every attention layer of this model is full causal attention (no sliding window, no recurrence)."""
+    text = config.get_text_config(decoder=True)
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"]
+    return all(t == "full_attention" for t in layer_types) and not getattr(text, "sliding_window", None)
+
+
+def padded_pass(decoder, device: torch.device, requests: Sequence[ScoreRequest], keep_cache: bool):
+    """One right-padded (B, S) pass over prompt + completion of each request, with an attention mask and explicit
+    position ids so each row computes exactly what it would alone. Returns the final hidden states (B, S, H) and,
+    with `keep_cache`, the model's key/value cache of the pass (else None)."""
+    B = len(requests)
+    lengths = [r.num_tokens for r in requests]
+    S = max(lengths)
+    ids_BS = np.zeros((B, S), dtype=np.int64)
+    mask_BS = np.zeros((B, S), dtype=np.int64)
+    for i, r in enumerate(requests):
+        p, n = r.prompt_token_ids.size, lengths[i]
+        ids_BS[i, :p] = r.prompt_token_ids
+        ids_BS[i, p:n] = r.completion_token_ids
+        mask_BS[i, :n] = 1
+    out = decoder(
+        input_ids=torch.from_numpy(ids_BS).to(device),
+        attention_mask=torch.from_numpy(mask_BS).to(device),
+        position_ids=torch.arange(S, device=device).unsqueeze(0).expand(B, S),
+        use_cache=keep_cache,
+    )
+    return out.last_hidden_state, (out.cache if keep_cache else None)
+
+
+def prompt_states(cache, hidden_BSH: torch.Tensor, requests: Sequence[ScoreRequest]) -> list[PromptState]:
+    """The prompt state of each request of a `padded_pass` (copies: the pass's big tensors can be freed)."""
+    states = []
+    for b, r in enumerate(requests):
+        P = r.prompt_token_ids.size
+        kv = tuple(
+            (layer.keys[b, :, :P].clone(), layer.values[b, :, :P].clone()) for layer in cache.layers
+        )
+        states.append(PromptState(kv, hidden_BSH[b, P - 1].clone()))
+    return states
+
+
+def completion_pass(decoder, device, requests: Sequence[ScoreRequest], states: Sequence[PromptState]):
+    """Final hidden states (R, Tc, H) of completion tokens 0..T-2 of each request (the last completion token
+    predicts nothing that is scored), attending to its prompt's kept keys/values. Rows are right-padded to
+    Tc = max(T) - 1 and prompts to Pm = max(P); masked columns hide the padding."""
+    from transformers import DynamicCache
+
+    R = len(requests)
+    P = [r.prompt_token_ids.size for r in requests]
+    Pm, Tc = max(P), max(r.completion_token_ids.size for r in requests) - 1
+    ids_RT = np.zeros((R, Tc), dtype=np.int64)
+    mask_RK = np.zeros((R, Pm + Tc), dtype=np.int64)  # K = Pm + Tc: kept prompt columns, then new ones
+    pos_RT = np.zeros((R, Tc), dtype=np.int64)
+    for i, r in enumerate(requests):
+        t = r.completion_token_ids.size - 1
+        ids_RT[i, :t] = r.completion_token_ids[:t]
+        mask_RK[i, : P[i]] = 1
+        mask_RK[i, Pm : Pm + t] = 1
+        pos_RT[i] = P[i] + np.arange(Tc)
+    layers = []
+    for layer in range(len(states[0].kv)):
+        k0, v0 = states[0].kv[layer]
+        keys_RhPd = k0.new_zeros((R, k0.shape[0], Pm, k0.shape[2]))
+        values_RhPd = v0.new_zeros((R, v0.shape[0], Pm, v0.shape[2]))
+        for i, s in enumerate(states):
+            keys_RhPd[i, :, : P[i]] = s.kv[layer][0]
+            values_RhPd[i, :, : P[i]] = s.kv[layer][1]
+        layers.append((keys_RhPd, values_RhPd))
+    out = decoder(
+        input_ids=torch.from_numpy(ids_RT).to(device),
+        attention_mask=torch.from_numpy(mask_RK).to(device),
+        position_ids=torch.from_numpy(pos_RT).to(device),
+        cache=DynamicCache(ddp_cache_data=layers),
+        use_cache=True,
+    )
+    return out.last_hidden_state
+
+
+def scored_rows(hidden_BSH: torch.Tensor, requests: Sequence[ScoreRequest]) -> torch.Tensor:
+    """Hidden states (N, H) that predict the completion tokens of a `padded_pass`: token t of row i is predicted
+    at P_i + t - 1."""
+    dev = hidden_BSH.device
+    rows = np.repeat(np.arange(len(requests)), [r.completion_token_ids.size for r in requests])
+    cols = np.concatenate([np.arange(r.prompt_token_ids.size - 1, r.num_tokens - 1) for r in requests])
+    return hidden_BSH[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)]
+
+
+@dataclass
+class ReusePlan:
+    """Which requests of a batch compute their prompt (`fresh`) and which reuse a kept one (`reuse`)."""
+
+    keys: list[bytes]
+    fresh: list[int]
+    """Indices of the first request of each prompt that is not kept yet: they run the plain pass."""
+    reuse: list[int]
+    """Indices of the others."""
+    kept: dict[bytes, PromptState]
+    """The states found in the LRU (held here: the batch's own puts may evict them)."""
+
+
+def plan(requests: Sequence[ScoreRequest], lru: PromptLRU) -> ReusePlan:
+    keys = [prompt_key(r.prompt_token_ids) for r in requests]
+    fresh, reuse, kept, seen = [], [], {}, set()
+    for i, key in enumerate(keys):
+        if key not in seen and (state := lru.get(key)) is not None:
+            kept[key] = state
+        (reuse if key in seen or key in kept else fresh).append(i)
+        seen.add(key)
+    return ReusePlan(keys, fresh, reuse, kept)
+
+
+def scored_hidden_with_reuse(decoder, device, requests: Sequence[ScoreRequest], lru: PromptLRU):
+    """Hidden states (N, H) predicting every completion token of `requests`, in request order (the same rows as
+    `scored_rows(padded_pass(...))`), computing each distinct prompt at most once. Also returns, per request, the
+    number of prompt tokens it reused rather than computed."""
+    p = plan(requests, lru)
+    per_request: list[torch.Tensor | None] = [None] * len(requests)
+    batch_states = dict(p.kept)
+    if p.fresh:
+        fresh = [requests[i] for i in p.fresh]
+        hidden_BSH, cache = padded_pass(decoder, device, fresh, keep_cache=True)
+        for j, (i, state) in enumerate(zip(p.fresh, prompt_states(cache, hidden_BSH, fresh), strict=True)):
+            r = requests[i]
+            per_request[i] = hidden_BSH[j, r.prompt_token_ids.size - 1 : r.num_tokens - 1]
+            batch_states[p.keys[i]] = state
+            lru.put(p.keys[i], state)
+        del cache
+    states = {i: batch_states[p.keys[i]] for i in p.reuse}
+    longer = [i for i in p.reuse if requests[i].completion_token_ids.size > 1]
+    if longer:
+        hidden_RTH = completion_pass(decoder, device, [requests[i] for i in longer], [states[i] for i in longer])
+        for row, i in enumerate(longer):
+            t = requests[i].completion_token_ids.size - 1
+            per_request[i] = torch.cat([states[i].last_H[None], hidden_RTH[row, :t]])
+    for i in p.reuse:
+        if per_request[i] is None:
+            per_request[i] = states[i].last_H[None]
+    reused = [0] * len(requests)
+    for i in p.reuse:
+        reused[i] = requests[i].prompt_token_ids.size
+    return torch.cat(per_request), reused  # type: ignore[arg-type]

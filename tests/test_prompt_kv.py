@@ -1,0 +1,101 @@
+"""Prompt reuse (engine/prompt_kv.py): requests that share a prompt, in one batch or across batches, score what
+an unpadded, uncached transformers forward of each whole sequence gives; the prompt is computed once; the LRU
+keeps to its byte bound; reuse off (or a request seen first) is bit for bit the plain padded pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_engine import TOL_F32, assert_matches_reference, ragged_requests
+
+from services.teacher.engine import load_engine
+from services.teacher.engine.prompt_kv import PromptLRU, PromptState, prompt_key, supports_reuse
+from services.teacher.types import ScoreRequest
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+
+
+def shared_prompt_requests(vocab: int, seed: int, **kw) -> list[ScoreRequest]:
+    """3 prompts (1, ~12 and ~29 tokens) x 4 samples of 1..16 tokens, interleaved as two jobs would send them."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, vocab, n) for n in (1, 12, 29)]
+    reqs = []
+    for s in range(4):
+        for j, p in enumerate(prompts):
+            t = 1 if (s, j) == (1, 1) else int(rng.integers(2, 17))
+            reqs.append(ScoreRequest(p, rng.integers(0, vocab, t), request_id=f"p{j}s{s}", **kw))
+    return reqs
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_k": 5, "temperature": 0.8, "full": True}])
+def test_shared_prompts_match_a_plain_forward(tiny_teacher, reference_model, kw):
+    engine = load_engine(str(tiny_teacher), prompt_cache_mb=16)
+    reqs = shared_prompt_requests(engine.info.vocab_size, seed=3, **kw)
+    worst = 0.0
+    for call in range(2):  # the second call finds every prompt in the LRU
+        results = engine.score(reqs)
+        for req, res in zip(reqs, results, strict=True):
+            worst = max(worst, assert_matches_reference(reference_model, req, res, TOL_F32))
+        expected = [0 if call == 0 and r.request_id.endswith("s0") else r.prompt_token_ids.size for r in reqs]
+        assert engine.last_reused == expected
+    assert (engine.prompts.misses, engine.prompts.hits, len(engine.prompts)) == (3, 3, 3)
+    print(f"shared prompts vs plain forward: max abs diff {worst:.3g}")
+
+
+def test_a_prompt_seen_first_is_bit_for_bit_the_plain_pass(tiny_teacher):
+    on = load_engine(str(tiny_teacher), prompt_cache_mb=16)
+    off = load_engine(str(tiny_teacher), prompt_cache_mb=0)
+    assert off.prompts is None
+    reqs = ragged_requests(on.info.vocab_size, n=8, seed=5, top_k=4)
+    for a, b in zip(on.score(reqs), off.score(reqs), strict=True):
+        np.testing.assert_array_equal(a.token_logprobs, b.token_logprobs)
+        np.testing.assert_array_equal(a.top_k_logprobs, b.top_k_logprobs)
+    # Reused, the same requests agree to float32 rounding (checked against a plain forward above).
+    again = on.score(reqs)
+    assert on.last_reused == [r.prompt_token_ids.size for r in reqs]
+    for a, b in zip(again, off.score(reqs), strict=True):
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=0)
+
+
+def state(n_bytes_each: int) -> PromptState:
+    t = torch.zeros(n_bytes_each // 4, dtype=torch.float32)
+    return PromptState(kv=((t[None, None], t[None, None]),), last_H=torch.zeros(0))
+
+
+def test_lru_keeps_to_its_bound_and_evicts_the_least_recent():
+    lru = PromptLRU(max_bytes=3900)
+    keys = [prompt_key(np.arange(n)) for n in range(1, 5)]
+    assert len(set(keys)) == 4 and prompt_key(np.arange(3)) == prompt_key(np.arange(3, dtype=np.int32))
+    for k in keys[:2]:
+        lru.put(k, state(400))  # 800 bytes each (keys + values)
+    assert lru.get(keys[0]) is not None  # keys[1] is now the least recent
+    for k in keys[2:]:
+        lru.put(k, state(600))  # 1200 each: 800 + 800 + 1200 + 1200 > 3900 evicts keys[1]
+    assert lru.bytes <= lru.max_bytes and lru.evictions == 1
+    assert lru.get(keys[1]) is None and lru.get(keys[0]) is not None
+    lru.put(prompt_key(np.arange(9)), state(4000))  # larger than the whole bound: not kept
+    assert len(lru) == 3 and (lru.hits, lru.misses) == (2, 1)
+
+
+def test_only_full_attention_models_reuse_prompts():
+    from transformers import LlamaConfig, MistralConfig
+
+    assert supports_reuse(LlamaConfig())
+    assert not supports_reuse(MistralConfig(sliding_window=64))
+
+
+def test_float32_head_over_a_bfloat16_trunk(tiny_teacher, reference_model):
+    engine = load_engine(str(tiny_teacher), dtype="bfloat16", lm_head_dtype="float32")
+    assert engine.lm_head.weight.dtype == torch.float32
+    assert engine.model.get_input_embeddings().weight.dtype == torch.bfloat16  # the tied embedding is not touched
+    reqs = ragged_requests(engine.info.vocab_size, n=4, seed=7)
+    for req, res in zip(reqs, engine.score(reqs), strict=True):
+        assert_matches_reference(reference_model, req, res, tol=0.5)  # bfloat16 trunk: loose, but a real check
+    with pytest.raises(ValueError, match="lm_head_dtype"):
+        load_engine(str(tiny_teacher), lm_head_dtype="float64")
