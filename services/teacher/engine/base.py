@@ -24,6 +24,11 @@ class Engine(ABC):
     def forward(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Scores already-validated requests that fit one batch; results in request order."""
 
+    def check(self, request: ScoreRequest) -> None:
+        """Raises InvalidRequest for a request this backend cannot score beyond what `ModelInfo` says (e.g. a
+        temperature it cannot apply); runs after `validate_request`. Accepts everything by default."""
+        return None
+
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult | TeacherError]:
         """Validates each request and scores the valid ones in token-budget batches.
 
@@ -34,6 +39,7 @@ class Engine(ABC):
         for i, req in enumerate(requests):
             try:
                 validate_request(req, self.info)
+                self.check(req)
                 valid.append(i)
             except TeacherError as err:
                 out[i] = err
