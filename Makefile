@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser proto vllm test-vllm test test-slow test-faults test-testbed soak test-all lint demo bench-paper bench-safety clean docker-tools test-compose
+.PHONY: install browser proto vllm test-vllm bench-throughput test test-slow test-faults test-testbed soak test-all lint demo bench-paper bench-safety clean docker-tools test-compose
 
 install: $(VENV)/.installed browser
 
@@ -77,6 +77,11 @@ test-testbed: install
 # Every fault scenario under load (10-15 min on 2 busy cores): bench/results/faults.{md,json}; the quick part is in `make test`.
 test-faults: install
 	$(BIN)/python -m pytest -q -s -m faults
+
+# Teacher throughput (raw forward, engine, service, HTTP, vLLM when .venv-vllm exists; float32, bfloat16, mixed;
+# prompt reuse on distillation traffic): docs/results/teacher_throughput.{md,json,png}. ~15 min on 2 cores.
+bench-throughput: install
+	$(BIN)/python bench/teacher_throughput.py $(THROUGHPUT_ARGS)
 
 # N jobs for M minutes against one teacher: bench/results/soak.{md,json}, docs/results/soak.png.
 SOAK_ARGS ?= --jobs 4 --minutes 10

@@ -456,7 +456,7 @@ def main() -> None:
         from services.models.tiny import build_tiny
 
         model = model or str(build_tiny(workdir / "tiny", layers=2, hidden=64, seed=1, init_std=0.2))
-        args.repeats, args.sequences, args.length = min(args.repeats, 2), 8, 128
+        args.repeats, args.sequences, args.length, args.distill_prompts = 1, 8, 128, 4
     elif model is None:
         from services.models.smollm2 import prepare_smollm2
 

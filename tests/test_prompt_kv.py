@@ -99,3 +99,17 @@ def test_float32_head_over_a_bfloat16_trunk(tiny_teacher, reference_model):
         assert_matches_reference(reference_model, req, res, tol=0.5)  # bfloat16 trunk: loose, but a real check
     with pytest.raises(ValueError, match="lm_head_dtype"):
         load_engine(str(tiny_teacher), lm_head_dtype="float64")
+
+
+def test_length_groups_cover_every_item_once_and_pad_less():
+    from services.teacher.engine.prompt_kv import length_groups
+
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(15, 64, 56)]
+    items = list(range(100, 156))
+    groups = length_groups(items, lengths)
+    assert sorted(i for g in groups for i in g) == items and 1 < len(groups) <= 4
+    padded = sum(len(g) * max(lengths[i - 100] for i in g) for g in groups)
+    assert padded < len(items) * max(lengths)
+    assert length_groups([7, 8], [5, 5]) == [[7, 8]]  # equal lengths: one pass
+    assert length_groups([], []) == []

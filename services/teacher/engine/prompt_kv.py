@@ -194,6 +194,23 @@ def plan(requests: Sequence[ScoreRequest], lru: PromptLRU) -> ReusePlan:
     return ReusePlan(keys, fresh, reuse, kept)
 
 
+def length_groups(items: Sequence[int], lengths: Sequence[int], max_groups: int = 4) -> list[list[int]]:
+    """`items` split into at most `max_groups` passes of similar length (longest first), choosing the split that
+    pads least: each pass costs its rows x its longest length, plus one mean row's worth per extra pass."""
+    if not items:
+        return []
+    order = sorted(range(len(items)), key=lambda j: -lengths[j])
+    best: tuple[float, list[list[int]]] | None = None
+    for k in range(1, min(max_groups, len(items)) + 1):
+        size = -(-len(items) // k)
+        groups = [order[g : g + size] for g in range(0, len(order), size)]
+        cost = sum(len(g) * lengths[g[0]] for g in groups) + (len(groups) - 1) * sum(lengths) / len(items)
+        if best is None or cost < best[0]:
+            best = (cost, groups)
+    assert best is not None
+    return [[items[j] for j in g] for g in best[1]]
+
+
 def scored_hidden_with_reuse(decoder, device, requests: Sequence[ScoreRequest], lru: PromptLRU):
     """Hidden states (N, H) predicting every completion token of `requests`, in request order (the same rows as
     `scored_rows(padded_pass(...))`), computing each distinct prompt at most once. Also returns, per request, the
@@ -212,9 +229,9 @@ def scored_hidden_with_reuse(decoder, device, requests: Sequence[ScoreRequest], 
         del cache
     states = {i: batch_states[p.keys[i]] for i in p.reuse}
     longer = [i for i in p.reuse if requests[i].completion_token_ids.size > 1]
-    if longer:
-        hidden_RTH = completion_pass(decoder, device, [requests[i] for i in longer], [states[i] for i in longer])
-        for row, i in enumerate(longer):
+    for group in length_groups(longer, [requests[i].completion_token_ids.size - 1 for i in longer]):
+        hidden_RTH = completion_pass(decoder, device, [requests[i] for i in group], [states[i] for i in group])
+        for row, i in enumerate(group):
             t = requests[i].completion_token_ids.size - 1
             per_request[i] = torch.cat([states[i].last_H[None], hidden_RTH[row, :t]])
     for i in p.reuse:
