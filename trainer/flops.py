@@ -26,7 +26,9 @@ the reference policy, else 0):
     training  = 3 * F(P + C, 0, C)                forward + backward (backward = 2 x forward)
               + F(P + R, 0, R)                    the reference's forward (the starting student: student dims;
                                                   no backward), counted under training
-    teacher   = F_teacher(P + S, 0, S)            one scoring forward pass over the scored positions
+    teacher   = F_teacher(P + S - K, K, S)        one scoring forward pass over the scored positions, where K
+                                                  prompt tokens had their keys/values reused by the teacher
+                                                  (its prompt reuse; reported per request, 0 when computed)
 Frozen parameters (config `freeze`) are still counted at 3 x forward: their weight gradients are skipped, but
 the backward still propagates through them to earlier trained layers, so 3 x forward is an upper bound.
 
@@ -92,11 +94,12 @@ def training_flops(d: ModelDims, prompt_len: int, gen_len: int) -> int:
     return 3 * forward_flops(d, prompt_len + gen_len, 0, gen_len)
 
 
-def teacher_flops(d: ModelDims, prompt_len: int, gen_len: int) -> int:
-    """One teacher forward pass scoring the completion positions."""
+def teacher_flops(d: ModelDims, prompt_len: int, gen_len: int, reused: int = 0) -> int:
+    """One teacher forward pass scoring the completion positions; the first `reused` prompt tokens' keys/values
+    came from the teacher's prompt reuse (not computed, attended to)."""
     if gen_len <= 0:
         return 0
-    return forward_flops(d, prompt_len + gen_len, 0, gen_len)
+    return forward_flops(d, prompt_len + gen_len - reused, reused, gen_len)
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,12 @@ class RolloutTokens:
     """C: completion tokens of the training forward + backward (every one receives a loss)."""
     reference: int = 0
     """R: completion tokens of the reference policy's forward (0: none)."""
+    teacher_reused: int = 0
+    """K: prompt tokens whose keys/values the teacher reused rather than computed (its report; K <= P)."""
 
     def __post_init__(self) -> None:
         assert min(self.prompt, self.sampled, self.scored, self.trained, self.reference) >= 0, self
+        assert 0 <= self.teacher_reused <= self.prompt, f"bad token counts {self}"
         assert self.scored <= self.trained and self.reference <= self.trained, f"bad token counts {self}"
 
 
@@ -154,7 +160,7 @@ def rollout_flops(
     training = training_flops(student, r.prompt, r.trained)
     if r.reference:
         training += forward_flops(student, r.prompt + r.reference, 0, r.reference)
-    scoring = 0 if teacher is None else teacher_flops(teacher, r.prompt, r.scored)
+    scoring = 0 if teacher is None else teacher_flops(teacher, r.prompt, r.scored, r.teacher_reused)
     return StepFlops(sampling, training, scoring)
 
 
