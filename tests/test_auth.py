@@ -5,6 +5,8 @@ parsing, and the trainer's `teacher_client.token` / `ca_file` end to end."""
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 
 import grpc
 import httpx
@@ -14,8 +16,9 @@ from teacher_proc import Teacher
 from tls_certs import make_certs
 
 from services.teacher.auth import TokenTable
-from services.teacher.client import TeacherClient
+from services.teacher.client import TOKEN_ENV, TeacherClient
 from services.teacher.errors import PermissionDenied, Unauthenticated
+from services.teacher.launch import ChildProcess, child_env, free_port
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.redis_server import RedisProcess
 from services.teacher.types import ScoreRequest
@@ -120,7 +123,9 @@ def test_grpc_tokens_scopes_and_tls(secured):
         assert isinstance(res, Unauthenticated)
 
     async def refused_streams(n: int) -> list:  # a refusal must not race the client's writes (grpc#36066)
-        return await asyncio.gather(*(go("wrong", [req("team-a/1", str(i)) for i in range(32)]) for i in range(n)))
+        return await asyncio.gather(
+            *(go("wrong", [req("team-a/1", str(i)) for i in range(32)]) for i in range(n))
+        )
 
     outcomes = {type(r).__name__ for rs in asyncio.run(refused_streams(40)) for r in rs}
     assert outcomes == {"Unauthenticated"}
@@ -280,3 +285,42 @@ def test_queue_over_rediss_with_a_password(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def test_analysis_page_on_a_tls_teacher(tiny_teacher, tiny_student, tmp_path):
+    """`prefix-distill teacher serve --student` with TLS and tokens: the page's own client reaches the front-end
+    over loopback trusting its certificate, with the token of its environment; callers' scopes still apply."""
+    certs = make_certs(tmp_path / "certs")
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{TOKEN_A} team-a/\n{TOKEN_ALL}\n")
+    redis = RedisProcess(workdir=str(tmp_path)).start()
+    grpc_port, http_port = free_port(), free_port()
+    args = [sys.executable, "-m", "services.app", "teacher", "serve", "--model", str(tiny_teacher)]
+    args += ["--redis-url", redis.url, "--workers", "1", "--student", str(tiny_student)]
+    args += ["--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port)]
+    args += ["--http-host", "127.0.0.1", "--http-port", str(http_port), "--auth-tokens", str(tokens)]
+    args += ["--tls-cert-file", str(certs.cert), "--tls-key-file", str(certs.key)]
+    proc = ChildProcess(args, tmp_path / "teacher.log", env={**child_env(), TOKEN_ENV: TOKEN_ALL})
+    base, tls = f"https://127.0.0.1:{http_port}", {"verify": str(certs.ca), "timeout": 60}
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and proc.alive():
+            try:
+                if httpx.get(base + "/healthz", **tls).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail(f"the TLS teacher with a student did not start:\n{proc.tail()}")
+        body = {"prompt_token_ids": [5, 17, 42], "completion_token_ids": [7, 8, 9], "job_id": "team-a/x"}
+        auth = {"authorization": f"Bearer {TOKEN_A}"}
+        r = httpx.post(base + "/v1/compare", json=body, headers=auth, **tls)
+        assert r.status_code == 200, r.text
+        assert [tok["token_id"] for tok in r.json()["tokens"]] == [7, 8, 9]
+        r = httpx.post(base + "/v1/compare", json=body | {"job_id": "team-b/x"}, headers=auth, **tls)
+        assert (
+            r.status_code == 403 and r.json()["error"]["param"] == "job_id"
+        )  # the caller's scope, not the page's
+    finally:
+        proc.stop()
+        redis.stop()

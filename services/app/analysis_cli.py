@@ -41,10 +41,10 @@ def analysis_routes(students: Sequence[str], device: str = "cpu"):
     if not students:
         return None
 
-    def routes(grpc_target: str) -> list:
+    def routes(grpc_target: str, ca_file: str) -> list:
         from services.app.analysis_api import analysis_router
 
-        router = analysis_router(_build(grpc_target, students, device))
+        router = analysis_router(_build(grpc_target, students, device, ca_file))
         print(f"analysis page at /ui of the HTTP front-end; students: {', '.join(students)}", flush=True)
         return [router]
 

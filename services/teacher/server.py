@@ -21,9 +21,11 @@ from services.teacher.settings import TeacherSettings
 log = logging.getLogger("prefix_distill.server")
 GRACE_S = 5.0
 
-HttpRoutes = Callable[[str], Sequence]
-"""A composition root's hook: given this front-end's own gRPC target, the extra FastAPI routers its HTTP app
-serves (built once, off the event loop; they reach the teacher through that target like any client)."""
+HttpRoutes = Callable[[str, str], Sequence]
+"""A composition root's hook: given this front-end's own gRPC target and the certificate file to trust for it
+("" without TLS: a TLS front-end's own certificate, which gRPC accepts as the trust anchor of its loopback
+connection), the extra FastAPI routers its HTTP app serves (built once, off the event loop; they reach the
+teacher through that target like any client)."""
 
 
 def local_target(host: str, port: int) -> str:
@@ -99,7 +101,8 @@ async def run_frontend(
     http_port = http_sock.getsockname()[1]
     routers = []
     if http_routes is not None:
-        routers = await asyncio.to_thread(http_routes, local_target(settings.grpc_host, grpc_port))
+        target = local_target(settings.grpc_host, grpc_port)
+        routers = await asyncio.to_thread(http_routes, target, settings.tls_cert_file)
     app = create_app(dispatcher, routers)
     tls = {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
     config = uvicorn.Config(
