@@ -236,6 +236,7 @@ def test_every_loss_of_the_table_is_zero_for_a_perfect_student_and_reduces():
     ids = t.topk(6, -1).indices  # K = V: no tail bucket, so every row can be exactly zero
     sampled = t.argmax(-1)
     tb = L.TeacherBatch(t.gather(-1, sampled.unsqueeze(-1)).squeeze(-1), ids, t.gather(-1, ids), t)
+    tb.cand_ids_BTC, tb.cand_lp_BTC = ids, t.gather(-1, ids)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     for name, row in L.LOSSES.items():
         assert isinstance(row.need, L.Need) and row.help, name

@@ -265,6 +265,12 @@ class TrainConfig:
     top_k: int = _f(
         16, "Teacher top-k per position for the losses that need it ([topk] under `loss`) (>= 1)."
     )
+    candidates: int = _f(
+        16,
+        "C, the student's top-C ids per position sent as candidates for the losses that need them "
+        "([candidates] under `loss`): the teacher returns its log-probabilities at exactly those ids (>= 1; "
+        "at most the teacher's max_candidates).",
+    )
     temperature: float = _f(1.0, "Sampling temperature of the rollouts (> 0).")
     teacher_temperature: float = _f(1.0, "Temperature at which the teacher scores (> 0).")
     rollouts: RolloutsConfig = _f(
@@ -331,6 +337,7 @@ class TrainConfig:
         check(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES)}, got {self.loss!r}.")
         check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", f"must be in [0, 1], got {self.jsd_beta}.")
         check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}.")
+        check(self.candidates >= 1, "candidates", f"must be >= 1, got {self.candidates}.")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}.")
         check(
             self.teacher_temperature > 0,

@@ -75,7 +75,8 @@ def _train_micro_batch(run: Run, m: MicroBatch, *, sync: bool, n_tokens: float, 
     res.wait_s += time.perf_counter() - tw
     tt = time.perf_counter()
     ro, dev = m.ro, run.device
-    tb = None if results is None else to_teacher_batch(results, ro.ids_BT.shape[1], dev, run.need, run.vocab)
+    T = ro.ids_BT.shape[1]
+    tb = None if results is None else to_teacher_batch(results, T, dev, run.need, run.vocab, ro.cand_ids_BTC)
     head_BT, ids_BT = m.head_BT.to(dev), ro.ids_BT.to(dev)  # (B, T) each
     with contextlib.nullcontext() if sync else run.ddp.no_sync():
         s_lp_BTV = student_logprobs(run.trained, ro, autocast_dtype=run.autocast)  # (B, T, V)

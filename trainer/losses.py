@@ -1,6 +1,7 @@
 """Distillation losses: pure functions over tensors, masked to the trained positions, with a `reduction`.
 
-Notation: B rollouts, T completion positions (the prefix, EOS included), V vocabulary, K teacher top-k.
+Notation: B rollouts, T completion positions (the prefix, EOS included), V vocabulary, K teacher top-k,
+C candidate ids per position (the student's own top-C).
 `mask_BT` is 1.0 where a position is trained (a generated token up to and including EOS) and 0.0 on padding.
 All log-probabilities are natural-log, normalised over the vocabulary (the teacher's as returned by the
 service, the student's from `log_softmax` of its logits).
@@ -15,6 +16,11 @@ returns the masked per-token losses (B, T).
 - `*_topk`: the distributions are reduced to K + 1 buckets: the teacher's top-k tokens and one tail bucket
   holding the remaining mass of each side. Bucketing can only lose information, so the bucketed KL is <= the
   exact KL, with equality when K = V (then there is no tail).
+- `reverse_kl_candidates`: the same bucketing over the *student's* top-C ids, the teacher's log-probabilities at
+  exactly those ids coming from the service (normalized over its whole vocabulary). Reverse KL is an expectation
+  under the student, so its support is the one that matters: `reverse_kl_topk` leaves the student's mass outside
+  the teacher's top-k free except through one tail bucket, here the student's likely tokens are each matched.
+  Also a lower bound of the exact reverse KL, equal to it when C = V.
 - `jsd_topk`: generalized JSD(beta) of TRL's GKD: beta * KL(T || M) + (1 - beta) * KL(S || M) with
   M = beta * T + (1 - beta) * S; beta = 0 is forward KL(T || S), beta = 1 reverse KL(S || T).
 - `*_full`: exact KL over the full vocabulary rows.
@@ -23,8 +29,8 @@ returns the masked per-token losses (B, T).
   on gold answers).
 
 `LOSSES` at the end is the one table of the config's `loss` choices: each row names what the loss needs from
-the teacher (`Need`: nothing, the sampled token's log-probability, the top-k, or full rows) and a small adapter from
-`LossInputs` to its pure function. A new loss is one row (plus a `LossInputs` field or a `Need` if it reads
+the teacher (`Need`: nothing, the sampled token's log-probability, the top-k, the candidates, or full rows) and
+a small adapter from `LossInputs` to its pure function. A new loss is one row (plus a `LossInputs` field or a `Need` if it reads
 something new); the config, the requests and the evaluation read the table.
 """
 
@@ -91,10 +97,11 @@ def generalized_jsd(s_lp: torch.Tensor, t_lp: torch.Tensor, beta: float) -> torc
 def bucket_topk(
     student_lp_BTV: torch.Tensor, topk_ids_BTK: torch.Tensor, teacher_topk_lp_BTK: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both distributions over the teacher's K top tokens plus a tail bucket: (B, T, K+1) each (K if K = V).
+    """Both distributions over K distinct ids per position (the teacher's top-k, or the student's top-C
+    candidates) plus a tail bucket: (B, T, K+1) each (K if K = V).
 
-    The student's tail is the log-sum-exp of its log-probabilities outside the top-k ids (exact, with gradient);
-    the teacher's tail is log(1 - sum of its top-k probabilities), floored at 1e-12.
+    The student's tail is the log-sum-exp of its log-probabilities outside the ids (exact, with gradient); the
+    teacher's tail is log(1 - sum of its probabilities at the ids), floored at 1e-12.
     """
     K, V = topk_ids_BTK.shape[-1], student_lp_BTV.shape[-1]
     ids = topk_ids_BTK.long()
@@ -168,6 +175,16 @@ def jsd_topk(student_lp_BTV, topk_ids_BTK, teacher_topk_lp_BTK, mask_BT, beta=0.
     return masked_reduce(generalized_jsd(s, t, beta), mask_BT, reduction)
 
 
+def reverse_kl_candidates(student_lp_BTV, cand_ids_BTC, teacher_cand_lp_BTC, mask_BT, reduction="mean"):
+    """KL(student || teacher) over C candidate ids per position (the student's top-C) plus a tail bucket.
+
+    Shapes: student (B, T, V), candidate ids (B, T, C), distinct within a position, and the teacher's
+    log-probabilities at them (B, T, C), normalized over the teacher's whole vocabulary; mask (B, T)."""
+    s, t = bucket_topk(student_lp_BTV, cand_ids_BTC, teacher_cand_lp_BTC)  # (B, T, C+1) each
+    t = _neutral_where_masked(t, s, mask_BT)
+    return masked_reduce(kl_divergence(s, t), mask_BT, reduction)
+
+
 def reverse_kl_full(student_lp_BTV, teacher_lp_BTV, mask_BT, reduction="mean"):
     """Exact KL(student || teacher) over full vocabulary rows (B, T, V); mask (B, T)."""
     t = _neutral_where_masked(teacher_lp_BTV, student_lp_BTV, mask_BT)
@@ -192,6 +209,10 @@ class TeacherBatch:
     """(B, T, K) their log-probabilities (Need.TOPK)."""
     full_lp_BTV: torch.Tensor | None = None
     """(B, T, V) full vocabulary rows (Need.FULL)."""
+    cand_ids_BTC: torch.Tensor | None = None
+    """(B, T, C) the candidate ids the teacher was asked about: the student's top-C (Need.CANDIDATES)."""
+    cand_lp_BTC: torch.Tensor | None = None
+    """(B, T, C) the teacher's log-probabilities at them (Need.CANDIDATES)."""
 
 
 class Need(str, enum.Enum):
@@ -205,6 +226,8 @@ class Need(str, enum.Enum):
     """Also the teacher's top-k ids and log-probabilities (`top_k` of the config)."""
     FULL = "full"
     """Also the whole vocabulary row (within the teacher's memory guard)."""
+    CANDIDATES = "candidates"
+    """Also the teacher's log-probabilities at the student's top-C ids (`candidates` of the config)."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +262,14 @@ class LossInputs:
             "this loss needs the teacher's top-k"
         )
         return t.topk_ids_BTK, t.topk_lp_BTK
+
+    def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, T, C), the teacher's log-probabilities (B, T, C)) at the student's top-C candidates."""
+        t = self.teacher
+        assert t is not None and t.cand_ids_BTC is not None and t.cand_lp_BTC is not None, (
+            "this loss needs the teacher's log-probabilities at the candidates"
+        )
+        return t.cand_ids_BTC, t.cand_lp_BTC
 
     def full(self) -> torch.Tensor:
         """(B, T, V) the teacher's full rows."""
@@ -278,6 +309,11 @@ LOSSES: dict[str, Loss] = {
         Need.TOPK,
         lambda x, r: jsd_topk(x.student_lp_BTV, *x.topk(), x.mask_BT, x.beta, r),
         "generalized JSD(jsd_beta) over the top-k plus a tail bucket",
+    ),
+    "reverse_kl_candidates": Loss(
+        Need.CANDIDATES,
+        lambda x, r: reverse_kl_candidates(x.student_lp_BTV, *x.candidates(), x.mask_BT, r),
+        "reverse KL over the student's own top-C ids (teacher logprobs at them) plus a tail bucket",
     ),
     "reverse_kl_full": Loss(
         Need.FULL,

@@ -15,6 +15,10 @@ tail is empty except for tail rollouts under anchor.tail_target=reference, whose
 (the teacher is sent only those) and whose tail is the rest. Every generated position is in one of the two, so
 the step's loss normaliser (its number of trained tokens) is the number of generated tokens.
 
+Candidates (losses of Need.CANDIDATES): each scored position also names the student's own top-`candidates` ids;
+the student records them while it samples (no extra pass); rollouts written by a teacher copy or the gold
+answers get them from one forward pass of the student without gradient.
+
 Each micro-batch's requests go to the teacher as soon as it is written, so the next micro-batch is sampled while
 the teacher scores it (the weights do not change within a step: on-policy rollouts are strictly on-policy).
 """
@@ -34,7 +38,7 @@ from services.teacher.types import ModelInfo
 from trainer.config import ConfigError, TrainConfig
 from trainer.flops import ModelDims, RolloutTokens, dims_from_model
 from trainer.losses import Need
-from trainer.sampling import Rollouts, from_completions, generate
+from trainer.sampling import Rollouts, from_completions, generate, student_logprobs
 from trainer.schedule import learning_rate, prefix_length
 from trainer.tasks import Example
 from trainer.teacher_io import build_requests
@@ -153,7 +157,18 @@ class RolloutSource:
             temperature=cfg.temperature,
             generator=run.sampler,
             autocast_dtype=run.autocast,
+            candidates=cfg.candidates if run.need == Need.CANDIDATES and self.on_policy else 0,
         )
+
+
+@torch.no_grad()
+def with_student_candidates(run: Run, ro: Rollouts) -> Rollouts:
+    """`ro` with the student's top-`candidates` ids at every position (`cand_ids_BTC`, (B, T, C)): as recorded
+    while the student sampled, else from a forward pass of the student (rollouts it did not write)."""
+    if ro.cand_ids_BTC is None:
+        lp_BTV = student_logprobs(run.model, ro, autocast_dtype=run.autocast)  # (B, T, V)
+        ro.cand_ids_BTC = lp_BTV.topk(run.cfg.candidates, dim=-1).indices.cpu()  # (B, T, C)
+    return ro
 
 
 def teacher_model_path(cfg: TrainConfig, info: ModelInfo) -> str:
@@ -232,6 +247,8 @@ def prepare_minibatch(run: Run, step: int) -> Minibatch:
         ts = time.perf_counter()
         lim = limits[s : s + cfg.micro_batch_size]
         ro = run.source.write(run, rows[s : s + cfg.micro_batch_size], lim)
+        if run.need == Need.CANDIDATES:
+            ro = with_student_candidates(run, ro)
         sample_s += time.perf_counter() - ts
         head_BT, tail_BT = split_positions(ro, lim, L, anchor_tails)
         scores = None

@@ -1,4 +1,5 @@
-"""Batched generation with a KV cache: stops a row at its `max_tokens` or EOS; records ids and logprobs.
+"""Batched generation with a KV cache: stops a row at its `max_tokens` or EOS; records ids and logprobs (and,
+when asked, the sampling model's top-C ids at every position: a student's own candidates for the teacher).
 
 In training `max_tokens` is the step's prefix length L (per row: the rollouts of the tail anchor run to the full
 length), in evaluation the full answer length. The model is the student's, or the teacher's for off-policy
@@ -31,6 +32,8 @@ class Rollouts:
     mask_BT: torch.Tensor
     """(B, T) float32, 1 for generated tokens (EOS included), 0 for padding."""
     pad_id: int
+    cand_ids_BTC: torch.Tensor | None = None
+    """(B, T, C) int64 the sampling model's C most likely ids at each position (`generate(candidates=C)`)."""
 
     @property
     def lengths(self) -> list[int]:
@@ -49,6 +52,7 @@ class Rollouts:
             self.sample_lp_BT[idx, :T],
             self.mask_BT[idx, :T],
             self.pad_id,
+            None if self.cand_ids_BTC is None else self.cand_ids_BTC[idx, :T],
         )
 
 
@@ -111,8 +115,10 @@ def generate(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    candidates: int = 0,
 ) -> Rollouts:
     """Samples up to `max_tokens` tokens per prompt (stopping a row at `eos_id`); temperature 0 = greedy.
+    With `candidates` = C > 0 it also records the model's top-C ids at every position (`cand_ids_BTC`).
 
     `max_tokens` is how far this call runs, one number for every row or one per row: the step's prefix length L
     in training (L <= the config's `max_new_tokens`, the full response length), `eval.max_new_tokens` in
@@ -133,6 +139,7 @@ def generate(
     out_ids = torch.full((B, max_tokens), pad_id, dtype=torch.long)
     out_lp = torch.zeros((B, max_tokens), dtype=torch.float32)
     out_mask = torch.zeros((B, max_tokens), dtype=torch.float32)
+    out_cand = torch.zeros((B, max_tokens, candidates), dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool)
     cache = None
     feed, feed_pos = ids, pos
@@ -160,6 +167,8 @@ def generate(
         out_ids[live, t] = tok_B[live]
         out_lp[live, t] = lp_BV.gather(1, tok_B[:, None]).squeeze(1)[live]
         out_mask[live, t] = 1.0
+        if candidates:
+            out_cand[live, t] = lp_BV.topk(candidates, dim=-1).indices[live]  # (B, C)
         T = t + 1
         done |= live & (limit_B <= T)
         if eos_id is not None:
@@ -170,7 +179,8 @@ def generate(
         feed_pos = feed_pos[:, -1:] + 1
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
     model.train(was_training)
-    return Rollouts([list(p) for p in prompts], out_ids[:, :T], out_lp[:, :T], out_mask[:, :T], pad_id)
+    cand = out_cand[:, :T] if candidates else None
+    return Rollouts([list(p) for p in prompts], out_ids[:, :T], out_lp[:, :T], out_mask[:, :T], pad_id, cand)
 
 
 def student_logprobs(model, rollouts: Rollouts, *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:

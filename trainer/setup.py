@@ -204,7 +204,9 @@ def set_up(
     teacher = TeacherIO(cfg.teacher, cfg.teacher_client, device=str(device))
     closing.callback(teacher.close)
     info = teacher.model_info()
-    check_teacher(info, tokenizer, vocab, student=cfg.student, need=need, top_k=cfg.top_k)
+    check_teacher(
+        info, tokenizer, vocab, student=cfg.student, need=need, top_k=cfg.top_k, candidates=cfg.candidates
+    )
     prompts = _load_prompts(cfg, tokenizer, info.max_context)
     eval_full_rows, eval_top_k = _eval_kl_mode(cfg, info, vocab, dd)
     source = build_source(cfg, info, tokenizer, model, prompts.train_ex, vocab, device)

@@ -176,7 +176,14 @@ class TeacherIO:
 
 
 def check_teacher(
-    info: ModelInfo, tokenizer, student_vocab: int, *, student: str, need: Need, top_k: int = 0
+    info: ModelInfo,
+    tokenizer,
+    student_vocab: int,
+    *,
+    student: str,
+    need: Need,
+    top_k: int = 0,
+    candidates: int = 0,
 ) -> None:
     """Refuses a teacher this student cannot be distilled from, with a message saying why and what to do."""
     fp = tokenizer_fingerprint(tokenizer)
@@ -206,6 +213,26 @@ def check_teacher(
         )
     if need == Need.TOPK and top_k > info.max_top_k:
         raise TeacherMismatch(f"`top_k` must be <= {info.max_top_k} (the teacher's max_top_k), got {top_k}.")
+    if need == Need.CANDIDATES:
+        _check_candidates(info, student_vocab, candidates)
+
+
+def _check_candidates(info: ModelInfo, student_vocab: int, candidates: int) -> None:
+    """The teacher can score `candidates` of the student's ids per position."""
+    if info.max_candidates < 1:
+        raise TeacherMismatch(
+            f"the loss needs the teacher's log-probabilities at the student's candidate ids but the teacher's "
+            f"{info.backend!r} backend cannot score candidate ids; use a *_topk loss or reverse_kl_sampled."
+        )
+    if candidates > info.max_candidates:
+        raise TeacherMismatch(
+            f"`candidates` must be <= {info.max_candidates} (the teacher's max_candidates), got {candidates}."
+        )
+    if info.vocab_size < student_vocab:
+        raise TeacherMismatch(
+            f"the student's vocabulary ({student_vocab}) is larger than the teacher's ({info.vocab_size}): "
+            "its candidate ids could name tokens the teacher cannot score."
+        )
 
 
 def teacher_dims(info: ModelInfo) -> ModelDims | None:
@@ -235,12 +262,14 @@ def build_requests(
     scored: Sequence[int] | None = None,
 ) -> list[ScoreRequest]:
     """One ScoreRequest per rollout (prompt ids + its completion), asking for what `need` says; `top_k` is sent
-    only when the top-k is needed. `scored[i]`: only the first this many completion tokens of rollout i are
+    only when the top-k is needed, the rollouts' candidate ids (`cand_ids_BTC`) only when candidates are. `scored[i]`: only the first this many completion tokens of rollout i are
     sent (default: all). The client gives each request its id on the wire."""
     assert need != Need.NONE, "a loss that needs nothing from the teacher sends it no requests"
     n = len(rollouts.prompt_ids)
     keep = rollouts.lengths if scored is None else list(scored)
     assert len(keep) == n and all(1 <= k <= m for k, m in zip(keep, rollouts.lengths, strict=True)), keep
+    cand = rollouts.cand_ids_BTC if need == Need.CANDIDATES else None
+    assert need != Need.CANDIDATES or cand is not None, "candidates are asked for but the rollouts have none"
     return [
         ScoreRequest(
             prompt_token_ids=np.asarray(rollouts.prompt_ids[i], dtype=np.int64),
@@ -250,15 +279,22 @@ def build_requests(
             full=need == Need.FULL,
             temperature=temperature,
             full_dtype=full_dtype,
+            candidate_ids=None if cand is None else cand[i, : keep[i]].numpy(),
         )
         for i in range(n)
     ]
 
 
 def to_teacher_batch(
-    results: list[ScoreResult], T: int, device, need: Need, vocab: int | None = None
+    results: list[ScoreResult],
+    T: int,
+    device,
+    need: Need,
+    vocab: int | None = None,
+    cand_ids_BTC: torch.Tensor | None = None,
 ) -> TeacherBatch:
-    """Pads the results of a micro-batch to (B, T[, K | V]) tensors; padded positions are masked by the loss."""
+    """Pads the results of a micro-batch to (B, T[, K | C | V]) tensors; padded positions are masked by the loss.
+    `cand_ids_BTC`: the candidate ids the requests named (Need.CANDIDATES)."""
     B = len(results)
     token = np.zeros((B, T), dtype=np.float32)
     for i, r in enumerate(results):
@@ -273,6 +309,9 @@ def to_teacher_batch(
             ids[i, :n], lp[i, :n] = r.top_k_ids, r.top_k_logprobs
         batch.topk_ids_BTK = torch.from_numpy(ids).to(device)
         batch.topk_lp_BTK = torch.from_numpy(lp).to(device)
+    elif need == Need.CANDIDATES:
+        assert cand_ids_BTC is not None, "Need.CANDIDATES needs the candidate ids of the requests"
+        batch.cand_ids_BTC, batch.cand_lp_BTC = _candidates_batch(results, cand_ids_BTC[:, :T], device)
     elif need == Need.FULL:
         assert vocab is not None
         full = np.full((B, T, vocab), -np.log(vocab), dtype=np.float32)
@@ -281,3 +320,17 @@ def to_teacher_batch(
             full[i, : rows.shape[0]] = rows
         batch.full_lp_BTV = torch.from_numpy(full).to(device)
     return batch
+
+
+def _candidates_batch(
+    results: list[ScoreResult], cand_ids_BTC: torch.Tensor, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T, C), the teacher's log-probabilities (B, T, C)) of a micro-batch; positions the teacher did not
+    score keep the ids 0..C-1 at log(1 / C) (masked by the loss)."""
+    B, T, C = cand_ids_BTC.shape
+    ids = np.tile(np.arange(C, dtype=np.int64), (B, T, 1))
+    lp = np.full((B, T, C), -np.log(C), dtype=np.float32)
+    for i, r in enumerate(results):
+        n = r.candidate_logprobs.shape[0]
+        ids[i, :n], lp[i, :n] = cand_ids_BTC[i, :n].numpy(), r.candidate_logprobs
+    return torch.from_numpy(ids).to(device), torch.from_numpy(lp).to(device)

@@ -40,6 +40,11 @@ class LogprobsRequest(BaseModel):
     completion_token_ids: list[int] | None = Field(None, description="Completion as token ids.")
     top_k: int = Field(0, description="Most likely next tokens to list per position.")
     temperature: float = Field(1.0, description="Softmax temperature (> 0).")
+    candidate_ids: list[list[int]] | None = Field(
+        None,
+        description="Per completion position, C token ids whose logprobs to return under `candidates` (in the "
+        "order given, normalized over the whole vocabulary), e.g. a student's own top-C; C <= max_candidates.",
+    )
     job_id: str = Field("http", description="Job the request is queued under (fairness, quotas).")
 
 
@@ -112,6 +117,7 @@ def _model_card(info: ModelInfo) -> dict:
         "max_top_k": info.max_top_k,
         "max_full_elements": info.max_full_elements,
         "supports_full": info.supports_full,
+        "max_candidates": info.max_candidates,
         "max_batch_tokens": info.max_batch_tokens,
         "max_pending_per_job": info.max_pending_per_job,
         "eos_token_id": info.eos_token_id,
@@ -132,7 +138,13 @@ async def _request_of(dispatcher: Dispatcher, body: LogprobsRequest) -> ScoreReq
             body.completion_token_ids,
         )
         return ScoreRequest(
-            p, c, request_id="http", job_id=body.job_id, top_k=body.top_k, temperature=body.temperature
+            p,
+            c,
+            request_id="http",
+            job_id=body.job_id,
+            top_k=body.top_k,
+            temperature=body.temperature,
+            candidate_ids=body.candidate_ids,
         )
     except TeacherError as err:
         metrics.REQUESTS.labels(transport="http", code=err.code).inc()
@@ -181,7 +193,7 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
         raw, _ = await dispatcher.submit(req, "http", principal=request.state.principal)
         result = ScoreResult.from_pb(pb.ScoreResponse.FromString(raw))
         body_json = logprobs_body(
-            info.model_id, texts, req.prompt_token_ids, req.completion_token_ids, result
+            info.model_id, texts, req.prompt_token_ids, req.completion_token_ids, result, req.candidate_ids
         )
         return Response(render_json(body_json), media_type="application/json")
 

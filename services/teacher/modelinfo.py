@@ -14,6 +14,8 @@ from services.teacher.types import ModelInfo
 
 NO_FULL_ROWS = frozenset({"vllm"})
 """Backends that cannot return full vocabulary rows (ModelInfo.supports_full is false for them)."""
+NO_CANDIDATES = frozenset({"vllm"})
+"""Backends that cannot score arbitrary candidate ids, only their own top-k (ModelInfo.max_candidates is 0)."""
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -66,6 +68,7 @@ def build_model_info(spec: EngineSpec, config, tokenizer) -> ModelInfo:
         dtype=spec.dtype,
         device=spec.device,
         max_top_k=limits.max_top_k,
+        max_candidates=0 if spec.backend in NO_CANDIDATES else limits.max_candidates,
         max_full_elements=limits.max_full_elements,
         max_batch_tokens=limits.max_batch_tokens,
         max_pending_per_job=limits.max_pending_per_job,

@@ -68,6 +68,9 @@ class TeacherSettings(BaseSettings):
         2.0, ge=0, le=1000, description="Wait window to gather a batch after waking."
     )
     max_top_k: int = Field(64, ge=1, description="Largest accepted top_k.")
+    max_candidates: int = Field(
+        256, ge=1, description="Largest accepted num_candidates: candidate ids scored per position."
+    )
     max_full_elements: int = Field(
         64 * 1024 * 1024, ge=1, description="Memory guard: completion positions x vocab per full-row request."
     )
@@ -142,6 +145,7 @@ class TeacherSettings(BaseSettings):
     def limits(self) -> EngineLimits:
         return EngineLimits(
             max_top_k=self.max_top_k,
+            max_candidates=self.max_candidates,
             max_full_elements=self.max_full_elements,
             max_batch_tokens=self.max_batch_tokens,
             max_pending_per_job=self.max_pending_per_job,

@@ -16,6 +16,8 @@ class EngineLimits:
 
     max_top_k: int
     """Largest accepted `top_k`."""
+    max_candidates: int
+    """Largest accepted `num_candidates` (candidate ids scored per position)."""
     max_full_elements: int
     """Memory guard for full rows: completion positions x vocab per request (64M float32 = 256 MB)."""
     max_batch_tokens: int

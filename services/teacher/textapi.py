@@ -57,20 +57,31 @@ class TokenTexts:
         return self._decode(int(token_id))
 
 
-def logprobs_body(model_id: str, texts: TokenTexts, prompt_ids, completion_ids, result: ScoreResult) -> dict:
-    """The response body of `POST /v1/logprobs` (DESIGN.md contract), one entry per completion token."""
+def _entries(texts: TokenTexts, ids_TK, lp_TK, t: int) -> list[dict]:
+    """`{"token_id", "token", "logprob"}` of row t of (T, K) ids and logprobs (nested lists)."""
+    return [
+        {"token_id": i, "token": texts(i), "logprob": v} for i, v in zip(ids_TK[t], lp_TK[t], strict=True)
+    ]
+
+
+def logprobs_body(
+    model_id: str, texts: TokenTexts, prompt_ids, completion_ids, result: ScoreResult, candidate_ids=None
+) -> dict:
+    """The response body of `POST /v1/logprobs` (DESIGN.md contract), one entry per completion token; with
+    `candidate_ids` (T, C) each entry also lists them, in the order given, under `candidates`."""
     lp = result.token_logprobs.tolist()
     top_ids = result.top_k_ids.tolist() if result.top_k_ids is not None else None
     top_lp = result.top_k_logprobs.tolist() if result.top_k_logprobs is not None else None
+    has_cand = candidate_ids is not None and result.candidate_logprobs is not None
+    cand_ids = np.asarray(candidate_ids).tolist() if has_cand else None
+    cand_lp = result.candidate_logprobs.tolist() if has_cand else None
     tokens = []
     for t, tid in enumerate(np.asarray(completion_ids).tolist()):
-        top = []
-        if top_ids is not None:
-            top = [
-                {"token_id": i, "token": texts(i), "logprob": v}
-                for i, v in zip(top_ids[t], top_lp[t], strict=True)
-            ]
-        tokens.append({"token_id": tid, "token": texts(tid), "logprob": lp[t], "top": top})
+        top = _entries(texts, top_ids, top_lp, t) if top_ids is not None else []
+        entry = {"token_id": tid, "token": texts(tid), "logprob": lp[t], "top": top}
+        if has_cand:
+            entry["candidates"] = _entries(texts, cand_ids, cand_lp, t)
+        tokens.append(entry)
     return {"model": model_id, "prompt_token_ids": [int(i) for i in prompt_ids], "tokens": tokens}
 
 

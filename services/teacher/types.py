@@ -53,6 +53,32 @@ def _as_ids(values, param: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def _as_candidates(values, positions: int) -> np.ndarray | None:
+    """Candidate ids as a (T, C) int64 array with T = `positions` and C >= 1, or None for none (None or an empty
+    list); InvalidRequest naming `candidate_ids` otherwise."""
+    if values is None:
+        return None
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError):  # ragged rows
+        arr = None
+    if arr is not None and arr.size == 0:
+        return None
+    if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidRequest(
+            "`candidate_ids` must be a (T, C) array of integer token ids: one list of C ids per position.",
+            "candidate_ids",
+        )
+    if arr.shape[0] != positions:
+        raise InvalidRequest(
+            f"`candidate_ids` must have one row per completion position ({positions}), got {arr.shape[0]}.",
+            "candidate_ids",
+        )
+    if arr.min() < 0:
+        raise InvalidRequest(f"`candidate_ids` must be >= 0, got {int(arr.min())}.", "candidate_ids")
+    return arr.astype(np.int64, copy=False)
+
+
 @dataclass
 class ScoreRequest:
     """One (prompt, completion) pair to score: the teacher returns log p(c_t | prompt, c_<t) per t."""
@@ -75,6 +101,8 @@ class ScoreRequest:
     """Element type of full rows: float32, float16 or bfloat16."""
     timeout_ms: int = 0
     """Client deadline in ms (0: server default); expired requests are dropped, not scored."""
+    candidate_ids: np.ndarray | None = None
+    """(T, C) int64 ids whose logprobs to return per position (e.g. the student's top-C); None for none."""
 
     def __post_init__(self) -> None:
         check_id(self.request_id, "request_id", required=False)
@@ -110,11 +138,38 @@ class ScoreRequest:
             raise InvalidRequest(f"`timeout_ms` must be an integer, got {self.timeout_ms!r}.", "timeout_ms")
         if self.timeout_ms < 0:
             raise InvalidRequest(f"`timeout_ms` must be >= 0, got {self.timeout_ms}.", "timeout_ms")
+        self.candidate_ids = _as_candidates(self.candidate_ids, int(self.completion_token_ids.size))
 
     @property
     def num_tokens(self) -> int:
         """Prompt plus completion length: what the request costs in a batch's token budget."""
         return int(self.prompt_token_ids.size + self.completion_token_ids.size)
+
+    @property
+    def num_candidates(self) -> int:
+        """C, the candidate ids per position (0: none)."""
+        return 0 if self.candidate_ids is None else int(self.candidate_ids.shape[1])
+
+    @staticmethod
+    def _candidates_of(m: pb.ScoreRequest) -> np.ndarray | None:
+        """The (T, C) candidate ids of a wire request (None for none); InvalidRequest naming the field."""
+        C, n, T = m.num_candidates, len(m.candidate_ids), len(m.completion_token_ids)
+        if C < 0:
+            raise InvalidRequest(f"`num_candidates` must be >= 0, got {C}.", "num_candidates")
+        if C == 0:
+            if n:
+                raise InvalidRequest(
+                    f"`num_candidates` must be > 0 when `candidate_ids` holds ids, got 0 with {n} ids.",
+                    "num_candidates",
+                )
+            return None
+        if n != T * C:
+            raise InvalidRequest(
+                f"`candidate_ids` must hold completion positions x num_candidates = {T} x {C} = {T * C} ids, "
+                f"got {n}.",
+                "candidate_ids",
+            )
+        return np.array(m.candidate_ids, dtype=np.int64).reshape(T, C)
 
     @classmethod
     def from_pb(cls, m: pb.ScoreRequest) -> ScoreRequest:
@@ -135,6 +190,7 @@ class ScoreRequest:
             temperature=m.temperature if m.temperature != 0 else 1.0,
             full_dtype=full_dtype,
             timeout_ms=m.timeout_ms,
+            candidate_ids=cls._candidates_of(m),
         )
 
     def to_pb(self) -> pb.ScoreRequest:
@@ -149,6 +205,8 @@ class ScoreRequest:
             temperature=self.temperature,
             full_dtype=codec.dtype_enum(self.full_dtype),
             timeout_ms=self.timeout_ms,
+            candidate_ids=[] if self.candidate_ids is None else self.candidate_ids.ravel().tolist(),
+            num_candidates=self.num_candidates,
         )
 
 
@@ -166,6 +224,8 @@ class ScoreResult:
     full_logprobs: np.ndarray | None = None
     """(T, V) in storage form of `full_dtype` (bfloat16 as raw uint16 bits); None unless asked."""
     full_dtype: str = "float32"
+    candidate_logprobs: np.ndarray | None = None
+    """(T, C) float32 logprobs at the request's `candidate_ids` (normalized over the vocabulary); None if none."""
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     batch_size: int = 0
@@ -194,6 +254,8 @@ class ScoreResult:
             codec.encode(self.top_k_logprobs, "float32", out=m.top_k_logprobs)
         if self.full_logprobs is not None:
             codec.encode(self.full_logprobs, self.full_dtype, out=m.full_logprobs)
+        if self.candidate_logprobs is not None:
+            codec.encode(self.candidate_logprobs, "float32", out=m.candidate_logprobs)
         return m
 
     @classmethod
@@ -201,6 +263,7 @@ class ScoreResult:
         """Decodes a response; bfloat16 full rows are kept as raw bits (see `full_float32`)."""
         has_topk = m.HasField("top_k_ids")
         has_full = m.HasField("full_logprobs")
+        has_cand = m.HasField("candidate_logprobs")
         return cls(
             request_id=m.request_id,
             token_logprobs=codec.decode(m.token_logprobs),
@@ -208,6 +271,7 @@ class ScoreResult:
             top_k_logprobs=codec.decode(m.top_k_logprobs) if has_topk else None,
             full_logprobs=codec.decode(m.full_logprobs, raw_bf16=True) if has_full else None,
             full_dtype=codec.dtype_name(m.full_logprobs.dtype) if has_full else "float32",
+            candidate_logprobs=codec.decode(m.candidate_logprobs) if has_cand else None,
             queue_ms=m.queue_ms,
             compute_ms=m.compute_ms,
             batch_size=m.batch_size,
@@ -248,6 +312,8 @@ class ModelInfo:
     """Requests one job may have queued before RESOURCE_EXHAUSTED."""
     supports_full: bool = True
     """Whether the engine can return full vocabulary rows at all."""
+    max_candidates: int = 0
+    """Largest accepted `num_candidates`; 0 when the backend cannot score candidate ids."""
     tokenizer_fingerprint: str = ""
     """sha256 of the vocabulary and special tokens (see `modelinfo.tokenizer_fingerprint`)."""
     eos_token_id: int = -1
@@ -265,6 +331,7 @@ class ModelInfo:
             max_top_k=self.max_top_k,
             max_full_elements=self.max_full_elements,
             supports_full=self.supports_full,
+            max_candidates=self.max_candidates,
             tokenizer_fingerprint=self.tokenizer_fingerprint,
             max_batch_tokens=self.max_batch_tokens,
             max_pending_per_job=self.max_pending_per_job,
@@ -284,6 +351,7 @@ class ModelInfo:
             max_top_k=m.max_top_k,
             max_full_elements=m.max_full_elements,
             supports_full=m.supports_full,
+            max_candidates=m.max_candidates,
             tokenizer_fingerprint=m.tokenizer_fingerprint,
             max_batch_tokens=m.max_batch_tokens,
             max_pending_per_job=m.max_pending_per_job,

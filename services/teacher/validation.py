@@ -42,9 +42,33 @@ def validate_request(req: ScoreRequest, info: ModelInfo) -> None:
                 f"guard of {info.max_full_elements}; send a shorter completion or use top_k.",
                 "full",
             )
+    if req.candidate_ids is not None:
+        _validate_candidates(req, info)
     if req.num_tokens > info.max_batch_tokens:
         raise InvalidRequest(
             f"`completion_token_ids` plus `prompt_token_ids` must be <= max_batch_tokens "
             f"{info.max_batch_tokens}, got {req.num_tokens}.",
             "completion_token_ids",
+        )
+
+
+def _validate_candidates(req: ScoreRequest, info: ModelInfo) -> None:
+    """`num_candidates` within the teacher's limit, every candidate id inside the vocabulary."""
+    C = req.num_candidates
+    if info.max_candidates < 1:
+        raise InvalidRequest(
+            f"`candidate_ids` are not supported by the {info.backend!r} backend (it scores only its own "
+            "top-k); use top_k, or the hf backend.",
+            "candidate_ids",
+        )
+    if C > info.max_candidates:
+        raise InvalidRequest(
+            f"`candidate_ids` must hold at most {info.max_candidates} ids per position (max_candidates), "
+            f"got {C}.",
+            "candidate_ids",
+        )
+    top = int(req.candidate_ids.max())
+    if top >= info.vocab_size:
+        raise InvalidRequest(
+            f"`candidate_ids` must be < vocab_size {info.vocab_size}, got token id {top}.", "candidate_ids"
         )

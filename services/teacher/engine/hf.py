@@ -3,8 +3,8 @@
 Sequences are right-padded into one (B, S) batch with an attention mask and explicit position ids, so each
 row computes exactly what it would alone; requests that share a prompt compute it once (engine/prompt_kv.py).
 Only the hidden states of scored positions go through the LM head (in chunks bounded by memory; optionally in
-float32 over a lower-precision trunk), then temperature, log_softmax in float32, gather, top-k and optional
-full rows.
+float32 over a lower-precision trunk), then temperature, log_softmax in float32, gather (the completion token
+and any candidate ids), top-k and optional full rows.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class HFEngine(Engine):
         return hidden_NH
 
     def _score_positions(self, hidden_NH: torch.Tensor, requests: Sequence[ScoreRequest]) -> _Scores:
-        """Token logprobs, top-k and (where asked) full rows of every scored position, in logit chunks."""
+        """Token logprobs, top-k, candidate logprobs and (where asked) full rows of every scored position, in
+        logit chunks."""
         dev = self.device
         T = [r.completion_token_ids.size for r in requests]
         targets_N = torch.from_numpy(np.concatenate([r.completion_token_ids for r in requests])).to(dev)
@@ -116,12 +117,14 @@ class HFEngine(Engine):
         ).to(dev)
         k_max = max(r.top_k for r in requests)
         want_full_N = torch.from_numpy(np.repeat(np.array([r.full for r in requests]), T)).to(dev)
+        cand_ids_NM = _candidate_ids(requests).to(dev)  # (N, M), M the batch's largest num_candidates
 
         N, V = hidden_NH.shape[0], self.info.vocab_size
         chunk = max(1, LOGIT_CHUNK_ELEMENTS // V)
         token_lp_N = torch.empty(N, dtype=torch.float32, device=dev)
         topk_ids_NK = torch.empty((N, k_max), dtype=torch.int32, device=dev)
         topk_lp_NK = torch.empty((N, k_max), dtype=torch.float32, device=dev)
+        cand_lp_NM = torch.empty(cand_ids_NM.shape, dtype=torch.float32, device=dev)
         full_rows: dict[int, torch.Tensor] = {}  # start offset -> (C, V) float32 rows of that chunk
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
@@ -131,10 +134,17 @@ class HFEngine(Engine):
             if k_max:
                 vals, idx = logprobs_CV.topk(k_max, dim=-1, sorted=True)
                 topk_lp_NK[s:e], topk_ids_NK[s:e] = vals, idx.to(torch.int32)
+            if cand_ids_NM.shape[1]:
+                cand_lp_NM[s:e] = logprobs_CV.gather(1, cand_ids_NM[s:e])
             if bool(want_full_N[s:e].any()):
                 full_rows[s] = logprobs_CV
         return _Scores(
-            token_lp_N.cpu().numpy(), topk_ids_NK.cpu().numpy(), topk_lp_NK.cpu().numpy(), full_rows, chunk
+            token_lp_N.cpu().numpy(),
+            topk_ids_NK.cpu().numpy(),
+            topk_lp_NK.cpu().numpy(),
+            cand_lp_NM.cpu().numpy(),
+            full_rows,
+            chunk,
         )
 
     def _results(self, requests: Sequence[ScoreRequest], scores: _Scores) -> list[ScoreResult]:
@@ -159,6 +169,9 @@ class HFEngine(Engine):
                     top_k_logprobs=scores.topk_lp_NK[sl, : r.top_k].copy() if r.top_k else None,
                     full_logprobs=full,
                     full_dtype=r.full_dtype,
+                    candidate_logprobs=(
+                        scores.cand_lp_NM[sl, : r.num_candidates].copy() if r.num_candidates else None
+                    ),
                     compute_ms=0.0,
                     batch_size=len(requests),
                     worker_id=self.worker_id,
@@ -166,6 +179,19 @@ class HFEngine(Engine):
             )
             offset += t
         return results
+
+
+def _candidate_ids(requests: Sequence[ScoreRequest]) -> torch.Tensor:
+    """(N, M) int64 candidate ids of every scored position, in request order: M the batch's largest
+    num_candidates, shorter rows (and requests without candidates) padded with id 0, cut off in `_results`."""
+    M = max(r.num_candidates for r in requests)
+    rows = []
+    for r in requests:
+        ids_TM = np.zeros((r.completion_token_ids.size, M), dtype=np.int64)
+        if r.num_candidates:
+            ids_TM[:, : r.num_candidates] = r.candidate_ids
+        rows.append(ids_TM)
+    return torch.from_numpy(np.concatenate(rows))
 
 
 class _Scores(NamedTuple):
@@ -177,6 +203,8 @@ class _Scores(NamedTuple):
     """(N, K) int32, K the batch's largest top_k."""
     topk_lp_NK: np.ndarray
     """(N, K) float32."""
+    cand_lp_NM: np.ndarray
+    """(N, M) float32 logprobs at the candidate ids, M the batch's largest num_candidates (0 if none)."""
     full_rows: dict[int, torch.Tensor]
     """Chunk start offset -> (C, V) float32 logprob rows, only for chunks holding a full-row request."""
     chunk: int

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18teacher/v1/teacher.proto\x12\nteacher.v1\"G\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.teacher.v1.DType\"\xdf\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x1c\n\x10prompt_token_ids\x18\x03 \x03(\x05\x42\x02\x10\x01\x12 \n\x14\x63ompletion_token_ids\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x0c\n\x04\x66ull\x18\x06 \x01(\x08\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12%\n\nfull_dtype\x18\x08 \x01(\x0e\x32\x11.teacher.v1.DType\x12\x12\n\ntimeout_ms\x18\t \x01(\x03\"\xbc\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12%\n\ttop_k_ids\x18\x03 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12*\n\x0etop_k_logprobs\x18\x04 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12)\n\rfull_logprobs\x18\x05 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12\x10\n\x08queue_ms\x18\x06 \x01(\x02\x12\x12\n\ncompute_ms\x18\x07 \x01(\x02\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12 \n\x05\x65rror\x18\t \x01(\x0b\x32\x11.teacher.v1.Error\x12\x11\n\tworker_id\x18\n \x01(\t\"M\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05param\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\x03\"\x12\n\x10ModelInfoRequest\"\xd0\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tmax_top_k\x18\x06 \x01(\x05\x12\x19\n\x11max_full_elements\x18\x07 \x01(\x03\x12\x15\n\rsupports_full\x18\x08 \x01(\x08\x12\x1d\n\x15tokenizer_fingerprint\x18\t \x01(\t\x12\x18\n\x10max_batch_tokens\x18\n \x01(\x05\x12\x1b\n\x13max_pending_per_job\x18\x0b \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x0c \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\'\n\tflop_dims\x18\x0e \x01(\x0b\x32\x14.teacher.v1.FlopDims\"V\n\x08\x46lopDims\x12\x0f\n\x07n_layer\x18\x01 \x01(\x03\x12\x0e\n\x06\x64_attn\x18\x02 \x01(\x03\x12\x14\n\x0clayer_params\x18\x03 \x01(\x03\x12\x13\n\x0bhead_params\x18\x04 \x01(\x03*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x32\xd4\x01\n\x07Teacher\x12<\n\x05Score\x12\x18.teacher.v1.ScoreRequest\x1a\x19.teacher.v1.ScoreResponse\x12\x46\n\x0bScoreStream\x12\x18.teacher.v1.ScoreRequest\x1a\x19.teacher.v1.ScoreResponse(\x01\x30\x01\x12\x43\n\x0cGetModelInfo\x12\x1c.teacher.v1.ModelInfoRequest\x1a\x15.teacher.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18teacher/v1/teacher.proto\x12\nteacher.v1\"G\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.teacher.v1.DType\"\x92\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x1c\n\x10prompt_token_ids\x18\x03 \x03(\x05\x42\x02\x10\x01\x12 \n\x14\x63ompletion_token_ids\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x0c\n\x04\x66ull\x18\x06 \x01(\x08\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12%\n\nfull_dtype\x18\x08 \x01(\x0e\x32\x11.teacher.v1.DType\x12\x12\n\ntimeout_ms\x18\t \x01(\x03\x12\x19\n\rcandidate_ids\x18\n \x03(\x05\x42\x02\x10\x01\x12\x16\n\x0enum_candidates\x18\x0b \x01(\x05\"\xec\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12%\n\ttop_k_ids\x18\x03 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12*\n\x0etop_k_logprobs\x18\x04 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12)\n\rfull_logprobs\x18\x05 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12\x10\n\x08queue_ms\x18\x06 \x01(\x02\x12\x12\n\ncompute_ms\x18\x07 \x01(\x02\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12 \n\x05\x65rror\x18\t \x01(\x0b\x32\x11.teacher.v1.Error\x12\x11\n\tworker_id\x18\n \x01(\t\x12.\n\x12\x63\x61ndidate_logprobs\x18\x0b \x01(\x0b\x32\x12.teacher.v1.Tensor\"M\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05param\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\x03\"\x12\n\x10ModelInfoRequest\"\xe8\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tmax_top_k\x18\x06 \x01(\x05\x12\x19\n\x11max_full_elements\x18\x07 \x01(\x03\x12\x15\n\rsupports_full\x18\x08 \x01(\x08\x12\x1d\n\x15tokenizer_fingerprint\x18\t \x01(\t\x12\x18\n\x10max_batch_tokens\x18\n \x01(\x05\x12\x1b\n\x13max_pending_per_job\x18\x0b \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x0c \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\'\n\tflop_dims\x18\x0e \x01(\x0b\x32\x14.teacher.v1.FlopDims\x12\x16\n\x0emax_candidates\x18\x0f \x01(\x05\"V\n\x08\x46lopDims\x12\x0f\n\x07n_layer\x18\x01 \x01(\x03\x12\x0e\n\x06\x64_attn\x18\x02 \x01(\x03\x12\x14\n\x0clayer_params\x18\x03 \x01(\x03\x12\x13\n\x0bhead_params\x18\x04 \x01(\x03*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x32\xd4\x01\n\x07Teacher\x12<\n\x05Score\x12\x18.teacher.v1.ScoreRequest\x1a\x19.teacher.v1.ScoreResponse\x12\x46\n\x0bScoreStream\x12\x18.teacher.v1.ScoreRequest\x1a\x19.teacher.v1.ScoreResponse(\x01\x30\x01\x12\x43\n\x0cGetModelInfo\x12\x1c.teacher.v1.ModelInfoRequest\x1a\x15.teacher.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST'].fields_by_name['prompt_token_ids']._serialized_options = b'\020\001'
   _globals['_SCOREREQUEST'].fields_by_name['completion_token_ids']._loaded_options = None
   _globals['_SCOREREQUEST'].fields_by_name['completion_token_ids']._serialized_options = b'\020\001'
-  _globals['_DTYPE']._serialized_start=1184
-  _globals['_DTYPE']._serialized_end=1265
+  _globals['_SCOREREQUEST'].fields_by_name['candidate_ids']._loaded_options = None
+  _globals['_SCOREREQUEST'].fields_by_name['candidate_ids']._serialized_options = b'\020\001'
+  _globals['_DTYPE']._serialized_start=1307
+  _globals['_DTYPE']._serialized_end=1388
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=111
   _globals['_SCOREREQUEST']._serialized_start=114
-  _globals['_SCOREREQUEST']._serialized_end=337
-  _globals['_SCORERESPONSE']._serialized_start=340
-  _globals['_SCORERESPONSE']._serialized_end=656
-  _globals['_ERROR']._serialized_start=658
-  _globals['_ERROR']._serialized_end=735
-  _globals['_MODELINFOREQUEST']._serialized_start=737
-  _globals['_MODELINFOREQUEST']._serialized_end=755
-  _globals['_MODELINFO']._serialized_start=758
-  _globals['_MODELINFO']._serialized_end=1094
-  _globals['_FLOPDIMS']._serialized_start=1096
-  _globals['_FLOPDIMS']._serialized_end=1182
-  _globals['_TEACHER']._serialized_start=1268
-  _globals['_TEACHER']._serialized_end=1480
+  _globals['_SCOREREQUEST']._serialized_end=388
+  _globals['_SCORERESPONSE']._serialized_start=391
+  _globals['_SCORERESPONSE']._serialized_end=755
+  _globals['_ERROR']._serialized_start=757
+  _globals['_ERROR']._serialized_end=834
+  _globals['_MODELINFOREQUEST']._serialized_start=836
+  _globals['_MODELINFOREQUEST']._serialized_end=854
+  _globals['_MODELINFO']._serialized_start=857
+  _globals['_MODELINFO']._serialized_end=1217
+  _globals['_FLOPDIMS']._serialized_start=1219
+  _globals['_FLOPDIMS']._serialized_end=1305
+  _globals['_TEACHER']._serialized_start=1391
+  _globals['_TEACHER']._serialized_end=1603
 # @@protoc_insertion_point(module_scope)

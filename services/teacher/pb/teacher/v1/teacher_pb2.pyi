@@ -31,7 +31,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "job_id", "prompt_token_ids", "completion_token_ids", "top_k", "full", "temperature", "full_dtype", "timeout_ms")
+    __slots__ = ("request_id", "job_id", "prompt_token_ids", "completion_token_ids", "top_k", "full", "temperature", "full_dtype", "timeout_ms", "candidate_ids", "num_candidates")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class ScoreRequest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     FULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     job_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -50,10 +52,12 @@ class ScoreRequest(_message.Message):
     temperature: float
     full_dtype: DType
     timeout_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., temperature: _Optional[float] = ..., full_dtype: _Optional[_Union[DType, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    candidate_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_candidates: int
+    def __init__(self, request_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., temperature: _Optional[float] = ..., full_dtype: _Optional[_Union[DType, str]] = ..., timeout_ms: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., num_candidates: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "token_logprobs", "top_k_ids", "top_k_logprobs", "full_logprobs", "queue_ms", "compute_ms", "batch_size", "error", "worker_id")
+    __slots__ = ("request_id", "token_logprobs", "top_k_ids", "top_k_logprobs", "full_logprobs", "queue_ms", "compute_ms", "batch_size", "error", "worker_id", "candidate_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +68,7 @@ class ScoreResponse(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_logprobs: Tensor
     top_k_ids: Tensor
@@ -74,7 +79,8 @@ class ScoreResponse(_message.Message):
     batch_size: int
     error: Error
     worker_id: str
-    def __init__(self, request_id: _Optional[str] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    candidate_logprobs: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., worker_id: _Optional[str] = ..., candidate_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "param", "message", "retry_after_ms")
@@ -93,7 +99,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "vocab_size", "max_context", "backend", "dtype", "max_top_k", "max_full_elements", "supports_full", "tokenizer_fingerprint", "max_batch_tokens", "max_pending_per_job", "eos_token_id", "device", "flop_dims")
+    __slots__ = ("model_id", "vocab_size", "max_context", "backend", "dtype", "max_top_k", "max_full_elements", "supports_full", "tokenizer_fingerprint", "max_batch_tokens", "max_pending_per_job", "eos_token_id", "device", "flop_dims", "max_candidates")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +114,7 @@ class ModelInfo(_message.Message):
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     FLOP_DIMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     vocab_size: int
     max_context: int
@@ -122,7 +129,8 @@ class ModelInfo(_message.Message):
     eos_token_id: int
     device: str
     flop_dims: FlopDims
-    def __init__(self, model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_full_elements: _Optional[int] = ..., supports_full: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., max_pending_per_job: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., flop_dims: _Optional[_Union[FlopDims, _Mapping]] = ...) -> None: ...
+    max_candidates: int
+    def __init__(self, model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_full_elements: _Optional[int] = ..., supports_full: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., max_pending_per_job: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., device: _Optional[str] = ..., flop_dims: _Optional[_Union[FlopDims, _Mapping]] = ..., max_candidates: _Optional[int] = ...) -> None: ...
 
 class FlopDims(_message.Message):
     __slots__ = ("n_layer", "d_attn", "layer_params", "head_params")

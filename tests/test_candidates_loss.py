@@ -1,0 +1,146 @@
+"""`reverse_kl_candidates` (the student's top-C ids plus a tail bucket) against closed forms, and a short
+training run that asks the in-process teacher for the student's own candidates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import losses as L
+from trainer.teacher_io import build_requests, to_teacher_batch
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def rand_lp(*shape, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(*shape, generator=g) * scale, dim=-1)
+
+
+def test_by_hand_two_candidates_and_a_tail():
+    """V = 4, C = 2: student (0.5, 0.3, 0.1, 0.1), teacher uniform, candidates {0, 1}: buckets
+    s = (0.5, 0.3, 0.2), t = (0.25, 0.25, 0.5)."""
+    s = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().view(1, 1, 4)
+    t = torch.full((1, 1, 4), math.log(0.25))
+    ids = torch.tensor([[[0, 1]]])
+    want = 0.5 * math.log(0.5 / 0.25) + 0.3 * math.log(0.3 / 0.25) + 0.2 * math.log(0.2 / 0.5)
+    got = L.reverse_kl_candidates(s, ids, t.gather(-1, ids), torch.ones(1, 1))
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_all_ids_as_candidates_is_reverse_kl_full_values_and_gradients():
+    logits = torch.randn(2, 3, 9, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    s = torch.log_softmax(logits, -1)
+    t = rand_lp(2, 3, 9, seed=5)
+    ids = torch.stack([torch.randperm(9, generator=torch.Generator().manual_seed(i)) for i in range(6)])
+    ids = ids.view(2, 3, 9)  # every id, in a different order per position
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    for r in L.REDUCTIONS:
+        cand = L.reverse_kl_candidates(s, ids, t.gather(-1, ids), mask, r)
+        full = L.reverse_kl_full(s, t, mask, r)
+        torch.testing.assert_close(cand, full)
+    (g_cand,) = torch.autograd.grad(L.reverse_kl_candidates(s, ids, t.gather(-1, ids), mask), logits)
+    s = torch.log_softmax(logits, -1)
+    (g_full,) = torch.autograd.grad(L.reverse_kl_full(s, t, mask), logits)
+    torch.testing.assert_close(g_cand, g_full)
+
+
+def test_a_lower_bound_of_the_exact_kl_equal_at_c_equals_v():
+    s, t = rand_lp(3, 4, 20, seed=6), rand_lp(3, 4, 20, seed=7)
+    mask = torch.ones(3, 4)
+    full = L.reverse_kl_full(s, t, mask, "none")
+    for C in (1, 4, 10, 19):
+        ids = s.topk(C, -1).indices  # the student's own top-C, as the trainer sends
+        cand = L.reverse_kl_candidates(s, ids, t.gather(-1, ids), mask, "none")
+        assert (cand <= full + 1e-12).all() and (cand < full).any(), C
+    ids = s.topk(20, -1).indices
+    torch.testing.assert_close(L.reverse_kl_candidates(s, ids, t.gather(-1, ids), mask, "none"), full)
+
+
+def test_masked_positions_are_zero_and_nan_free():
+    logits = torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    s = torch.log_softmax(logits, -1)
+    ids = s.topk(2, -1).indices
+    t_lp = torch.tensor([[[-0.1, -3.0], [float("-inf"), float("nan")], [0.0, 0.0]]])  # padding holds junk
+    mask = torch.tensor([[1.0, 0.0, 0.0]])
+    per = L.reverse_kl_candidates(s, ids, t_lp, mask, "none")
+    assert per[0, 1:].abs().sum().item() == 0.0 and torch.isfinite(per).all()
+    (g,) = torch.autograd.grad(per.sum(), logits)
+    assert torch.isfinite(g).all()
+
+
+def test_the_table_row_reads_the_candidates():
+    s, t = rand_lp(2, 3, 7, seed=9), rand_lp(2, 3, 7, seed=10)
+    ids = s.topk(3, -1).indices
+    tb = L.TeacherBatch(torch.zeros(2, 3), cand_ids_BTC=ids, cand_lp_BTC=t.gather(-1, ids))
+    mask = torch.ones(2, 3)
+    assert L.LOSSES["reverse_kl_candidates"].need == L.Need.CANDIDATES
+    got = L.compute_loss("reverse_kl_candidates", s, ids[..., 0], tb, mask)
+    torch.testing.assert_close(got, L.reverse_kl_candidates(s, ids, t.gather(-1, ids), mask))
+
+
+def test_requests_name_each_scored_position_s_candidates_and_results_pad_back():
+    from services.teacher.types import ScoreResult
+    from trainer.sampling import from_completions
+
+    ro = from_completions([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
+    ro.cand_ids_BTC = torch.arange(18).view(2, 3, 3)
+    reqs = build_requests(ro, need=L.Need.CANDIDATES, job_id="j", top_k=5, temperature=1.0, scored=[2, 1])
+    assert reqs[0].top_k == 0 and not reqs[0].full
+    np.testing.assert_array_equal(reqs[0].candidate_ids, [[0, 1, 2], [3, 4, 5]])
+    np.testing.assert_array_equal(reqs[1].candidate_ids, [[9, 10, 11]])
+    results = [
+        ScoreResult("a", np.zeros(2, np.float32), candidate_logprobs=-np.ones((2, 3), np.float32)),
+        ScoreResult("b", np.zeros(1, np.float32), candidate_logprobs=-2 * np.ones((1, 3), np.float32)),
+    ]
+    tb = to_teacher_batch(results, 3, "cpu", L.Need.CANDIDATES, cand_ids_BTC=ro.cand_ids_BTC)
+    assert tb.cand_ids_BTC.shape == tb.cand_lp_BTC.shape == (2, 3, 3)
+    np.testing.assert_array_equal(tb.cand_ids_BTC[0, :2].numpy(), ro.cand_ids_BTC[0, :2].numpy())
+    assert tb.cand_lp_BTC[1, 0].tolist() == [-2.0] * 3
+
+
+@pytest.mark.parametrize("source", ["student", "gold"])
+def test_a_step_asks_the_teacher_for_the_student_s_own_top_c(tiny_student, tiny_teacher, tmp_path, source):
+    """Rollouts of the student carry its top-C from sampling, gold rollouts get it from a student forward; the
+    teacher's answers are its full rows gathered at those ids; a train step runs on them."""
+    from test_trainer_variants import config, started
+
+    from trainer.loop import train_step
+    from trainer.rollouts import prepare_minibatch
+    from trainer.sampling import student_logprobs
+
+    torch.set_default_dtype(torch.float32)
+    C = 5
+    extra = ["loss=reverse_kl_candidates", f"candidates={C}", "steps=1", "batch_size=2", "micro_batch_size=2"]
+    cfg = config(tiny_student, tiny_teacher, tmp_path / "run", f"rollouts.source={source}", *extra)
+    with started(cfg) as run:
+        mb = prepare_minibatch(run, 0)
+        for m in mb.micro:
+            results = m.scores.result()
+            with torch.no_grad():
+                s_lp_BTV = student_logprobs(run.model, m.ro)
+            full = run.teacher.score(
+                build_requests(m.ro, need=L.Need.FULL, job_id="j", top_k=0, temperature=1.0)
+            )
+            for i, (res, n) in enumerate(zip(results, m.ro.lengths, strict=True)):
+                ids_TC = m.ro.cand_ids_BTC[i, :n]
+                assert res.candidate_logprobs.shape == (n, C)
+                np.testing.assert_allclose(
+                    res.candidate_logprobs,
+                    np.take_along_axis(full[i].full_float32(), ids_TC.numpy(), 1),
+                    atol=1e-5,
+                )
+                s_TV = s_lp_BTV[i, :n]
+                outside = s_TV.scatter(1, ids_TC, float("-inf")).max(1).values
+                assert (s_TV.gather(1, ids_TC).min(1).values >= outside - 1e-4).all()  # the student's top-C
+        res = train_step(run, mb)
+        assert math.isfinite(res.loss_sum) and res.loss_sum > 0 and res.grad_norm > 0
