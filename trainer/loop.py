@@ -142,6 +142,7 @@ def _step_sums(run: Run, mb: Minibatch, res: StepResult) -> dict[str, float]:
         "sampling": float(sf.sampling),
         "training": float(sf.training),
         "teacher": float(sf.teacher),
+        "teacher_reused": float(sum(r.teacher_reused for c in counts for r in c)),
     }
     sums = dict(zip(local, run.dd.sum(list(local.values())), strict=True))
     sf = StepFlops(int(sums["sampling"]), int(sums["training"]), int(sums["teacher"]))
@@ -181,6 +182,7 @@ def log_step(run: Run, done: int, mb: Minibatch, res: StepResult, t_step: float)
         {
             **run.teacher.stats.take(),
             "teacher/wait_s": res.wait_s,
+            "teacher/prompt_tokens_reused": s["teacher_reused"],
             **s["flops"].as_metrics("flops/"),
             **run.cum.as_metrics("flops/cum_"),
             "time/sample_s": mb.sample_s,

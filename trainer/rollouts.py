@@ -62,6 +62,9 @@ class MicroBatch:
     def tokens(self, *, sampled: bool, scored: bool) -> list[RolloutTokens]:
         """Each rollout's token counts for the FLOP formula (`sampled`: written by a model, not gold;
         `scored`: the teacher scored the head)."""
+        reused = [0] * len(self.ro.prompt_ids)  # prompt tokens the teacher reported reusing, per rollout
+        if scored and self.scores is not None:
+            reused = [r.prompt_tokens_reused for r in self.scores.result()]
         out = []
         for i, (p, n) in enumerate(zip(self.ro.prompt_ids, self.ro.lengths, strict=True)):
             head, tail = int(self.head_BT[i].sum()), int(self.tail_BT[i].sum())
@@ -72,6 +75,7 @@ class MicroBatch:
                     scored=head if scored else 0,
                     trained=n,
                     reference=n if tail else 0,
+                    teacher_reused=reused[i] if scored else 0,
                 )
             )
         return out

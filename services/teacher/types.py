@@ -230,6 +230,8 @@ class ScoreResult:
     compute_ms: float = 0.0
     batch_size: int = 0
     worker_id: str = ""
+    prompt_tokens_reused: int = 0
+    """Prompt tokens whose keys/values were reused rather than computed for this request (prompt reuse)."""
 
     def full_float32(self) -> np.ndarray | None:
         """The full rows widened to float32 (exact for every storage dtype)."""
@@ -247,6 +249,7 @@ class ScoreResult:
             compute_ms=self.compute_ms,
             batch_size=self.batch_size,
             worker_id=self.worker_id,
+            prompt_tokens_reused=self.prompt_tokens_reused,
         )
         codec.encode(self.token_logprobs, "float32", out=m.token_logprobs)
         if self.top_k_ids is not None:
@@ -276,6 +279,7 @@ class ScoreResult:
             compute_ms=m.compute_ms,
             batch_size=m.batch_size,
             worker_id=m.worker_id,
+            prompt_tokens_reused=m.prompt_tokens_reused,
         )
 
 

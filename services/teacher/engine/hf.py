@@ -89,8 +89,9 @@ class HFEngine(Engine):
         scores = self._score_positions(self._scored_hidden(requests), requests)
         results = self._results(requests, scores)
         compute_ms = (time.perf_counter() - t0) * 1000.0
-        for res in results:
+        for res, reused in zip(results, self.last_reused, strict=True):
             res.compute_ms = compute_ms
+            res.prompt_tokens_reused = reused
         return results
 
     def _scored_hidden(self, requests: Sequence[ScoreRequest]) -> torch.Tensor:

@@ -57,7 +57,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., temperature: _Optional[float] = ..., full_dtype: _Optional[_Union[DType, str]] = ..., timeout_ms: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., num_candidates: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "token_logprobs", "top_k_ids", "top_k_logprobs", "full_logprobs", "queue_ms", "compute_ms", "batch_size", "error", "worker_id", "candidate_logprobs")
+    __slots__ = ("request_id", "token_logprobs", "top_k_ids", "top_k_logprobs", "full_logprobs", "queue_ms", "compute_ms", "batch_size", "error", "worker_id", "candidate_logprobs", "prompt_tokens_reused")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class ScoreResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_logprobs: Tensor
     top_k_ids: Tensor
@@ -80,7 +81,8 @@ class ScoreResponse(_message.Message):
     error: Error
     worker_id: str
     candidate_logprobs: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., worker_id: _Optional[str] = ..., candidate_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    prompt_tokens_reused: int
+    def __init__(self, request_id: _Optional[str] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., worker_id: _Optional[str] = ..., candidate_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_tokens_reused: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "param", "message", "retry_after_ms")
