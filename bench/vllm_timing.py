@@ -24,7 +24,7 @@ def main() -> None:
         model=spec["model"],
         dtype=spec["dtype"],
         enforce_eager=True,
-        max_model_len=max(256, longest),
+        max_model_len=max(256, longest + 1),  # the prompt plus the one token generate() asks for
         max_logprobs=spec["top_k"],
         enable_prefix_caching=False,
     )
