@@ -69,7 +69,13 @@ class HFEngine(Engine):
         )
         assert self.lm_head.weight.shape[0] == self.info.vocab_size, "lm_head rows must equal vocab_size"
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        reuse = spec.prompt_cache_mb > 0 and prompt_kv.supports_reuse(self.model.config)
+        # CPU only for now: on an H100 the reuse path (per-row key/value copies, small kernels) ran at 0.24-0.50x
+        # the plain pass (docs/results/teacher_throughput.md), so a GPU engine computes every prompt.
+        reuse = (
+            spec.prompt_cache_mb > 0
+            and self.device.type == "cpu"
+            and prompt_kv.supports_reuse(self.model.config)
+        )
         self.prompts = prompt_kv.PromptLRU(spec.prompt_cache_mb * 1024 * 1024) if reuse else None
         self.last_reused: list[int] = []  # prompt tokens each request of the last batch reused
         self.tokens_reused = 0  # all prompt tokens reused since start

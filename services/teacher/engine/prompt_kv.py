@@ -20,6 +20,7 @@ cache is not a plain prefix of keys/values.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,7 +110,17 @@ def padded_pass(decoder, device: torch.device, requests: Sequence[ScoreRequest],
         position_ids=torch.arange(S, device=device).unsqueeze(0).expand(B, S),
         use_cache=keep_cache,
     )
-    return out.last_hidden_state, (out.cache if keep_cache else None)
+    return out.last_hidden_state, (_returned_cache(out) if keep_cache else None)
+
+
+def _cache_kwarg(decoder) -> str:
+    """The decoder's name for a key/value cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def prompt_states(cache, hidden_BSH: torch.Tensor, requests: Sequence[ScoreRequest]) -> list[PromptState]:
@@ -155,8 +166,8 @@ def completion_pass(decoder, device, requests: Sequence[ScoreRequest], states: S
         input_ids=torch.from_numpy(ids_RT).to(device),
         attention_mask=torch.from_numpy(mask_RK).to(device),
         position_ids=torch.from_numpy(pos_RT).to(device),
-        cache=DynamicCache(ddp_cache_data=layers),
         use_cache=True,
+        **{_cache_kwarg(decoder): DynamicCache(ddp_cache_data=layers)},
     )
     return out.last_hidden_state
 
