@@ -196,8 +196,17 @@ class TrainerRun:
 
 
 def comparable(rows: list[dict]) -> list[dict]:
-    """A run's metrics without timing and traffic counters: equal for two runs that saw the same answers."""
-    skip = ("time/", "teacher/", "eval/seconds")
+    """A run's metrics without timing and traffic counters, nor the teacher's FLOPs (they depend on which prompts
+    the teacher already kept, see prompt reuse): equal for two runs that saw the same answers."""
+    skip = (
+        "time/",
+        "teacher/",
+        "eval/seconds",
+        "flops/teacher",
+        "flops/cum_teacher",
+        "flops/total",
+        "flops/cum_total",
+    )
     return [{k: v for k, v in r.items() if not k.startswith(skip)} for r in rows]
 
 

@@ -30,10 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from teacher_throughput import DTYPES, distillation_requests, scored_positions, uniform_requests  # noqa: E402
+from teacher_throughput import (  # noqa: E402
+    DTYPES,
+    distillation_requests,
+    run_raw,
+    scored_positions,
+    uniform_requests,
+)
 
 from services.teacher.engine import load_engine  # noqa: E402
-from services.teacher.engine.base import split_by_tokens  # noqa: E402
 
 
 def build_model(config_dir: Path, out: Path) -> Path:
@@ -45,26 +50,6 @@ def build_model(config_dir: Path, out: Path) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(config_dir).save_pretrained(out)
     return out
-
-
-@torch.inference_mode()
-def run_raw(model, reqs, budget: int, dev) -> None:
-    for chunk in split_by_tokens(reqs, budget, list(range(len(reqs)))):
-        batch = [reqs[i] for i in chunk]
-        S = max(r.num_tokens for r in batch)
-        ids_BS = torch.zeros((len(batch), S), dtype=torch.long)
-        mask_BS = torch.zeros((len(batch), S), dtype=torch.long)
-        for j, r in enumerate(batch):
-            seq = np.concatenate([r.prompt_token_ids, r.completion_token_ids])
-            ids_BS[j, : seq.size] = torch.from_numpy(seq)
-            mask_BS[j, : seq.size] = 1
-        logprobs_BSV = torch.log_softmax(
-            model(input_ids=ids_BS.to(dev), attention_mask=mask_BS.to(dev)).logits.float(), -1
-        )
-        for j, r in enumerate(batch):
-            rows_TV = logprobs_BSV[j, r.prompt_token_ids.size - 1 : r.num_tokens - 1]
-            rows_TV.gather(1, torch.from_numpy(r.completion_token_ids).to(dev)[:, None]).cpu()
-            rows_TV.topk(r.top_k, -1).values.cpu()
 
 
 @torch.inference_mode()

@@ -102,7 +102,7 @@ def scored_positions(reqs) -> int:
 
 # ------------------------------------------------------------------------------------------------ modes
 @torch.inference_mode()
-def run_raw(model, reqs: list[ScoreRequest], budget: int) -> None:
+def run_raw(model, reqs: list[ScoreRequest], budget: int, device: str | torch.device = "cpu") -> None:
     """The hand-written baseline: padded batches, logits at every position, log_softmax, gather, top-k."""
     for chunk in split_by_tokens(reqs, budget, list(range(len(reqs)))):
         batch = [reqs[i] for i in chunk]
@@ -113,11 +113,12 @@ def run_raw(model, reqs: list[ScoreRequest], budget: int) -> None:
             seq = np.concatenate([r.prompt_token_ids, r.completion_token_ids])
             ids_BS[j, : seq.size] = torch.from_numpy(seq)
             mask_BS[j, : seq.size] = 1
-        logprobs_BSV = torch.log_softmax(model(input_ids=ids_BS, attention_mask=mask_BS).logits.float(), -1)
+        logits_BSV = model(input_ids=ids_BS.to(device), attention_mask=mask_BS.to(device)).logits
+        logprobs_BSV = torch.log_softmax(logits_BSV.float(), -1)
         for j, r in enumerate(batch):
             rows_TV = logprobs_BSV[j, r.prompt_token_ids.size - 1 : r.num_tokens - 1]
-            rows_TV.gather(1, torch.from_numpy(r.completion_token_ids)[:, None])
-            rows_TV.topk(r.top_k, -1)
+            rows_TV.gather(1, torch.from_numpy(r.completion_token_ids).to(device)[:, None]).cpu()
+            rows_TV.topk(r.top_k, -1).values.cpu()
 
 
 def run_grpc(target: str, reqs: list[ScoreRequest], streams: int) -> None:

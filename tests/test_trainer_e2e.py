@@ -188,6 +188,12 @@ def test_off_policy_rollouts_through_the_service(tiny_student, tiny_teacher, ser
         assert (rows[0]["flops/sampling"] == 0) == (source == "gold"), source
 
 
+# The teacher's FLOPs depend on what it has seen: a prompt it keeps is not computed again (prompt reuse, reported
+# per request). Runs that must agree step for step against different teacher histories compare the rest;
+# test_flops_of_full_and_prefix_runs_follow_the_formula_and_cli_plot checks these against the reported reuse.
+TEACHER_DEPENDENT = ("flops/teacher", "flops/cum_teacher", "flops/total", "flops/cum_total")
+
+
 def equal_length_prompts(tok, path, n=12):
     """A JSONL of raw prompts that all tokenize to the same length (so per-step FLOPs have a closed form)."""
     cands = [(f"what is {a} + {b}?", a + b) for a in range(10) for b in range(10)]
@@ -245,7 +251,9 @@ def test_flops_of_full_and_prefix_runs_follow_the_formula_and_cli_plot(
         _, _, sc = closed_form(teacher, P, G)
         # The shared teacher reuses prompts it has seen (the second run's are the first's): a reused prompt's
         # P tokens are not computed, saving their parameter and attention FLOPs (positions 1..P).
-        saved = 2 * sum(p.numel() for n, p in teacher.named_parameters() if ".layers." in n and p.dim() == 2) * P
+        saved = (
+            2 * sum(p.numel() for n, p in teacher.named_parameters() if ".layers." in n and p.dim() == 2) * P
+        )
         saved += 4 * teacher.config.num_hidden_layers * teacher.config.hidden_size * P * (P + 1) // 2
         cum = 0
         for r in steps:
@@ -306,7 +314,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_student, service, tmp_path
 
     def comparable(rows):
         return [
-            {k: v for k, v in r.items() if not k.startswith(("time/", "teacher/", "eval/seconds"))}
+            {
+                k: v
+                for k, v in r.items()
+                if not k.startswith(("time/", "teacher/", "eval/seconds", *TEACHER_DEPENDENT))
+            }
             for r in rows
         ]
 
@@ -507,7 +519,7 @@ def test_inprocess_teacher_matches_the_service_and_topk_eval_bounds_the_kl(
     )
     for a, b in zip(read_metrics(tmp_path / "svc"), read_metrics(tmp_path / "local"), strict=True):
         for k in a:
-            if k.startswith(("loss/", "flops/", "progress/")):
+            if k.startswith(("loss/", "flops/", "progress/")) and k not in TEACHER_DEPENDENT:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     # same greedy answers before training; top-k buckets (k=64 of 512) can only lose KL
     assert via_service.before["eval/response_tokens"] == local.before["eval/response_tokens"]
