@@ -218,3 +218,59 @@ def test_a_burst_holding_every_pooled_connection_is_not_a_redis_outage(server):
         await q.close()
 
     asyncio.run(go())
+
+
+def read(server, c: QueueConfig, reply: str = "pd:test:reply:fe") -> list[bytes]:
+    """The envelopes a front-end reads from `reply` (large ones fetched from their own keys)."""
+
+    async def go():
+        q = FrontendQueue(server.url, c)
+        out = await q.read_replies(reply, 1.0)
+        await q.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def test_a_large_reply_travels_under_its_own_key_and_is_answered_once(server):
+    """A full-rows-sized envelope is stored with a plain SET, the reply list holding a reference; the front-end
+    gets the envelope byte for byte, and no body key is left. A rival answer after the first leaves nothing."""
+    import redis
+
+    from services.teacher.queue import INLINE_REPLY_BYTES
+
+    c = cfg(visibility_ms=100)
+    put(server, c, [("r0", "A", 5)])
+    w = WorkerQueue(server.url, c)
+    (a,) = w.claim(1000, 10)
+    time.sleep(0.15)
+    (b,) = w.claim(1000, 10)
+    big = bytes(range(256)) * (INLINE_REPLY_BYTES // 256 + 7)
+    first = encode_ok(a.rid, big, ReplyStats(1, 5, 0.0, 1.0))
+    assert w.complete(a, first) is True
+    assert w.complete(b, encode_ok(b.rid, big[::-1], ReplyStats(1, 5, 0.0, 1.0))) is False
+    r = redis.Redis.from_url(server.url)
+    assert r.llen("pd:test:reply:fe") == 1 and len(r.lindex("pd:test:reply:fe", 0)) < 200  # a reference
+    assert len(r.keys("pd:test:body:*")) == 1  # the rival's body was deleted by its refused answer
+    (env,) = read(server, c)
+    assert env == first
+    rid, (body, stats) = decode_reply(env)
+    assert rid == "r0" and body == big and stats.compute_ms == 1.0
+    assert r.keys("pd:test:body:*") == []
+
+
+def test_a_large_reply_whose_body_expired_reads_as_unavailable(server):
+    import redis
+
+    from services.teacher.errors import Unavailable
+    from services.teacher.queue import INLINE_REPLY_BYTES
+
+    c = cfg()
+    put(server, c, [("r0", "A", 5)])
+    w = WorkerQueue(server.url, c)
+    (a,) = w.claim(1000, 10)
+    w.complete_many([(a, encode_ok(a.rid, b"x" * (INLINE_REPLY_BYTES + 1), ReplyStats(1, 5, 0, 0)))])
+    redis.Redis.from_url(server.url).delete(*redis.Redis.from_url(server.url).keys("pd:test:body:*"))
+    (env,) = read(server, c)
+    rid, err = decode_reply(env)
+    assert rid == "r0" and isinstance(err, Unavailable)

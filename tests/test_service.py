@@ -74,6 +74,25 @@ def test_grpc_equals_engine(teacher, engine):
     assert many[4].full_dtype == "bfloat16" and many[4].full_logprobs.dtype == np.uint16
 
 
+def test_large_full_rows_equal_engine(teacher, engine):
+    """Full rows above the inline reply size (600 x 512 float32 = 1.2 MB) travel under their own Redis key and
+    come back equal to the engine's, beside small requests of the same batch answered first."""
+    reqs = random_requests(4, 7, top_k=3)
+    rng = np.random.default_rng(7)
+    reqs[1] = ScoreRequest(
+        rng.integers(0, VOCAB, 9), rng.integers(0, VOCAB, 600), request_id="big", job_id="job-0", full=True
+    )
+    expected = engine.score(reqs)
+
+    async def go():
+        async with TeacherClient(teacher.target) as c:
+            return await c.score_many(reqs)
+
+    for got, exp in zip(asyncio.run(go()), expected, strict=True):
+        assert got.request_id == exp.request_id
+        assert_same(got, exp)
+
+
 def test_http_equals_engine(teacher, engine):
     tok = engine.tokenizer
     body = {"prompt": "Question: what is 3 + 4?", "completion": " Answer: 7.", "top_k": 3, "temperature": 1.5}

@@ -41,6 +41,11 @@ def dtype_name(enum: int) -> str:
         raise ValueError(f"unknown dtype enum {enum}") from None
 
 
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of a dtype name on the wire."""
+    return np.dtype(_STORAGE[dtype_enum(name)]).itemsize
+
+
 def to_storage(x: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
     """The little-endian numpy array whose bytes go on the wire for `x` cast to `dtype`."""
     enum = dtype_enum(dtype)
@@ -67,6 +72,29 @@ def encode(x: np.ndarray | torch.Tensor, dtype: str, out: pb.Tensor | None = Non
     t.shape.extend(storage.shape)
     t.dtype = dtype_enum(dtype)
     return t
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def tensor_field_parts(field_number: int, x: np.ndarray | torch.Tensor, dtype: str) -> list:
+    """The protobuf encoding of a `Tensor` field (number `field_number`) holding `x` cast to `dtype`, as pieces
+    whose concatenation is the field: the element bytes are a view of the storage array, not copied.
+
+    Protobuf messages concatenate (a message is its fields, in any order), so a message serialized without this
+    field, followed by these pieces, parses as the message with it: large rows reach the wire with one copy."""
+    storage = to_storage(x, dtype)
+    meta = pb.Tensor(shape=storage.shape, dtype=dtype_enum(dtype)).SerializeToString()
+    data = memoryview(storage.reshape(-1).view(np.uint8))  # bytes of the elements, no copy
+    data_head = _varint(1 << 3 | 2) + _varint(data.nbytes)  # field 1 (data), length-delimited
+    length = len(meta) + len(data_head) + data.nbytes
+    return [_varint(field_number << 3 | 2) + _varint(length) + meta + data_head, data]
 
 
 def decode(t: pb.Tensor, *, raw_bf16: bool = False) -> np.ndarray:

@@ -9,6 +9,7 @@ Keys (all under the namespace `pd:<name>:`, so one Redis serves several teachers
   bell          LIST  doorbell: workers block on it to wake as soon as work arrives
   workers       ZSET  worker id -> last heartbeat (ms)
   reply:<fe>    LIST  reply envelopes for one front-end
+  body:<rid>:<n> STRING a large reply envelope (full rows), the reply list holding a reference to it
   stats         HASH  counters: scored (requests a worker ran), expired (dropped past their deadline),
                       withdrawn (taken back by a front-end whose caller gave up)
 
@@ -28,18 +29,23 @@ sets empty themselves: Redis memory returns to its baseline when the traffic sto
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
 
-from services.teacher.errors import TeacherError, from_code
+from services.teacher.errors import TeacherError, Unavailable, from_code
 from services.teacher.queue_scripts import SCRIPTS
 
 # -- Reply envelopes -------------------------------------------------------------------------------------------
 # `<rid>\nok <batch_size> <tokens> <queue_ms> <compute_ms>\n<ScoreResponse bytes>` or
 # `<rid>\nerr\n<CODE>\t<param>\t<message>`. The stats ride in the header so a front-end can record metrics
-# and forward the response bytes untouched, without parsing them.
+# and forward the response bytes untouched, without parsing them. An envelope above `INLINE_REPLY_BYTES` is
+# stored under its own key with a plain SET and the reply list gets `<rid>\nref <key>\n`: a script's
+# arguments are copied twice more inside Redis, which for full rows (~100 KB a position) cost Redis as much
+# CPU as the rest of the trip. The front-end swaps the reference for the envelope (GETDEL) when it reads it.
+INLINE_REPLY_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,21 @@ class ReplyStats:
     compute_ms: float
 
 
-def encode_ok(rid: str, response_bytes: bytes, stats: ReplyStats) -> bytes:
+def encode_ok(rid: str, response: bytes | list, stats: ReplyStats) -> bytes:
+    """The reply envelope of a success; `response` is the ScoreResponse bytes, or pieces of them
+    (`ScoreResult.wire_parts`) joined here in one copy."""
     head = f"{rid}\nok {stats.batch_size} {stats.tokens} {stats.queue_ms:.3f} {stats.compute_ms:.3f}\n"
-    return head.encode() + response_bytes
+    return b"".join([head.encode(), *response]) if isinstance(response, list) else head.encode() + response
+
+
+def encode_ref(rid: str, key: str) -> bytes:
+    return f"{rid}\nref {key}\n".encode()
+
+
+def reply_ref(envelope: bytes) -> bytes | None:
+    """The body key of a reference envelope, else None."""
+    _, kind, _ = envelope.split(b"\n", 2)
+    return kind[4:] if kind.startswith(b"ref ") else None
 
 
 def encode_err(rid: str, err: TeacherError) -> bytes:
@@ -142,23 +160,32 @@ class WorkerQueue:
         ]
 
     def complete(self, item: Claimed, envelope: bytes) -> bool:
-        return bool(
-            self._s["complete"](
-                args=[self.cfg.namespace, item.rid, item.reply, envelope, self.cfg.reply_ttl_ms]
-            )
-        )
+        """Answers one request; False if it had been answered already (or had expired)."""
+        pipe = self.redis.pipeline(transaction=False)
+        self._answer(pipe, item, envelope)
+        return bool(pipe.execute()[-1])
 
     def complete_many(self, items: list[tuple[Claimed, bytes]], scored: int = 0) -> None:
         """Answers several requests in one round trip (a pipeline of `complete` scripts) and adds `scored`
         (requests the engine ran) to the `stats` counters."""
         pipe = self.redis.pipeline(transaction=False)
         for item, envelope in items:
-            self._s["complete"](
-                args=[self.cfg.namespace, item.rid, item.reply, envelope, self.cfg.reply_ttl_ms], client=pipe
-            )
+            self._answer(pipe, item, envelope)
         if scored:
             pipe.hincrby(self.cfg.key("stats"), "scored", scored)
         pipe.execute()
+
+    def _answer(self, pipe, item: Claimed, envelope: bytes) -> None:
+        """Queues the `complete` script on `pipe`; a large envelope goes under its own key first (see
+        INLINE_REPLY_BYTES). A worker that dies between the two leaves a body key that expires."""
+        c, body_key = self.cfg, ""
+        if len(envelope) > INLINE_REPLY_BYTES:
+            body_key = c.key(f"body:{item.rid}:{uuid.uuid4().hex[:8]}")  # per answer: a rival's is its own
+            pipe.set(body_key, envelope, px=c.reply_ttl_ms)
+            envelope = encode_ref(item.rid, body_key)
+        self._s["complete"](
+            args=[c.namespace, item.rid, item.reply, envelope, c.reply_ttl_ms, body_key], client=pipe
+        )
 
     def stats(self) -> dict[str, int]:
         """The queue's counters (scored, expired, withdrawn) since the namespace was created."""
@@ -235,7 +262,17 @@ class FrontendQueue:
         if first is None:
             return []
         rest = await self.blocking.lpop(reply, max_items - 1) or []
-        return [first[1], *rest]
+        envelopes = [first[1], *rest]
+        refs = [(i, key) for i, env in enumerate(envelopes) if (key := reply_ref(env)) is not None]
+        if refs:  # large replies: fetched (and deleted) in one round trip
+            pipe = self.blocking.pipeline(transaction=False)
+            for _, key in refs:
+                pipe.getdel(key)
+            for (i, _), body in zip(refs, await pipe.execute(), strict=True):
+                rid = envelopes[i].split(b"\n", 1)[0].decode()
+                gone = Unavailable("the reply expired in Redis before it was read; retry.")
+                envelopes[i] = body if body is not None else encode_err(rid, gone)
+        return envelopes
 
     async def cancel(self, rid: str) -> bool:
         """Withdraws a queued request nobody waits for any more; False if a worker holds it or it is gone."""

@@ -124,13 +124,17 @@ end
 return out
 """
 
-# ARGV: namespace, rid, reply, envelope, reply_ttl_ms. Returns 1 if this answer was delivered, 0 if the request
-# had already been answered (a duplicate from a reclaimed lease) or had expired.
+# ARGV: namespace, rid, reply, envelope, reply_ttl_ms, body key ('' unless the envelope is a reference to one).
+# Returns 1 if this answer was delivered, 0 if the request had already been answered (a duplicate from a
+# reclaimed lease) or had expired; then its body key, if any, is deleted.
 _COMPLETE = """
 local rid = ARGV[2]
 local key = NS .. 'req:' .. rid
 local job = redis.call('HGET', key, 'job')
-if not job then return 0 end
+if not job then
+  if ARGV[6] and ARGV[6] ~= '' then redis.call('DEL', ARGV[6]) end
+  return 0
+end
 if redis.call('ZREM', NS .. 'inflight', rid) == 0 then
   redis.call('LREM', NS .. 'q:' .. job, 1, rid)  -- it was reclaimed and requeued meanwhile
   if redis.call('LLEN', NS .. 'q:' .. job) == 0 then redis.call('ZREM', NS .. 'jobs', job) end

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -260,6 +260,15 @@ class ScoreResult:
         if self.candidate_logprobs is not None:
             codec.encode(self.candidate_logprobs, "float32", out=m.candidate_logprobs)
         return m
+
+    def wire_parts(self) -> list:
+        """The serialized ScoreResponse as pieces to concatenate (bytes and memoryviews): full rows are not
+        copied into a protobuf message first (`codec.tensor_field_parts`)."""
+        if self.full_logprobs is None:
+            return [self.to_pb().SerializeToString()]
+        head = replace(self, full_logprobs=None).to_pb().SerializeToString()
+        number = pb.ScoreResponse.DESCRIPTOR.fields_by_name["full_logprobs"].number
+        return [head, *codec.tensor_field_parts(number, self.full_logprobs, self.full_dtype)]
 
     @classmethod
     def from_pb(cls, m: pb.ScoreResponse) -> ScoreResult:

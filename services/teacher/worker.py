@@ -5,6 +5,11 @@ its visibility, so only a dead (or hung) worker's batch is re-claimed. A batch t
 request, so one poisonous request fails alone; requests on their second or later attempt are scored alone too
 (a crash that killed the process leaves no exception to catch). SIGTERM/SIGINT: stop claiming, finish the
 batch in hand, leave.
+
+Full vocabulary rows are large (~100 KB a position for a 49k vocabulary in float16), so a batch that asks for
+them is scored in groups of at most `FULL_ROWS_GROUP_BYTES` of rows, each answered as soon as it is computed:
+the front-end, gRPC and the client carry one group's rows while the next one computes, rather than all of them
+after the whole batch (bench/teacher_throughput.py, "service full rows").
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 
 import redis
 
+from services.teacher.codec import dtype_itemsize
 from services.teacher.errors import DeadlineExceeded, TeacherError
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.queue import Claimed, QueueConfig, ReplyStats, WorkerQueue, encode_err, encode_ok
@@ -25,6 +31,29 @@ from services.teacher.settings import TeacherSettings
 from services.teacher.types import ScoreRequest
 
 log = logging.getLogger("prefix_distill.worker")
+
+# Full rows answered per group (bytes on the wire): about two 256-token requests of a 49k vocabulary in float16.
+FULL_ROWS_GROUP_BYTES = 48 * 1024 * 1024
+
+
+def reply_groups(requests: list[ScoreRequest], vocab_size: int, max_bytes: int = FULL_ROWS_GROUP_BYTES):
+    """Indices of `requests` in the groups a batch is scored and answered in: every request without full rows
+    in one group first, then the full-row requests in order, in groups of at most `max_bytes` of rows (at
+    least one request each)."""
+    light = [i for i, r in enumerate(requests) if not r.full]
+    groups = [light] if light else []
+    size = 0
+    for i, r in enumerate(requests):
+        if not r.full:
+            continue
+        nbytes = r.completion_token_ids.size * vocab_size * dtype_itemsize(r.full_dtype)
+        if groups and groups[-1] and groups[-1] is not light and size + nbytes <= max_bytes:
+            groups[-1].append(i)
+            size += nbytes
+        else:
+            groups.append([i])
+            size = nbytes
+    return groups
 
 
 class Worker:
@@ -112,12 +141,12 @@ class Worker:
                     replies.append((it, encode_err(it.rid, err)))
                     continue
                 (retried if it.attempts > 1 else fresh).append((it, req))
-            if fresh:
-                replies += self._score_group(fresh)
-            for one in retried:
-                replies += self._score_group([one])
-            if replies:
-                self.queue.complete_many(replies, scored=len(fresh) + len(retried))
+            if replies:  # refused before any compute: answered at once
+                self.queue.complete_many(replies)
+            vocab = self.engine.info.vocab_size
+            groups = [[fresh[i] for i in g] for g in reply_groups([r for _, r in fresh], vocab)]
+            for group in groups + [[one] for one in retried]:
+                self.queue.complete_many(self._score_group(group), scored=len(group))
             self.batches += 1
         finally:
             with self._held_lock:
@@ -147,7 +176,7 @@ class Worker:
             res.queue_ms = float(it.waited_ms)
             res.worker_id = self.worker_id
             stats = ReplyStats(res.batch_size, req.num_tokens, res.queue_ms, res.compute_ms)
-            out.append((it, encode_ok(it.rid, res.to_pb().SerializeToString(), stats)))
+            out.append((it, encode_ok(it.rid, res.wire_parts(), stats)))
         return out
 
 

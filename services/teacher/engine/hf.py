@@ -163,11 +163,13 @@ class HFEngine(Engine):
             sl = slice(offset, offset + t)
             full = None
             if r.full:
-                pieces = [
-                    scores.full_rows[s][max(offset, s) - s : min(offset + t, s + chunk) - s]
+                pieces = [  # each cast straight to its storage dtype: one copy of the rows, not two
+                    codec.to_storage(
+                        scores.full_rows[s][max(offset, s) - s : min(offset + t, s + chunk) - s], r.full_dtype
+                    )
                     for s in range(offset // chunk * chunk, offset + t, chunk)
                 ]
-                full = codec.to_storage(torch.cat(pieces), r.full_dtype)
+                full = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
             results.append(
                 ScoreResult(
                     request_id=r.request_id,
