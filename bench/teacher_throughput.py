@@ -181,7 +181,8 @@ def timed(modes: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[
 
 
 def errors_vs_float32(engine, ref, reqs) -> dict[str, float]:
-    """Max / mean abs error of the actual-token logprob and top-1 agreement, against the float32 engine."""
+    """Max / mean abs error of the actual-token logprob and top-1 agreement, against the float32 engine on torch's
+    own kernels (bit for bit a plain forward)."""
     got, want = engine.score(reqs), ref.score(reqs)
     diff = np.concatenate(
         [np.abs(a.token_logprobs - b.token_logprobs) for a, b in zip(got, want, strict=True)]
@@ -313,6 +314,7 @@ def measure_dtype(name: str, settings: dict, model: str, uniform, distill, ref_e
         "prompt_tokens_reused_share": reused / sum(r.prompt_token_ids.size for r in distill),
         "teacher_tokens_saved_share": reused / sum(r.num_tokens for r in distill),
         "wire_bytes_per_position": wire_bytes(engine, uniform[:4]),
+        "linear_kernels": engine.linear_kernels,
     }
     if not args.quick:
         record["vllm_tok_s"] = vllm_tok_s(model, settings["dtype"], uniform, args.repeats)
@@ -383,6 +385,17 @@ def markdown(run: dict) -> str:
         f"of {run['repeats']} interleaved repeats; ratios are to the raw forward of the same dtype in the same run.",
         "",
     ]
+    runs = {json.dumps(r.get("run"), sort_keys=True) for r in run["records"]}
+    if len(runs) > 1:  # --merge: say which run measured each column
+        lines += [
+            "Columns from separate runs (compare ratios, not positions/s, across them): "
+            + "; ".join(
+                f"{r['dtype']}: `{r['run']['command']}` on {r['run']['date']}, {r['run']['cpu']}"
+                for r in run["records"]
+            )
+            + ".",
+            "",
+        ]
     modes = list(run["records"][0]["tok_s"])
     head = "| mode | " + " | ".join(f"{r['dtype']} pos/s (x raw)" for r in run["records"]) + " |"
     lines += [head, "|---" * (1 + len(run["records"])) + "|"]
@@ -407,7 +420,10 @@ def markdown(run: dict) -> str:
         "|---" * (1 + len(run["records"])) + "|",
     ]
     rows = {
-        "token logprob max abs error vs float32 (nats)": lambda r: f"{r['error_vs_float32']['max_abs']:.3g}",
+        "linear kernels (cpu_linear auto)": lambda r: r.get("linear_kernels", "torch"),
+        "token logprob max abs error vs a plain float32 forward (nats)": lambda r: (
+            f"{r['error_vs_float32']['max_abs']:.3g}"
+        ),
         "mean abs error": lambda r: f"{r['error_vs_float32']['mean_abs']:.3g}",
         "top-1 changed": lambda r: f"{100 * r['error_vs_float32']['top1_changed']:.1f}%",
         "shared-prompt speed-up (service)": lambda r: f"{r['shared_prompt_speedup']:.2f}x",
@@ -468,10 +484,19 @@ def write_between_markers(path: Path, text: str) -> None:
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+    """The CPU's model name and its widest vector units (the same name can hide very different kernels)."""
+    text = Path("/proc/cpuinfo").read_text()
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+        "unknown CPU",
+    )
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    units = [
+        u
+        for f, u in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"))
+        if f in flags
+    ]
+    return f"{name} ({', '.join(units or ['no AVX-512'])})"
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -490,6 +515,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="JSON path (default docs/results/teacher_throughput.json)")
     ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the measured dtypes' records in --out's JSON, keeping the others (each record names "
+        "its own run)",
+    )
+    ap.add_argument(
         "--add-vllm", action="store_true", help="only time vLLM (and raw beside it) into --out's records"
     )
     args = ap.parse_args()
@@ -507,7 +538,7 @@ def main() -> None:
     names = [d for d in args.dtypes.split(",") if d]
     if args.quick:
         names = [n for n in names if n != "bf16+fp32 head"]
-    ref = load_engine(model, prompt_cache_mb=0)
+    ref = load_engine(model, prompt_cache_mb=0, cpu_linear="torch")
     uniform = uniform_requests(ref.tokenizer, args.sequences, args.length, args.prompt_len)
     distill = distillation_requests(ref.tokenizer, args.distill_prompts)
     out = Path(args.out) if args.out else ROOT / "docs" / "results" / "teacher_throughput.json"
@@ -517,11 +548,24 @@ def main() -> None:
     records = []
     for name in names:
         print(f"== {name}")
-        records.append(measure_dtype(name, DTYPES[name], model, uniform, distill, ref, args, workdir))
+        record = measure_dtype(name, DTYPES[name], model, uniform, distill, ref, args, workdir)
+        record["run"] = {
+            "command": " ".join(["bench/teacher_throughput.py", *sys.argv[1:]]),
+            "cpu": cpu_name(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        records.append(record)
+    if args.merge and out.exists():
+        fresh = {r["dtype"]: r for r in records}
+        old = json.loads(out.read_text())
+        before = {k: old.get(k, "an earlier run") for k in ("command", "cpu", "date")}
+        kept = [r if "run" in r else r | {"run": before} for r in old["records"]]
+        records = [fresh.pop(r["dtype"], r) for r in kept] + list(fresh.values())
     first = records[0]
     run = {
         "command": " ".join(["bench/teacher_throughput.py", *sys.argv[1:]]),
         "cpu": cpu_name(),
+        "date": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),
         "model": model,
         "repeats": args.repeats,

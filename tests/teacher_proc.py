@@ -84,6 +84,22 @@ class Teacher:
         return redis.Redis.from_url(self.redis_url)
 
 
+def unary_score(ch: grpc.Channel) -> Callable[..., pb.ScoreResponse]:
+    """The raw unary Score method on `ch` (no client-side validation or retries in between)."""
+    return ch.unary_unary(
+        "/teacher.v1.Teacher/Score",
+        request_serializer=pb.ScoreRequest.SerializeToString,
+        response_deserializer=pb.ScoreResponse.FromString,
+    )
+
+
+def assert_invalid_argument(err: grpc.RpcError, param: str) -> None:
+    """A refused request: INVALID_ARGUMENT naming `param` in the details and in the x-error-param trailer."""
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"`{param}`" in err.details()
+    assert dict(err.trailing_metadata())["x-error-param"] == param
+
+
 async def raw_stream(
     port: int, reqs: list[ScoreRequest], on_answer: Callable[[str], None] | None = None
 ) -> tuple[collections.Counter, dict[str, ScoreResult]]:

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from teacher_proc import Teacher
+from teacher_proc import Teacher, assert_invalid_argument, unary_score
 
 from services.teacher.client import TeacherClient
 from services.teacher.engine import hf as hf_module
@@ -224,16 +224,10 @@ BAD_GRPC = [
 def test_bad_candidates_grpc(teacher, fields, param):
     base = dict(prompt_token_ids=[1, 2], completion_token_ids=[3, 4])
     with grpc.insecure_channel(f"127.0.0.1:{teacher.grpc_port}") as ch:
-        score = ch.unary_unary(
-            "/teacher.v1.Teacher/Score",
-            request_serializer=pb.ScoreRequest.SerializeToString,
-            response_deserializer=pb.ScoreResponse.FromString,
-        )
+        score = unary_score(ch)
         with pytest.raises(grpc.RpcError) as ei:
             score(pb.ScoreRequest(request_id="bad", **base, **fields), timeout=10)
-        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert f"`{param}`" in ei.value.details()
-        assert dict(ei.value.trailing_metadata())["x-error-param"] == param
+        assert_invalid_argument(ei.value, param)
         ok = score(pb.ScoreRequest(request_id="ok", **base, candidate_ids=[1, 2, 3, 4], num_candidates=2))
         assert list(ok.candidate_logprobs.shape) == [2, 2]  # the service stays up and right
 

@@ -8,22 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from closed_forms import float64, rand_lp  # noqa: F401 (float64: a fixture, used by every test here)
 
 from trainer import losses as L
 from trainer.teacher_io import build_requests, to_teacher_batch
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def rand_lp(*shape, seed=0, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.log_softmax(torch.randn(*shape, generator=g) * scale, dim=-1)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_by_hand_two_candidates_and_a_tail():

@@ -9,7 +9,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from teacher_proc import Teacher, raw_stream
+from teacher_proc import Teacher, assert_invalid_argument, raw_stream, unary_score
 
 from services.teacher.client import TeacherClient
 from services.teacher.engine import load_engine
@@ -126,7 +126,9 @@ def test_http_equals_engine(teacher, engine):
     ]
 
 
-def test_model_info_and_health(teacher, engine):
+def test_model_info_and_health(teacher, engine, tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
     async def go():
         async with TeacherClient(teacher.target) as c:
             await c.wait_ready(10)
@@ -135,13 +137,14 @@ def test_model_info_and_health(teacher, engine):
     info = asyncio.run(go())
     assert info.tokenizer_fingerprint == engine.info.tokenizer_fingerprint
     assert info.vocab_size == VOCAB and info.backend == "hf"
-    # FLOP sizes travel with the model info: counted independently from the loaded weights here
-    layers = engine.model.get_decoder().layers
+    # FLOP sizes travel with the model info: counted independently from freshly loaded weights here
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    layers = model.get_decoder().layers
     assert info.flop_dims == {
         "n_layer": len(layers),
-        "d_attn": engine.model.config.num_attention_heads * engine.model.config.head_dim,
+        "d_attn": model.config.num_attention_heads * model.config.head_dim,
         "layer_params": sum(p.numel() for n, p in layers.named_parameters() if "norm" not in n),
-        "head_params": engine.model.lm_head.weight.numel(),
+        "head_params": model.lm_head.weight.numel(),
     }
     m = httpx.get(teacher.http + "/v1/models").json()["data"][0]
     assert m["tokenizer_fingerprint"] == info.tokenizer_fingerprint
@@ -231,16 +234,10 @@ BAD_GRPC = [
 @pytest.mark.parametrize("fields,param", BAD_GRPC, ids=[p for _, p in BAD_GRPC])
 def test_bad_input_grpc(teacher, fields, param):
     with grpc.insecure_channel(f"127.0.0.1:{teacher.grpc_port}") as ch:
-        score = ch.unary_unary(
-            "/teacher.v1.Teacher/Score",
-            request_serializer=pb.ScoreRequest.SerializeToString,
-            response_deserializer=pb.ScoreResponse.FromString,
-        )
+        score = unary_score(ch)
         with pytest.raises(grpc.RpcError) as ei:
             score(pb.ScoreRequest(request_id="bad", **fields), timeout=10)
-        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert f"`{param}`" in ei.value.details()
-        assert dict(ei.value.trailing_metadata())["x-error-param"] == param
+        assert_invalid_argument(ei.value, param)
         # the stream reports it in-band and goes on with the next request
         stream = ch.stream_stream(
             "/teacher.v1.Teacher/ScoreStream",

@@ -6,26 +6,15 @@ import math
 
 import pytest
 import torch
+from closed_forms import float64, rand_lp  # noqa: F401 (float64: a fixture, used by every test here)
 
 from trainer import losses as L
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    """Closed forms are compared in float64; the global default is restored for other modules."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def lp(*probs):
     return torch.tensor(probs).log()
-
-
-def rand_lp(*shape, seed=0, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.log_softmax(torch.randn(*shape, generator=g) * scale, dim=-1)
 
 
 def test_kl_by_hand():

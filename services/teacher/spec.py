@@ -51,3 +51,6 @@ class EngineSpec:
     """Bound of the kept prompt keys/values (engine/prompt_kv.py), MiB; 0 turns prompt reuse off."""
     lm_head_dtype: str
     """`same` (the weights dtype) or `float32`: a float32 LM head over a lower-precision trunk."""
+    cpu_linear: str
+    """Linear kernels on a CPU: `auto` (oneDNN where a probe at load finds it faster), `torch` or `onednn`
+    (engine/cpu_linear.py)."""

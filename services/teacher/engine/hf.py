@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from services.teacher import codec
-from services.teacher.engine import prompt_kv
+from services.teacher.engine import cpu_linear, prompt_kv
 from services.teacher.engine.base import Engine
 from services.teacher.modelinfo import build_model_info
 from services.teacher.spec import EngineSpec
@@ -60,6 +60,11 @@ class HFEngine(Engine):
         self.head_dtype = torch.float32 if spec.lm_head_dtype == "float32" else self.dtype
         if self.head_dtype != self.dtype:  # a float32 copy (a tied embedding stays in the trunk's dtype)
             self.lm_head = copy.deepcopy(self.lm_head).to(self.head_dtype)
+        self.linear_kernels = cpu_linear.choose(spec.cpu_linear, self.device, self.dtype)
+        if self.linear_kernels == "onednn":
+            cpu_linear.pack_linears(self.decoder)
+            if isinstance(self.lm_head, torch.nn.Linear):
+                self.lm_head = cpu_linear.PackedLinear(self.lm_head)
         cfg = self.model.config.get_text_config()
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
@@ -67,7 +72,7 @@ class HFEngine(Engine):
         self.info = build_model_info(
             replace(spec, device=self.device.type), self.model.config, self.tokenizer
         )
-        assert self.lm_head.weight.shape[0] == self.info.vocab_size, "lm_head rows must equal vocab_size"
+        assert self.lm_head.out_features == self.info.vocab_size, "lm_head rows must equal vocab_size"
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         # CPU only for now: on an H100 the reuse path (per-row key/value copies, small kernels) ran at 0.24-0.50x
         # the plain pass (docs/results/teacher_throughput.md), so a GPU engine computes every prompt.

@@ -35,14 +35,15 @@ from services.teacher.types import ScoreRequest
 class PromptState:
     """What a request needs of its prompt to run only its completion tokens."""
 
-    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    """Per layer (keys, values), each (heads, P, head_dim), rotary positions 0..P-1 applied."""
+    kv_L2hPd: torch.Tensor
+    """Keys and values of every layer in one tensor (layers, 2, kv heads, P, head_dim), rotary positions 0..P-1
+    applied: a request is assembled with one copy, not two per layer (thousands of small kernels on a GPU)."""
     last_H: torch.Tensor
     """(H,) final hidden state at the last prompt token: it predicts completion token 0."""
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.kv) + self.last_H.nbytes
+        return self.kv_L2hPd.nbytes + self.last_H.nbytes
 
 
 def prompt_key(prompt_ids: np.ndarray) -> bytes:
@@ -125,13 +126,11 @@ def _returned_cache(out):
 
 def prompt_states(cache, hidden_BSH: torch.Tensor, requests: Sequence[ScoreRequest]) -> list[PromptState]:
     """The prompt state of each request of a `padded_pass` (copies: the pass's big tensors can be freed)."""
+    kv_L2BhSd = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
     states = []
     for b, r in enumerate(requests):
         P = r.prompt_token_ids.size
-        kv = tuple(
-            (layer.keys[b, :, :P].clone(), layer.values[b, :, :P].clone()) for layer in cache.layers
-        )
-        states.append(PromptState(kv, hidden_BSH[b, P - 1].clone()))
+        states.append(PromptState(kv_L2BhSd[:, :, b, :, :P].clone(), hidden_BSH[b, P - 1].clone()))
     return states
 
 
@@ -153,15 +152,15 @@ def completion_pass(decoder, device, requests: Sequence[ScoreRequest], states: S
         mask_RK[i, : P[i]] = 1
         mask_RK[i, Pm : Pm + t] = 1
         pos_RT[i] = P[i] + np.arange(Tc)
-    layers = []
-    for layer in range(len(states[0].kv)):
-        k0, v0 = states[0].kv[layer]
-        keys_RhPd = k0.new_zeros((R, k0.shape[0], Pm, k0.shape[2]))
-        values_RhPd = v0.new_zeros((R, v0.shape[0], Pm, v0.shape[2]))
+    if all(p == Pm for p in P):  # one kernel
+        kv_RL2hPd = torch.stack([s.kv_L2hPd for s in states])
+    else:  # one copy per row; the padding columns are masked
+        L, _, h, _, d = states[0].kv_L2hPd.shape
+        kv_RL2hPd = states[0].kv_L2hPd.new_zeros((R, L, 2, h, Pm, d))
         for i, s in enumerate(states):
-            keys_RhPd[i, :, : P[i]] = s.kv[layer][0]
-            values_RhPd[i, :, : P[i]] = s.kv[layer][1]
-        layers.append((keys_RhPd, values_RhPd))
+            kv_RL2hPd[i, :, :, :, : P[i]] = s.kv_L2hPd
+    # strided (R, h, Pm, d) views per layer: the cache concatenates the new keys onto them (a copy it makes anyway)
+    layers = [(kv_RL2hPd[:, layer, 0], kv_RL2hPd[:, layer, 1]) for layer in range(kv_RL2hPd.shape[1])]
     out = decoder(
         input_ids=torch.from_numpy(ids_RT).to(device),
         attention_mask=torch.from_numpy(mask_RK).to(device),
@@ -241,7 +240,9 @@ def scored_hidden_with_reuse(decoder, device, requests: Sequence[ScoreRequest], 
     states = {i: batch_states[p.keys[i]] for i in p.reuse}
     longer = [i for i in p.reuse if requests[i].completion_token_ids.size > 1]
     for group in length_groups(longer, [requests[i].completion_token_ids.size - 1 for i in longer]):
-        hidden_RTH = completion_pass(decoder, device, [requests[i] for i in group], [states[i] for i in group])
+        hidden_RTH = completion_pass(
+            decoder, device, [requests[i] for i in group], [states[i] for i in group]
+        )
         for row, i in enumerate(group):
             t = requests[i].completion_token_ids.size - 1
             per_request[i] = torch.cat([states[i].last_H[None], hidden_RTH[row, :t]])

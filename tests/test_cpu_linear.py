@@ -1,0 +1,63 @@
+"""oneDNN linear layers with packed weights (engine/cpu_linear.py) against torch's own, and an engine running on
+them against a plain transformers forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_engine import assert_matches_reference, ragged_requests, reference_model  # noqa: F401 (fixture)
+
+from services.teacher.engine import cpu_linear, load_engine
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (37, 48), (2, 5, 48)])
+def test_packed_linear_equals_torch_linear(bias, shape):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 80, bias=bias)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        want, got = lin(x), cpu_linear.PackedLinear(lin)(x)
+    assert got.shape == want.shape == (*shape[:-1], 80)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linears_replaces_every_linear():
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    )
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        want = net(x)
+        assert cpu_linear.pack_linears(net) == 2
+        assert not any(isinstance(m, torch.nn.Linear) for m in net.modules())
+        torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_choose():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert cpu_linear.choose("torch", cpu, f32) == "torch"
+    assert cpu_linear.choose("onednn", cpu, f32) == "onednn"
+    assert cpu_linear.choose("auto", torch.device("cuda"), f32) == "torch"  # CPU engines only
+    auto = cpu_linear.choose("auto", cpu, f32)
+    assert auto == ("onednn" if cpu_linear.onednn_speedup(f32) >= cpu_linear.MIN_SPEEDUP else "torch")
+    assert cpu_linear.choose("auto", cpu, f32) == auto  # measured once per process
+    with pytest.raises(ValueError, match="cpu_linear"):
+        cpu_linear.choose("mkl", cpu, f32)
+
+
+def test_an_engine_on_onednn_matches_a_plain_forward(tiny_teacher, reference_model):  # noqa: F811
+    engine = load_engine(str(tiny_teacher), cpu_linear="onednn", prompt_cache_mb=0)
+    assert engine.linear_kernels == "onednn"
+    assert isinstance(engine.lm_head, cpu_linear.PackedLinear)
+    reqs = ragged_requests(engine.info.vocab_size, n=8, seed=11, top_k=5, full=True)
+    for req, res in zip(reqs, engine.score(reqs), strict=True):
+        assert_matches_reference(reference_model, req, res)
+    torch_engine = load_engine(str(tiny_teacher), cpu_linear="torch", prompt_cache_mb=0)
+    assert torch_engine.linear_kernels == "torch"
+    a, b = engine.score(reqs), torch_engine.score(reqs)
+    diff = max(float(np.abs(x.token_logprobs - y.token_logprobs).max()) for x, y in zip(a, b, strict=True))
+    assert diff < 1e-4
