@@ -52,6 +52,28 @@ RUN = [
     "progress_bar=false",
 ]
 """The demo's job (configs/demo.yaml) with fewer steps and held-out prompts; loss, seed, steps come on top."""
+SMOLLM2_K = 16
+SMOLLM2_RUN = [
+    "prompts=builtin:arith",
+    "batch_size=8",
+    "samples_per_prompt=1",
+    "micro_batch_size=4",
+    "lr=5e-5",
+    "max_new_tokens=64",
+    "prefix.schedule=constant",
+    "prefix.length=16",
+    f"top_k={SMOLLM2_K}",
+    f"candidates={SMOLLM2_K}",
+    "eval.prompts=16",
+    "eval.batch_size=16",
+    "eval.max_new_tokens=48",
+    "eval.head_tokens=16",
+    "eval.samples=0",
+    "tensorboard=false",
+    "progress_bar=false",
+]
+"""The SmolLM2 pair's job (configs/demo-smollm2.yaml: SmolLM2-135M -> its first 6 layers, L = 16) with the
+trainer's default k = C = 16; loss, seed, steps come on top."""
 KINDS = {
     "token": {},
     f"top-{K}": {"top_k": K},
@@ -62,20 +84,28 @@ KINDS = {
 """Request kinds of the wire and throughput measurements: ScoreRequest fields (candidates: C random ids)."""
 
 
-def train_runs(seeds: list[int], steps: int, every: int, work: Path, quick: bool) -> list[dict]:
+def train_runs(
+    seeds: list[int], steps: int, every: int, work: Path, quick: bool, pair_name: str = "plan"
+) -> list[dict]:
     """Each loss x seed from the same student with the in-process teacher: eval and per-step KL curves."""
-    from services.models.testbed import prepare_pair
     from trainer.config import load_config
     from trainer.loop import train
     from trainer.metrics import read_metrics
 
-    pair = prepare_pair("plan")
+    if pair_name == "smollm2":
+        from services.models.smollm2 import prepare_smollm2
+
+        pair, run = prepare_smollm2(), SMOLLM2_RUN
+    else:
+        from services.models.testbed import prepare_pair
+
+        pair, run = prepare_pair(pair_name), RUN
     records = []
     for seed in seeds:
         for loss in LOSSES:
-            out = work / f"{loss}-s{seed}"
+            out = work / pair_name / f"{loss}-s{seed}"
             extra = ["eval.prompts=16", "eval.batch_size=16"] if quick else []
-            settings = [*RUN, f"student={pair.student}", f"teacher=inprocess:{pair.teacher}", f"loss={loss}"]
+            settings = [*run, f"student={pair.student}", f"teacher=inprocess:{pair.teacher}", f"loss={loss}"]
             settings += [f"seed={seed}", f"steps={steps}", f"eval.every={every}", f"output_dir={out}", *extra]
             t0 = time.perf_counter()
             train(load_config(None, settings))
@@ -232,8 +262,8 @@ def plot(data: dict, path: Path) -> None:
             b.plot(range(1, len(r["train_kl_mc"]) + 1), r["train_kl_mc"], color=color, alpha=0.6,
                    label=loss if r["seed"] == data["seeds"][0] else None)  # fmt: skip
     a.set(xlabel="step", ylabel="held-out reverse KL, first 16 tokens (nats/token)", yscale="log")
-    b.set(xlabel="step", ylabel="training MC reverse KL at the 2 trained positions", yscale="log")
-    a.set_title(f"plan, L=2, trunk frozen, k = C = {data['k']}, seeds {data['seeds']}")
+    b.set(xlabel="step", ylabel="training MC reverse KL at the trained positions", yscale="log")
+    a.set_title(f"{data.get('title', 'plan, L=2, trunk frozen')}, k = C = {data['k']}, seeds {data['seeds']}")
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -250,9 +280,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-candidates")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--pair",
+        choices=("plan", "smollm2"),
+        default="plan",
+        help="plan: the testbed pair plus the wire and throughput tables (candidates.json); smollm2: the training "
+        "comparison on the SmolLM2 pair alone (candidates_smollm2.json)",
+    )
     args = parser.parse_args()
-    path = args.out / "candidates.json"
-    if not args.report_only:
+    path = args.out / ("candidates.json" if args.pair == "plan" else "candidates_smollm2.json")
+    if not args.report_only and args.pair == "smollm2":
+        seeds = [0] if args.quick else list(range(args.seeds))
+        steps, every = (2, 1) if args.quick else (args.steps, args.every)
+        data = {"settings": SMOLLM2_RUN, "k": SMOLLM2_K, "seeds": seeds, "steps": steps, "engines": []}
+        data["title"] = "SmolLM2-135M -> 6 layers, arith, L=16"
+        data["runs"] = train_runs(seeds, steps, every, args.work, args.quick, "smollm2")
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n")
+    elif not args.report_only:
         from services.models.testbed import prepare_pair
 
         seeds = [0] if args.quick else list(range(args.seeds))
@@ -268,7 +313,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1) + "\n")
     data = json.loads(path.read_text())
-    plot(data, args.out / "candidates.png")
+    plot(data, path.with_suffix(".png"))
     print(tables(data))
 
 

@@ -57,7 +57,8 @@ class TeacherSettings(BaseSettings):
         256,
         ge=0,
         description="Memory for prompt keys/values kept across batches (MiB): requests sharing a prompt compute "
-        "it once (hf backend on CPU, full-attention models); 0: off, every request bit for bit a plain forward.",
+        "it once (hf backend on CPU, full-attention models); 0: off, every request computed in a plain padded "
+        "pass.",
     )
     lm_head_dtype: Literal["same", "float32"] = Field(
         "same",
