@@ -315,6 +315,7 @@ def measure_dtype(name: str, settings: dict, model: str, uniform, distill, ref_e
         "teacher_tokens_saved_share": reused / sum(r.num_tokens for r in distill),
         "wire_bytes_per_position": wire_bytes(engine, uniform[:4]),
         "linear_kernels": engine.linear_kernels,
+        "head_kernels": engine.head_kernels,
     }
     if not args.quick:
         record["vllm_tok_s"] = vllm_tok_s(model, settings["dtype"], uniform, args.repeats)
@@ -420,7 +421,9 @@ def markdown(run: dict) -> str:
         "|---" * (1 + len(run["records"])) + "|",
     ]
     rows = {
-        "linear kernels (cpu_linear auto)": lambda r: r.get("linear_kernels", "torch"),
+        "linear kernels, trunk / LM head (cpu_linear auto)": lambda r: (
+            f"{r.get('linear_kernels', 'torch')} / {r.get('head_kernels', r.get('linear_kernels', 'torch'))}"
+        ),
         "token logprob max abs error vs a plain float32 forward (nats)": lambda r: (
             f"{r['error_vs_float32']['max_abs']:.3g}"
         ),

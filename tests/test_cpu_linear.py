@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch b
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 48), (37, 48), (2, 5, 48)])
 def test_packed_linear_equals_torch_linear(bias, shape):
+    """float32 to rounding; bfloat16 bit for bit (both are oneDNN there)."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, 80, bias=bias)
     x = torch.randn(*shape)
@@ -23,6 +24,9 @@ def test_packed_linear_equals_torch_linear(bias, shape):
         want, got = lin(x), cpu_linear.PackedLinear(lin)(x)
     assert got.shape == want.shape == (*shape[:-1], 80)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    lin16, x16 = lin.to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(cpu_linear.PackedLinear(lin16)(x16), lin16(x16))
 
 
 def test_pack_linears_replaces_every_linear():
@@ -38,15 +42,19 @@ def test_pack_linears_replaces_every_linear():
 
 
 def test_choose():
-    cpu, f32 = torch.device("cpu"), torch.float32
-    assert cpu_linear.choose("torch", cpu, f32) == "torch"
-    assert cpu_linear.choose("onednn", cpu, f32) == "onednn"
-    assert cpu_linear.choose("auto", torch.device("cuda"), f32) == "torch"  # CPU engines only
-    auto = cpu_linear.choose("auto", cpu, f32)
-    assert auto == ("onednn" if cpu_linear.onednn_speedup(f32) >= cpu_linear.MIN_SPEEDUP else "torch")
-    assert cpu_linear.choose("auto", cpu, f32) == auto  # measured once per process
+    cpu, lin = torch.device("cpu"), torch.nn.Linear(64, 96)
+    assert cpu_linear.choose("torch", cpu, lin) == "torch"
+    assert cpu_linear.choose("onednn", cpu, lin) == "onednn"
+    assert cpu_linear.choose("auto", torch.device("cuda"), lin) == "torch"  # CPU engines only
+    assert cpu_linear.choose("auto", cpu, torch.nn.Embedding(4, 4)) == "torch"  # not a plain Linear
+    auto = cpu_linear.choose("auto", cpu, lin)
+    speedup = cpu_linear.onednn_speedup(torch.float32, 64, 96)
+    assert auto == ("onednn" if speedup >= cpu_linear.MIN_SPEEDUP else "torch")
+    assert cpu_linear.choose("auto", cpu, torch.nn.Linear(64, 96)) == auto  # measured once per shape
+    # bfloat16 runs on oneDNN either way: packing only saves the per-call reorder (same numbers)
+    assert cpu_linear.choose("auto", cpu, torch.nn.Linear(64, 96).to(torch.bfloat16)) == "onednn"
     with pytest.raises(ValueError, match="cpu_linear"):
-        cpu_linear.choose("mkl", cpu, f32)
+        cpu_linear.choose("mkl", cpu, lin)
 
 
 def test_an_engine_on_onednn_matches_a_plain_forward(tiny_teacher, reference_model):  # noqa: F811
@@ -61,3 +69,13 @@ def test_an_engine_on_onednn_matches_a_plain_forward(tiny_teacher, reference_mod
     a, b = engine.score(reqs), torch_engine.score(reqs)
     diff = max(float(np.abs(x.token_logprobs - y.token_logprobs).max()) for x, y in zip(a, b, strict=True))
     assert diff < 1e-4
+
+
+def test_a_float32_head_over_a_bfloat16_trunk_on_onednn(tiny_teacher, reference_model):  # noqa: F811
+    engine = load_engine(str(tiny_teacher), dtype="bfloat16", lm_head_dtype="float32", cpu_linear="onednn")
+    assert (engine.linear_kernels, engine.head_kernels) == ("onednn", "onednn")
+    assert engine.lm_head.packed.dtype == torch.float32
+    reqs = ragged_requests(engine.info.vocab_size, n=4, seed=12)
+    for req, res in zip(reqs, engine.score(reqs), strict=True):
+        # bfloat16 trunk: loose, but a real check
+        assert_matches_reference(reference_model, req, res, tol=0.5)

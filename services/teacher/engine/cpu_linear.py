@@ -2,13 +2,14 @@
 
 torch's CPU wheels run float32 `nn.Linear` on MKL. On an AMD EPYC with AVX-512 (2 cores), a SmolLM2-sized
 projection (2048 x 576 @ 576 x 1536) ran at ~200 GFLOPS on MKL against ~450 on oneDNN with the weight packed once
-into oneDNN's blocked layout (torch's own `mkldnn._linear_pointwise` op). In bfloat16 the two were within 1.05x
-on the probe below, so bfloat16 engines there keep torch.
+into oneDNN's blocked layout (torch's own `mkldnn._linear_pointwise` op): the float32 SmolLM2 engine went from
+~450 to ~800 positions/s. The two kernels sum in different orders, so float32 results differ at rounding level
+(max 4.6e-5 nats on SmolLM2); `choose` times both on the layer's shape once per process and keeps oneDNN only where
+it is clearly faster, so a CPU where MKL wins (or a torch without oneDNN) keeps plain torch.
 
-The two kernels sum in different orders: float32 results differ at rounding level (relative ~1e-6), bfloat16
-results were identical in our measurements. `choose` times both on a fixed projection once per process and
-dtype, and keeps oneDNN only where it is clearly faster, so a CPU where MKL wins (or a torch without oneDNN) keeps
-plain torch.
+bfloat16 linears already run on oneDNN, reordering the weight on every call; packing it once gave the
+same numbers bit for bit (SmolLM2's token logprobs, max difference 0) and ~1.15x the bfloat16 engine (its LM head
+above all), so `auto` packs them wherever oneDNN is available. float16 is probed like float32.
 """
 
 from __future__ import annotations
@@ -71,28 +72,43 @@ def _seconds(fn, repeats: int = 5) -> float:
 
 @functools.cache
 @torch.inference_mode()
-def onednn_speedup(dtype: torch.dtype, rows: int = 512, width: int = 1024) -> float:
-    """How much faster oneDNN runs a (rows x width) @ (width x width) projection in `dtype` than torch does on
-    this CPU (0 where oneDNN is missing). The shape is fixed, not the model's, so every engine of a process (and,
-    away from the threshold, of a machine) makes the same choice; measured once per process and dtype."""
+def onednn_speedup(dtype: torch.dtype, in_features: int, out_features: int, rows: int = 256) -> float:
+    """How much faster oneDNN runs a (rows x in) @ (in x out) projection in `dtype` than torch does on this CPU
+    (0 where oneDNN is missing). Measured once per process and shape, so every engine of a process makes the
+    same choice for the same layer."""
     if not available():
         return 0.0
     torch.manual_seed(0)
-    linear = nn.Linear(width, width, bias=False).to(dtype)
-    x = torch.randn(rows, width, dtype=dtype)
-    packed = PackedLinear(linear)
-    return _seconds(lambda: linear(x)) / _seconds(lambda: packed(x))
+    linear = nn.Linear(in_features, out_features, bias=False).to(dtype)
+    x = torch.randn(rows, in_features, dtype=dtype)
+    try:
+        packed = PackedLinear(linear)
+        return _seconds(lambda: linear(x)) / _seconds(lambda: packed(x))
+    except RuntimeError:  # no oneDNN kernel for this dtype on this CPU
+        return 0.0
 
 
-def choose(setting: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The linear kernels an engine of weights `dtype` runs: `torch` or `onednn` (for `auto`: oneDNN on a CPU
-    where the probe finds it at least MIN_SPEEDUP faster)."""
+def largest_linear(module: nn.Module) -> nn.Linear | None:
+    """The `nn.Linear` under `module` with the most weights (the trunk's probe shape)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return max(linears, key=lambda m: m.weight.numel(), default=None)
+
+
+def choose(setting: str, device: torch.device, linear: nn.Module | None) -> str:
+    """The kernels for `linear` (a layer standing for its kind: the trunk's largest projection, or the LM head):
+    `torch` or `onednn`. For `auto` on a CPU with oneDNN: oneDNN in bfloat16; in float32 and float16 where the
+    probe of that layer's shape finds it at least MIN_SPEEDUP faster."""
     if setting not in CHOICES:
         raise ValueError(f"`cpu_linear` must be one of {list(CHOICES)}, got {setting!r}.")
-    if device.type != "cpu" or setting == "torch":
+    if device.type != "cpu" or setting == "torch" or not isinstance(linear, nn.Linear):
         return "torch"
     if setting == "onednn":
         if not available():
             raise ValueError("`cpu_linear` is 'onednn' but this torch build has no oneDNN linear kernel.")
         return "onednn"
-    return "onednn" if onednn_speedup(dtype) >= MIN_SPEEDUP else "torch"
+    if not available():
+        return "torch"
+    w = linear.weight
+    if w.dtype == torch.bfloat16:  # already oneDNN's kernels, only reordered once instead of on every call
+        return "onednn"
+    return "onednn" if onednn_speedup(w.dtype, w.shape[1], w.shape[0]) >= MIN_SPEEDUP else "torch"

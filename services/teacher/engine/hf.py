@@ -60,11 +60,14 @@ class HFEngine(Engine):
         self.head_dtype = torch.float32 if spec.lm_head_dtype == "float32" else self.dtype
         if self.head_dtype != self.dtype:  # a float32 copy (a tied embedding stays in the trunk's dtype)
             self.lm_head = copy.deepcopy(self.lm_head).to(self.head_dtype)
-        self.linear_kernels = cpu_linear.choose(spec.cpu_linear, self.device, self.dtype)
+        trunk = cpu_linear.largest_linear(self.decoder)
+        self.linear_kernels = cpu_linear.choose(spec.cpu_linear, self.device, trunk)
         if self.linear_kernels == "onednn":
             cpu_linear.pack_linears(self.decoder)
-            if isinstance(self.lm_head, torch.nn.Linear):
-                self.lm_head = cpu_linear.PackedLinear(self.lm_head)
+        # the head chooses by its own shape and dtype (a vocabulary-wide projection, maybe float32 over bfloat16)
+        self.head_kernels = cpu_linear.choose(spec.cpu_linear, self.device, self.lm_head)
+        if self.head_kernels == "onednn" and isinstance(self.lm_head, torch.nn.Linear):
+            self.lm_head = cpu_linear.PackedLinear(self.lm_head)
         cfg = self.model.config.get_text_config()
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
