@@ -29,6 +29,8 @@ FIELDS = {
     "timeout_ms",
     "job_id",
     "request_id",
+    "candidate_ids",
+    "num_candidates",
     "full",
 }
 NUMPY = {"float32": np.float32, "float16": np.float16, "int32": np.int32}
@@ -138,3 +140,11 @@ def test_hostile_protobuf_bytes_give_a_request_or_an_error_naming_the_field(info
         validate_request(ScoreRequest.from_pb(msg), info)
     except InvalidRequest as err:
         assert err.param in FIELDS
+
+
+def test_candidate_ids_without_num_candidates_name_a_known_field():
+    """The case hypothesis found once in raw bytes: candidate ids with num_candidates 0."""
+    m = pb.ScoreRequest(prompt_token_ids=[1], completion_token_ids=[1], candidate_ids=[1], num_candidates=0)
+    with pytest.raises(InvalidRequest) as ei:
+        ScoreRequest.from_pb(m)
+    assert ei.value.param == "num_candidates" and ei.value.param in FIELDS
