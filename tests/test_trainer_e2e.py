@@ -329,7 +329,9 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_student, service, tmp_path
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
     assert [r["step"] for r in resumed if "eval/kl" in r] == [0, 3, 6]
     for k, v in load(out / "final").state_dict().items():
-        torch.testing.assert_close(v, final_whole[k], rtol=1e-4, atol=1e-6)
+        # atol 1e-5: the teacher's float32 linears may run on oneDNN (--cpu-linear auto), whose rounding depends on
+        # how a request is batched, and the two runs batch it differently (a 1.7e-6 weight difference seen in CI)
+        torch.testing.assert_close(v, final_whole[k], rtol=1e-4, atol=1e-5)
 
 
 def test_teacher_with_another_tokenizer_is_refused(tiny_other_tokenizer, service, tmp_path):
