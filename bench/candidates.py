@@ -74,6 +74,16 @@ SMOLLM2_RUN = [
 ]
 """The SmolLM2 pair's job (configs/demo-smollm2.yaml: SmolLM2-135M -> its first 6 layers, L = 16) with the
 trainer's default k = C = 16; loss, seed, steps come on top."""
+PAIRS = {  # name -> (run settings, k = C, plot title, results file, --quick steps and eval interval)
+    "plan": (RUN, K, "plan, L=2, trunk frozen", "candidates.json", (4, 2)),
+    "smollm2": (
+        SMOLLM2_RUN,
+        SMOLLM2_K,
+        "SmolLM2-135M -> 6 layers, arith, L=16",
+        "candidates_smollm2.json",
+        (2, 1),
+    ),
+}
 KINDS = {
     "token": {},
     f"top-{K}": {"top_k": K},
@@ -95,11 +105,12 @@ def train_runs(
     if pair_name == "smollm2":
         from services.models.smollm2 import prepare_smollm2
 
-        pair, run = prepare_smollm2(), SMOLLM2_RUN
+        pair = prepare_smollm2()
     else:
         from services.models.testbed import prepare_pair
 
-        pair, run = prepare_pair(pair_name), RUN
+        pair = prepare_pair(pair_name)
+    run = PAIRS[pair_name][0]
     records = []
     for seed in seeds:
         for loss in LOSSES:
@@ -263,7 +274,8 @@ def plot(data: dict, path: Path) -> None:
                    label=loss if r["seed"] == data["seeds"][0] else None)  # fmt: skip
     a.set(xlabel="step", ylabel="held-out reverse KL, first 16 tokens (nats/token)", yscale="log")
     b.set(xlabel="step", ylabel="training MC reverse KL at the trained positions", yscale="log")
-    a.set_title(f"{data.get('title', 'plan, L=2, trunk frozen')}, k = C = {data['k']}, seeds {data['seeds']}")
+    title = data.get("title", PAIRS["plan"][2])  # files written before titles were recorded are plan's
+    a.set_title(f"{title}, k = C = {data['k']}, seeds {data['seeds']}")
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -288,28 +300,22 @@ def main() -> None:
         "comparison on the SmolLM2 pair alone (candidates_smollm2.json)",
     )
     args = parser.parse_args()
-    path = args.out / ("candidates.json" if args.pair == "plan" else "candidates_smollm2.json")
-    if not args.report_only and args.pair == "smollm2":
+    settings, k, title, name, quick_steps = PAIRS[args.pair]
+    path = args.out / name
+    if not args.report_only:
         seeds = [0] if args.quick else list(range(args.seeds))
-        steps, every = (2, 1) if args.quick else (args.steps, args.every)
-        data = {"settings": SMOLLM2_RUN, "k": SMOLLM2_K, "seeds": seeds, "steps": steps, "engines": []}
-        data["title"] = "SmolLM2-135M -> 6 layers, arith, L=16"
-        data["runs"] = train_runs(seeds, steps, every, args.work, args.quick, "smollm2")
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1) + "\n")
-    elif not args.report_only:
-        from services.models.testbed import prepare_pair
+        steps, every = quick_steps if args.quick else (args.steps, args.every)
+        data = {"settings": settings, "k": k, "title": title, "seeds": seeds, "steps": steps, "engines": []}
+        if args.pair == "plan":  # the wire and throughput tables
+            from services.models.testbed import prepare_pair
 
-        seeds = [0] if args.quick else list(range(args.seeds))
-        steps, every = (4, 2) if args.quick else (args.steps, args.every)
-        data = {"settings": RUN, "k": K, "seeds": seeds, "steps": steps}
-        data["engines"] = [
-            engine_figures(str(prepare_pair("plan").teacher), 32, 6, 64, 1 if args.quick else 5)
-        ]
-        big = smollm2_teacher()
-        if big and not args.quick:
-            data["engines"].append(engine_figures(big, 16, 32, 64, 3))
-        data["runs"] = train_runs(seeds, steps, every, args.work, args.quick)
+            data["engines"].append(
+                engine_figures(str(prepare_pair("plan").teacher), 32, 6, 64, 1 if args.quick else 5)
+            )
+            big = smollm2_teacher()
+            if big and not args.quick:
+                data["engines"].append(engine_figures(big, 16, 32, 64, 3))
+        data["runs"] = train_runs(seeds, steps, every, args.work, args.quick, args.pair)
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1) + "\n")
     data = json.loads(path.read_text())

@@ -68,9 +68,11 @@ def encode_ref(rid: str, key: str) -> bytes:
 
 
 def reply_ref(envelope: bytes) -> bytes | None:
-    """The body key of a reference envelope, else None."""
-    _, kind, _ = envelope.split(b"\n", 2)
-    return kind[4:] if kind.startswith(b"ref ") else None
+    """The body key of a reference envelope, else None (without copying a reply's body: every reply passes here)."""
+    kind = envelope.find(b"\n") + 1
+    if not envelope.startswith(b"ref ", kind):
+        return None
+    return envelope[kind + 4 : envelope.find(b"\n", kind)]
 
 
 def encode_err(rid: str, err: TeacherError) -> bytes:

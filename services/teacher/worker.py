@@ -41,19 +41,19 @@ def reply_groups(requests: list[ScoreRequest], vocab_size: int, max_bytes: int =
     in one group first, then the full-row requests in order, in groups of at most `max_bytes` of rows (at
     least one request each)."""
     light = [i for i, r in enumerate(requests) if not r.full]
-    groups = [light] if light else []
+    heavy: list[list[int]] = []
     size = 0
     for i, r in enumerate(requests):
         if not r.full:
             continue
         nbytes = r.completion_token_ids.size * vocab_size * dtype_itemsize(r.full_dtype)
-        if groups and groups[-1] and groups[-1] is not light and size + nbytes <= max_bytes:
-            groups[-1].append(i)
+        if heavy and size + nbytes <= max_bytes:
+            heavy[-1].append(i)
             size += nbytes
         else:
-            groups.append([i])
+            heavy.append([i])
             size = nbytes
-    return groups
+    return ([light] if light else []) + heavy
 
 
 class Worker:

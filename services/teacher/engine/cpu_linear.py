@@ -102,13 +102,11 @@ def choose(setting: str, device: torch.device, linear: nn.Module | None) -> str:
         raise ValueError(f"`cpu_linear` must be one of {list(CHOICES)}, got {setting!r}.")
     if device.type != "cpu" or setting == "torch" or not isinstance(linear, nn.Linear):
         return "torch"
-    if setting == "onednn":
-        if not available():
-            raise ValueError("`cpu_linear` is 'onednn' but this torch build has no oneDNN linear kernel.")
-        return "onednn"
     if not available():
+        if setting == "onednn":
+            raise ValueError("`cpu_linear` is 'onednn' but this torch build has no oneDNN linear kernel.")
         return "torch"
     w = linear.weight
-    if w.dtype == torch.bfloat16:  # already oneDNN's kernels, only reordered once instead of on every call
+    if setting == "onednn" or w.dtype == torch.bfloat16:  # bfloat16: oneDNN either way, reordered once here
         return "onednn"
     return "onednn" if onednn_speedup(w.dtype, w.shape[1], w.shape[0]) >= MIN_SPEEDUP else "torch"

@@ -66,7 +66,7 @@ class HFEngine(Engine):
             cpu_linear.pack_linears(self.decoder)
         # the head chooses by its own shape and dtype (a vocabulary-wide projection, maybe float32 over bfloat16)
         self.head_kernels = cpu_linear.choose(spec.cpu_linear, self.device, self.lm_head)
-        if self.head_kernels == "onednn" and isinstance(self.lm_head, torch.nn.Linear):
+        if self.head_kernels == "onednn":  # only ever chosen for a plain nn.Linear
             self.lm_head = cpu_linear.PackedLinear(self.lm_head)
         cfg = self.model.config.get_text_config()
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
