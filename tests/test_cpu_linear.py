@@ -24,9 +24,10 @@ def test_packed_linear_equals_torch_linear(bias, shape):
         want, got = lin(x), cpu_linear.PackedLinear(lin)(x)
     assert got.shape == want.shape == (*shape[:-1], 80)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    lin16, x16 = lin.to(torch.bfloat16), x.to(torch.bfloat16)
-    with torch.inference_mode():
-        assert torch.equal(cpu_linear.PackedLinear(lin16)(x16), lin16(x16))
+    if cpu_linear.packs_bfloat16():
+        lin16, x16 = lin.to(torch.bfloat16), x.to(torch.bfloat16)
+        with torch.inference_mode():
+            assert torch.equal(cpu_linear.PackedLinear(lin16)(x16), lin16(x16))
 
 
 def test_pack_linears_replaces_every_linear():
@@ -51,8 +52,15 @@ def test_choose():
     speedup = cpu_linear.onednn_speedup(torch.float32, 64, 96)
     assert auto == ("onednn" if speedup >= cpu_linear.MIN_SPEEDUP else "torch")
     assert cpu_linear.choose("auto", cpu, torch.nn.Linear(64, 96)) == auto  # measured once per shape
-    # bfloat16 runs on oneDNN either way: packing only saves the per-call reorder (same numbers)
-    assert cpu_linear.choose("auto", cpu, torch.nn.Linear(64, 96).to(torch.bfloat16)) == "onednn"
+    # bfloat16 runs on oneDNN either way where the CPU has its kernels: packing only saves the per-call reorder
+    # (same numbers); on an AVX2-only CPU it stays on torch, and asking for oneDNN is a clear error
+    lin16 = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    if cpu_linear.packs_bfloat16():
+        assert cpu_linear.choose("auto", cpu, lin16) == "onednn"
+    else:
+        assert cpu_linear.choose("auto", cpu, lin16) == "torch"
+        with pytest.raises(ValueError, match="bfloat16"):
+            cpu_linear.choose("onednn", cpu, lin16)
     with pytest.raises(ValueError, match="cpu_linear"):
         cpu_linear.choose("mkl", cpu, lin)
 
@@ -71,6 +79,7 @@ def test_an_engine_on_onednn_matches_a_plain_forward(tiny_teacher, reference_mod
     assert diff < 1e-4
 
 
+@pytest.mark.skipif(not cpu_linear.packs_bfloat16(), reason="this CPU has no oneDNN bfloat16 kernel")
 def test_a_float32_head_over_a_bfloat16_trunk_on_onednn(tiny_teacher, reference_model):  # noqa: F811
     engine = load_engine(str(tiny_teacher), dtype="bfloat16", lm_head_dtype="float32", cpu_linear="onednn")
     assert (engine.linear_kernels, engine.head_kernels) == ("onednn", "onednn")

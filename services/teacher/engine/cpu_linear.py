@@ -9,7 +9,8 @@ it is clearly faster, so a CPU where MKL wins (or a torch without oneDNN) keeps 
 
 bfloat16 linears already run on oneDNN, reordering the weight on every call; packing it once gave the
 same numbers bit for bit (SmolLM2's token logprobs, max difference 0) and ~1.15x the bfloat16 engine (its LM head
-above all), so `auto` packs them wherever oneDNN is available. float16 is probed like float32.
+above all), so `auto` packs them wherever oneDNN has a bfloat16 kernel (AVX-512 or AVX-NE-CONVERT: not on an
+AVX2-only CPU, where bfloat16 stays on torch). float16 is probed like float32.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ CHOICES = ("auto", "torch", "onednn")
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def packs_bfloat16() -> bool:
+    """Whether this CPU has oneDNN's bfloat16 kernels (packing a bfloat16 weight raises without them)."""
+    return available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):
@@ -97,7 +103,8 @@ def largest_linear(module: nn.Module) -> nn.Linear | None:
 def choose(setting: str, device: torch.device, linear: nn.Module | None) -> str:
     """The kernels for `linear` (a layer standing for its kind: the trunk's largest projection, or the LM head):
     `torch` or `onednn`. For `auto` on a CPU with oneDNN: oneDNN in bfloat16; in float32 and float16 where the
-    probe of that layer's shape finds it at least MIN_SPEEDUP faster."""
+    probe of that layer's shape finds it at least MIN_SPEEDUP faster; torch where oneDNN has no kernel for the
+    dtype on this CPU."""
     if setting not in CHOICES:
         raise ValueError(f"`cpu_linear` must be one of {list(CHOICES)}, got {setting!r}.")
     if device.type != "cpu" or setting == "torch" or not isinstance(linear, nn.Linear):
@@ -107,6 +114,12 @@ def choose(setting: str, device: torch.device, linear: nn.Module | None) -> str:
             raise ValueError("`cpu_linear` is 'onednn' but this torch build has no oneDNN linear kernel.")
         return "torch"
     w = linear.weight
+    if w.dtype == torch.bfloat16 and not packs_bfloat16():
+        if setting == "onednn":
+            raise ValueError(
+                "`cpu_linear` is 'onednn' but this CPU has no oneDNN bfloat16 kernel (needs AVX-512)."
+            )
+        return "torch"
     if setting == "onednn" or w.dtype == torch.bfloat16:  # bfloat16: oneDNN either way, reordered once here
         return "onednn"
     return "onednn" if onednn_speedup(w.dtype, w.shape[1], w.shape[0]) >= MIN_SPEEDUP else "torch"
