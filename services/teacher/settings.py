@@ -71,6 +71,12 @@ class TeacherSettings(BaseSettings):
         "CPUs; float32 results differ at rounding level), torch's own, or auto: oneDNN where a probe at load "
         "finds it faster.",
     )
+    cpu_keep_heap: bool = Field(
+        True,
+        description="On a CPU, keep freed memory in the process heap (glibc mallopt) rather than returning it "
+        "to the OS after every batch: no page faults on each batch's activations (~15% faster on 2 cores); "
+        "the process keeps its peak memory.",
+    )
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="Wait window to gather a batch after waking."
     )
@@ -169,6 +175,7 @@ class TeacherSettings(BaseSettings):
             prompt_cache_mb=self.prompt_cache_mb,
             lm_head_dtype=self.lm_head_dtype,
             cpu_linear=self.cpu_linear,
+            cpu_keep_heap=self.cpu_keep_heap,
         )
 
     def key_namespace(self) -> str:
