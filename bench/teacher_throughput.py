@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from services.teacher.engine import load_engine  # noqa: E402
+from services.teacher.engine import cpu_heap, load_engine  # noqa: E402
 from services.teacher.engine.base import split_by_tokens  # noqa: E402
 from services.teacher.types import ScoreRequest  # noqa: E402
 
@@ -252,6 +252,10 @@ def vllm_tok_s(model: str, dtype: str, reqs: list[ScoreRequest], repeats: int) -
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "VLLM_CACHE_ROOT": str(ROOT / ".cache" / "vllm"),
+            # the same glibc heap thresholds as our CPU engine (engine/cpu_heap.py), so neither side is timed
+            # with page faults the other avoids
+            "MALLOC_MMAP_THRESHOLD_": str(cpu_heap.KEEP_BYTES),
+            "MALLOC_TRIM_THRESHOLD_": str(cpu_heap.TRIM_BYTES),
         }
         proc = subprocess.run(
             [str(python), str(ROOT / "bench" / "vllm_timing.py"), str(spec)],
