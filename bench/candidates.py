@@ -30,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 LOSSES = ("reverse_kl_full", "reverse_kl_topk", "reverse_kl_candidates")
+"""The default comparison; `--losses` names others, a label `LOSS@KEY=VALUE[@...]` adding config settings (e.g.
+`reverse_kl_candidates@candidates=64`)."""
 K = 4
 """Teacher top-k of reverse_kl_topk and student top-C of reverse_kl_candidates (of the testbed's 25 tokens)."""
 RUN = [
@@ -94,8 +96,19 @@ KINDS = {
 """Request kinds of the wire and throughput measurements: ScoreRequest fields (candidates: C random ids)."""
 
 
+def labels_of(data: dict) -> list[str]:
+    """The run labels of `data`, in the order first run."""
+    return list(dict.fromkeys(r["loss"] for r in data["runs"]))
+
+
 def train_runs(
-    seeds: list[int], steps: int, every: int, work: Path, quick: bool, pair_name: str = "plan"
+    seeds: list[int],
+    steps: int,
+    every: int,
+    work: Path,
+    quick: bool,
+    pair_name: str = "plan",
+    losses: tuple[str, ...] = LOSSES,
 ) -> list[dict]:
     """Each loss x seed from the same student with the in-process teacher: eval and per-step KL curves."""
     from trainer.config import load_config
@@ -113,10 +126,12 @@ def train_runs(
     run = PAIRS[pair_name][0]
     records = []
     for seed in seeds:
-        for loss in LOSSES:
-            out = work / pair_name / f"{loss}-s{seed}"
+        for label in losses:
+            loss, *overrides = label.split("@")
+            out = work / pair_name / f"{label.replace('@', '-').replace('=', '')}-s{seed}"
             extra = ["eval.prompts=16", "eval.batch_size=16"] if quick else []
             settings = [*run, f"student={pair.student}", f"teacher=inprocess:{pair.teacher}", f"loss={loss}"]
+            settings += overrides
             settings += [f"seed={seed}", f"steps={steps}", f"eval.every={every}", f"output_dir={out}", *extra]
             t0 = time.perf_counter()
             train(load_config(None, settings))
@@ -125,7 +140,7 @@ def train_runs(
             step_rows = [r for r in rows if "loss/reverse_kl_mc" in r]
             records.append(
                 {
-                    "loss": loss,
+                    "loss": label,
                     "seed": seed,
                     "wall_s": time.perf_counter() - t0,
                     "eval": [
@@ -137,7 +152,7 @@ def train_runs(
             )
             e0, e1 = records[-1]["eval"][0], records[-1]["eval"][-1]
             print(
-                f"{loss:>22} seed {seed}: kl_head {e0['eval/kl_head']:.3f} -> {e1['eval/kl_head']:.3f}, "
+                f"{label:>22} seed {seed}: kl_head {e0['eval/kl_head']:.3f} -> {e1['eval/kl_head']:.3f}, "
                 f"accuracy {e0['eval/accuracy']:.3f} -> {e1['eval/accuracy']:.3f}, {records[-1]['wall_s']:.0f} s",
                 flush=True,
             )
@@ -220,7 +235,7 @@ def tables(data: dict) -> str:
         "| after | train MC KL, last 5 steps | wall s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for loss in LOSSES:
+    for loss in labels_of(data):
         runs = [r for r in data["runs"] if r["loss"] == loss]
         e0 = [r["eval"][0] for r in runs]
         e1 = [r["eval"][-1] for r in runs]
@@ -264,7 +279,7 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, loss in enumerate(LOSSES):
+    for i, loss in enumerate(labels_of(data)):
         color = f"C{i}"
         for r in (r for r in data["runs"] if r["loss"] == loss):
             xs = [e["progress/step"] for e in r["eval"]]
@@ -293,6 +308,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-candidates")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
+        "--losses",
+        default=",".join(LOSSES),
+        help="comma-separated run labels: a loss, optionally with @KEY=VALUE settings "
+        "(e.g. reverse_kl_candidates@candidates=64)",
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add these runs to the existing JSON (same pair, steps and seeds) instead of replacing it",
+    )
+    parser.add_argument(
         "--pair",
         choices=("plan", "smollm2"),
         default="plan",
@@ -306,7 +332,7 @@ def main() -> None:
         seeds = [0] if args.quick else list(range(args.seeds))
         steps, every = quick_steps if args.quick else (args.steps, args.every)
         data = {"settings": settings, "k": k, "title": title, "seeds": seeds, "steps": steps, "engines": []}
-        if args.pair == "plan":  # the wire and throughput tables
+        if args.pair == "plan" and not args.append:  # the wire and throughput tables
             from services.models.testbed import prepare_pair
 
             data["engines"].append(
@@ -315,7 +341,16 @@ def main() -> None:
             big = smollm2_teacher()
             if big and not args.quick:
                 data["engines"].append(engine_figures(big, 16, 32, 64, 3))
-        data["runs"] = train_runs(seeds, steps, every, args.work, args.quick, args.pair)
+        losses = tuple(x for x in args.losses.split(",") if x)
+        runs = train_runs(seeds, steps, every, args.work, args.quick, args.pair, losses)
+        if args.append:
+            old = json.loads(path.read_text())
+            assert (old["steps"], old["seeds"]) == (steps, seeds), "--append needs the same steps and seeds"
+            new_labels = {r["loss"] for r in runs}
+            old["runs"] = [r for r in old["runs"] if r["loss"] not in new_labels] + runs
+            data = old
+        else:
+            data["runs"] = runs
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1) + "\n")
     data = json.loads(path.read_text())

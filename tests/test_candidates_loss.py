@@ -98,8 +98,17 @@ def test_requests_name_each_scored_position_s_candidates_and_results_pad_back():
     assert tb.cand_lp_BTC[1, 0].tolist() == [-2.0] * 3
 
 
-@pytest.mark.parametrize("source", ["student", "gold"])
-def test_a_step_asks_the_teacher_for_the_student_s_own_top_c(tiny_student, tiny_teacher, tmp_path, source):
+@pytest.mark.parametrize(
+    ("source", "loss"),
+    [
+        ("student", "reverse_kl_candidates"),
+        ("gold", "reverse_kl_candidates"),
+        ("student", "reverse_kl_candidates_topk"),
+    ],
+)
+def test_a_step_asks_the_teacher_for_the_student_s_own_top_c(
+    tiny_student, tiny_teacher, tmp_path, source, loss
+):
     """Rollouts of the student carry its top-C from sampling, gold rollouts get it from a student forward; the
     teacher's answers are its full rows gathered at those ids; a train step runs on them."""
     from test_trainer_variants import config, started
@@ -110,7 +119,7 @@ def test_a_step_asks_the_teacher_for_the_student_s_own_top_c(tiny_student, tiny_
 
     torch.set_default_dtype(torch.float32)
     C = 5
-    extra = ["loss=reverse_kl_candidates", f"candidates={C}", "steps=1", "batch_size=2", "micro_batch_size=2"]
+    extra = [f"loss={loss}", f"candidates={C}", "top_k=3", "steps=1", "batch_size=2", "micro_batch_size=2"]
     cfg = config(tiny_student, tiny_teacher, tmp_path / "run", f"rollouts.source={source}", *extra)
     with started(cfg) as run:
         mb = prepare_minibatch(run, 0)
@@ -124,6 +133,11 @@ def test_a_step_asks_the_teacher_for_the_student_s_own_top_c(tiny_student, tiny_
             for i, (res, n) in enumerate(zip(results, m.ro.lengths, strict=True)):
                 ids_TC = m.ro.cand_ids_BTC[i, :n]
                 assert res.candidate_logprobs.shape == (n, C)
+                assert (
+                    res.top_k_ids is None
+                    if loss == "reverse_kl_candidates"
+                    else res.top_k_ids.shape == (n, 3)
+                )
                 np.testing.assert_allclose(
                     res.candidate_logprobs,
                     np.take_along_axis(full[i].full_float32(), ids_TC.numpy(), 1),
@@ -134,3 +148,79 @@ def test_a_step_asks_the_teacher_for_the_student_s_own_top_c(tiny_student, tiny_
                 assert (s_TV.gather(1, ids_TC).min(1).values >= outside - 1e-4).all()  # the student's top-C
         res = train_step(run, mb)
         assert math.isfinite(res.loss_sum) and res.loss_sum > 0 and res.grad_norm > 0
+
+
+# ---------------------------------------------------------------------------- the union with the teacher's top-k
+def union_kl_by_hand(s_lp, t_lp, cand, topk):
+    """Reverse KL over {cand} | {topk} plus one tail bucket, one position, in plain Python."""
+    p, q = [math.exp(x) for x in s_lp], [math.exp(x) for x in t_lp]
+    ids = sorted(set(cand) | set(topk))
+    sp, tq = [p[i] for i in ids], [q[i] for i in ids]
+    if len(ids) < len(p):
+        sp.append(1 - sum(sp))
+        tq.append(1 - sum(tq))
+    return sum(a * math.log(a / b) for a, b in zip(sp, tq, strict=True) if a > 0)
+
+
+def test_union_with_the_teacher_top_k_against_a_closed_form():
+    s, t = rand_lp(2, 3, 12, seed=21), rand_lp(2, 3, 12, seed=22)
+    cand, topk = s.topk(4, -1).indices, t.topk(3, -1).indices  # overlapping at some positions
+    per = L.reverse_kl_candidates_topk(
+        s, cand, t.gather(-1, cand), topk, t.gather(-1, topk), torch.ones(2, 3), "none"
+    )
+    overlaps = 0
+    for b in range(2):
+        for j in range(3):
+            c, k = cand[b, j].tolist(), topk[b, j].tolist()
+            overlaps += len(set(c) & set(k))
+            want = union_kl_by_hand(s[b, j].tolist(), t[b, j].tolist(), c, k)
+            assert per[b, j].item() == pytest.approx(want, rel=1e-10)
+    assert overlaps > 0  # the repeated ids were exercised
+    full = L.reverse_kl_full(s, t, torch.ones(2, 3), "none")
+    only_cand = L.reverse_kl_candidates(s, cand, t.gather(-1, cand), torch.ones(2, 3), "none")
+    assert (per <= full + 1e-12).all() and (per >= only_cand - 1e-12).all()  # a finer bucketing: between
+
+
+def test_union_covering_the_vocabulary_with_repeats_is_exact_and_nan_free():
+    logits = torch.randn(1, 2, 6, generator=torch.Generator().manual_seed(23), requires_grad=True)
+    s, t = torch.log_softmax(logits, -1), rand_lp(1, 2, 6, seed=24)
+    cand = torch.tensor([[[0, 1, 2, 3], [5, 4, 3, 2]]])
+    topk = torch.tensor([[[3, 4, 5], [1, 0, 2]]])  # U = 7 > V = 6, one id repeated at each position
+    per = L.reverse_kl_candidates_topk(
+        s, cand, t.gather(-1, cand), topk, t.gather(-1, topk), torch.ones(1, 2), "none"
+    )
+    torch.testing.assert_close(per, L.reverse_kl_full(s, t, torch.ones(1, 2), "none"))
+    (g,) = torch.autograd.grad(per.sum(), logits)
+    assert torch.isfinite(g).all()
+
+
+def test_candidates_topk_requests_ask_for_both_and_results_pad_back_both():
+    from services.teacher.types import ScoreResult
+    from trainer.sampling import from_completions
+
+    ro = from_completions([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
+    ro.cand_ids_BTC = torch.arange(18).view(2, 3, 3)
+    need = L.LOSSES["reverse_kl_candidates_topk"].need
+    assert need.asks_topk and need.asks_candidates
+    reqs = build_requests(ro, need=need, job_id="j", top_k=2, temperature=1.0, scored=[2, 1])
+    assert reqs[0].top_k == 2 and not reqs[0].full
+    np.testing.assert_array_equal(reqs[1].candidate_ids, [[9, 10, 11]])
+    results = [
+        ScoreResult(
+            "a",
+            np.zeros(2, np.float32),
+            top_k_ids=np.array([[7, 8], [9, 10]], np.int32),
+            top_k_logprobs=-np.ones((2, 2), np.float32),
+            candidate_logprobs=-np.ones((2, 3), np.float32),
+        ),
+        ScoreResult(
+            "b",
+            np.zeros(1, np.float32),
+            top_k_ids=np.array([[11, 12]], np.int32),
+            top_k_logprobs=-np.ones((1, 2), np.float32),
+            candidate_logprobs=-2 * np.ones((1, 3), np.float32),
+        ),
+    ]
+    tb = to_teacher_batch(results, 3, "cpu", need, cand_ids_BTC=ro.cand_ids_BTC)
+    assert tb.topk_ids_BTK.shape == (2, 3, 2) and tb.cand_lp_BTC.shape == (2, 3, 3)
+    assert tb.topk_ids_BTK[1, 0].tolist() == [11, 12] and tb.cand_lp_BTC[1, 0].tolist() == [-2.0] * 3

@@ -263,12 +263,14 @@ class TrainConfig:
     )
     jsd_beta: float = _f(0.5, "beta of jsd_topk: 0 is forward KL, 1 reverse KL, 0.5 the symmetric JSD.")
     top_k: int = _f(
-        16, "Teacher top-k per position for the losses that need it ([topk] under `loss`) (>= 1)."
+        16,
+        "Teacher top-k per position for the losses that need it ([topk] or [candidates_topk] under `loss`) "
+        "(>= 1).",
     )
     candidates: int = _f(
         16,
         "C, the student's top-C ids per position sent as candidates for the losses that need them "
-        "([candidates] under `loss`): the teacher returns its log-probabilities at exactly those ids (>= 1; "
+        "([candidates] or [candidates_topk] under `loss`): the teacher returns its log-probabilities at exactly those ids (>= 1; "
         "at most the teacher's max_candidates).",
     )
     temperature: float = _f(1.0, "Sampling temperature of the rollouts (> 0).")

@@ -21,6 +21,8 @@ returns the masked per-token losses (B, T).
   under the student, so its support is the one that matters: `reverse_kl_topk` leaves the student's mass outside
   the teacher's top-k free except through one tail bucket, here the student's likely tokens are each matched.
   Also a lower bound of the exact reverse KL, equal to it when C = V.
+- `reverse_kl_candidates_topk`: the bucketing over the union of both supports, the student's top-C and the
+  teacher's top-k (one request asks for both): neither side's likely tokens hide in the tail.
 - `jsd_topk`: generalized JSD(beta) of TRL's GKD: beta * KL(T || M) + (1 - beta) * KL(S || M) with
   M = beta * T + (1 - beta) * S; beta = 0 is forward KL(T || S), beta = 1 reverse KL(S || T).
 - `*_full`: exact KL over the full vocabulary rows.
@@ -95,19 +97,27 @@ def generalized_jsd(s_lp: torch.Tensor, t_lp: torch.Tensor, beta: float) -> torc
 
 
 def bucket_topk(
-    student_lp_BTV: torch.Tensor, topk_ids_BTK: torch.Tensor, teacher_topk_lp_BTK: torch.Tensor
+    student_lp_BTV: torch.Tensor,
+    topk_ids_BTK: torch.Tensor,
+    teacher_topk_lp_BTK: torch.Tensor,
+    repeat_BTK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both distributions over K distinct ids per position (the teacher's top-k, or the student's top-C
     candidates) plus a tail bucket: (B, T, K+1) each (K if K = V).
 
     The student's tail is the log-sum-exp of its log-probabilities outside the ids (exact, with gradient); the
-    teacher's tail is log(1 - sum of its probabilities at the ids), floored at 1e-12.
+    teacher's tail is log(1 - sum of its probabilities at the ids), floored at 1e-12. `repeat_BTK` (bool) marks
+    ids that repeat an earlier one of the same position: their bucket gets no mass on either side (a zero term of
+    the KL), so a union of two id lists counts each id once.
     """
     K, V = topk_ids_BTK.shape[-1], student_lp_BTV.shape[-1]
     ids = topk_ids_BTK.long()
     s_topk_BTK = student_lp_BTV.gather(-1, ids)
     t_topk_BTK = teacher_topk_lp_BTK.to(student_lp_BTV.dtype)
-    if K >= V:
+    if repeat_BTK is not None:
+        s_topk_BTK = s_topk_BTK.masked_fill(repeat_BTK, -math.inf)
+        t_topk_BTK = t_topk_BTK.masked_fill(repeat_BTK, -math.inf)
+    if K >= V and repeat_BTK is None:  # every id named once: no tail
         return s_topk_BTK, t_topk_BTK
     in_topk_BTV = torch.zeros_like(student_lp_BTV, dtype=torch.bool).scatter_(-1, ids, True)
     fill = torch.finfo(student_lp_BTV.dtype).min
@@ -185,6 +195,29 @@ def reverse_kl_candidates(student_lp_BTV, cand_ids_BTC, teacher_cand_lp_BTC, mas
     return masked_reduce(kl_divergence(s, t), mask_BT, reduction)
 
 
+def reverse_kl_candidates_topk(
+    student_lp_BTV,
+    cand_ids_BTC,
+    teacher_cand_lp_BTC,
+    topk_ids_BTK,
+    teacher_topk_lp_BTK,
+    mask_BT,
+    reduction="mean",
+):
+    """KL(student || teacher) over the union of the student's top-C and the teacher's top-k ids plus a tail
+    bucket: each side's likely tokens matched by name, so neither's mass hides in the tail.
+
+    Shapes: candidate ids and the teacher's log-probabilities at them (B, T, C), the teacher's top-k (B, T, K),
+    student (B, T, V), mask (B, T). A top-k id that is also a candidate counts once."""
+    repeat_BTK = (topk_ids_BTK.long().unsqueeze(-1) == cand_ids_BTC.long().unsqueeze(-2)).any(-1)
+    ids_BTU = torch.cat([cand_ids_BTC.long(), topk_ids_BTK.long()], dim=-1)  # U = C + K
+    lp_BTU = torch.cat([teacher_cand_lp_BTC, teacher_topk_lp_BTK.to(teacher_cand_lp_BTC.dtype)], dim=-1)
+    repeat_BTU = torch.cat([torch.zeros_like(cand_ids_BTC, dtype=torch.bool), repeat_BTK], dim=-1)
+    s, t = bucket_topk(student_lp_BTV, ids_BTU, lp_BTU, repeat_BTU)  # (B, T, U+1) each
+    t = _neutral_where_masked(t, s, mask_BT)
+    return masked_reduce(kl_divergence(s, t), mask_BT, reduction)
+
+
 def reverse_kl_full(student_lp_BTV, teacher_lp_BTV, mask_BT, reduction="mean"):
     """Exact KL(student || teacher) over full vocabulary rows (B, T, V); mask (B, T)."""
     t = _neutral_where_masked(teacher_lp_BTV, student_lp_BTV, mask_BT)
@@ -228,6 +261,18 @@ class Need(str, enum.Enum):
     """Also the whole vocabulary row (within the teacher's memory guard)."""
     CANDIDATES = "candidates"
     """Also the teacher's log-probabilities at the student's top-C ids (`candidates` of the config)."""
+    CANDIDATES_TOPK = "candidates_topk"
+    """Both: the teacher's log-probabilities at the student's top-C ids and the teacher's own top-k."""
+
+    @property
+    def asks_topk(self) -> bool:
+        """Whether requests ask for the teacher's top-k."""
+        return self in (Need.TOPK, Need.CANDIDATES_TOPK)
+
+    @property
+    def asks_candidates(self) -> bool:
+        """Whether requests name the student's candidate ids."""
+        return self in (Need.CANDIDATES, Need.CANDIDATES_TOPK)
 
 
 @dataclass(frozen=True)
@@ -314,6 +359,11 @@ LOSSES: dict[str, Loss] = {
         Need.CANDIDATES,
         lambda x, r: reverse_kl_candidates(x.student_lp_BTV, *x.candidates(), x.mask_BT, r),
         "reverse KL over the student's own top-C ids (teacher logprobs at them) plus a tail bucket",
+    ),
+    "reverse_kl_candidates_topk": Loss(
+        Need.CANDIDATES_TOPK,
+        lambda x, r: reverse_kl_candidates_topk(x.student_lp_BTV, *x.candidates(), *x.topk(), x.mask_BT, r),
+        "reverse KL over the student's top-C and the teacher's top-k ids together plus a tail bucket",
     ),
     "reverse_kl_full": Loss(
         Need.FULL,

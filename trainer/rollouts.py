@@ -15,7 +15,7 @@ tail is empty except for tail rollouts under anchor.tail_target=reference, whose
 (the teacher is sent only those) and whose tail is the rest. Every generated position is in one of the two, so
 the step's loss normaliser (its number of trained tokens) is the number of generated tokens.
 
-Candidates (losses of Need.CANDIDATES): each scored position also names the student's own top-`candidates` ids;
+Candidates (losses whose Need asks for candidates): each scored position also names the student's own top-`candidates` ids;
 the student records them while it samples (no extra pass); rollouts written by a teacher copy or the gold
 answers get them from one forward pass of the student without gradient.
 
@@ -161,7 +161,7 @@ class RolloutSource:
             temperature=cfg.temperature,
             generator=run.sampler,
             autocast_dtype=run.autocast,
-            candidates=cfg.candidates if run.need == Need.CANDIDATES and self.on_policy else 0,
+            candidates=cfg.candidates if run.need.asks_candidates and self.on_policy else 0,
         )
 
 
@@ -251,7 +251,7 @@ def prepare_minibatch(run: Run, step: int) -> Minibatch:
         ts = time.perf_counter()
         lim = limits[s : s + cfg.micro_batch_size]
         ro = run.source.write(run, rows[s : s + cfg.micro_batch_size], lim)
-        if run.need == Need.CANDIDATES:
+        if run.need.asks_candidates:
             ro = with_student_candidates(run, ro)
         sample_s += time.perf_counter() - ts
         head_BT, tail_BT = split_positions(ro, lim, L, anchor_tails)

@@ -206,14 +206,14 @@ def check_teacher(
                 f"full-row losses need equal vocabulary sizes: teacher {info.vocab_size}, "
                 f"student {student_vocab}; use a *_topk loss."
             )
-    if need == Need.TOPK and info.vocab_size > student_vocab:
+    if need.asks_topk and info.vocab_size > student_vocab:
         raise TeacherMismatch(
             f"the teacher's vocabulary ({info.vocab_size}) is larger than the student's "
             f"({student_vocab}): its top-k ids could name tokens the student cannot represent."
         )
-    if need == Need.TOPK and top_k > info.max_top_k:
+    if need.asks_topk and top_k > info.max_top_k:
         raise TeacherMismatch(f"`top_k` must be <= {info.max_top_k} (the teacher's max_top_k), got {top_k}.")
-    if need == Need.CANDIDATES:
+    if need.asks_candidates:
         _check_candidates(info, student_vocab, candidates)
 
 
@@ -268,14 +268,14 @@ def build_requests(
     n = len(rollouts.prompt_ids)
     keep = rollouts.lengths if scored is None else list(scored)
     assert len(keep) == n and all(1 <= k <= m for k, m in zip(keep, rollouts.lengths, strict=True)), keep
-    cand = rollouts.cand_ids_BTC if need == Need.CANDIDATES else None
-    assert need != Need.CANDIDATES or cand is not None, "candidates are asked for but the rollouts have none"
+    cand = rollouts.cand_ids_BTC if need.asks_candidates else None
+    assert not need.asks_candidates or cand is not None, "candidates are asked for but the rollouts have none"
     return [
         ScoreRequest(
             prompt_token_ids=np.asarray(rollouts.prompt_ids[i], dtype=np.int64),
             completion_token_ids=np.asarray(rollouts.completion(i)[: keep[i]], dtype=np.int64),
             job_id=job_id,
-            top_k=top_k if need == Need.TOPK else 0,
+            top_k=top_k if need.asks_topk else 0,
             full=need == Need.FULL,
             temperature=temperature,
             full_dtype=full_dtype,
@@ -294,13 +294,13 @@ def to_teacher_batch(
     cand_ids_BTC: torch.Tensor | None = None,
 ) -> TeacherBatch:
     """Pads the results of a micro-batch to (B, T[, K | C | V]) tensors; padded positions are masked by the loss.
-    `cand_ids_BTC`: the candidate ids the requests named (Need.CANDIDATES)."""
+    `cand_ids_BTC`: the candidate ids the requests named (needs that ask for candidates)."""
     B = len(results)
     token = np.zeros((B, T), dtype=np.float32)
     for i, r in enumerate(results):
         token[i, : r.token_logprobs.shape[0]] = r.token_logprobs
     batch = TeacherBatch(token_lp_BT=torch.from_numpy(token).to(device))
-    if need == Need.TOPK:
+    if need.asks_topk:
         K = results[0].top_k_ids.shape[1]
         ids = np.tile(np.arange(K, dtype=np.int64), (B, T, 1))
         lp = np.full((B, T, K), -np.log(K), dtype=np.float32)
@@ -309,10 +309,10 @@ def to_teacher_batch(
             ids[i, :n], lp[i, :n] = r.top_k_ids, r.top_k_logprobs
         batch.topk_ids_BTK = torch.from_numpy(ids).to(device)
         batch.topk_lp_BTK = torch.from_numpy(lp).to(device)
-    elif need == Need.CANDIDATES:
-        assert cand_ids_BTC is not None, "Need.CANDIDATES needs the candidate ids of the requests"
+    if need.asks_candidates:
+        assert cand_ids_BTC is not None, "candidates need the candidate ids of the requests"
         batch.cand_ids_BTC, batch.cand_lp_BTC = _candidates_batch(results, cand_ids_BTC[:, :T], device)
-    elif need == Need.FULL:
+    if need == Need.FULL:
         assert vocab is not None
         full = np.full((B, T, vocab), -np.log(vocab), dtype=np.float32)
         for i, r in enumerate(results):
