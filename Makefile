@@ -65,7 +65,7 @@ proto:
 	$(BIN)/python proto/protogen.py
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m "slow and not faults and not rebuild"
