@@ -270,8 +270,8 @@ class TrainConfig:
     candidates: int = _f(
         16,
         "C, the student's top-C ids per position sent as candidates for the losses that need them "
-        "([candidates] or [candidates_topk] under `loss`): the teacher returns its log-probabilities at exactly those ids (>= 1; "
-        "at most the teacher's max_candidates).",
+        "([candidates] or [candidates_topk] under `loss`): the teacher returns its log-probabilities at exactly "
+        "those ids (>= 1; at most the teacher's max_candidates).",
     )
     temperature: float = _f(1.0, "Sampling temperature of the rollouts (> 0).")
     teacher_temperature: float = _f(1.0, "Temperature at which the teacher scores (> 0).")

@@ -209,8 +209,9 @@ def reverse_kl_candidates_topk(
 
     Shapes: candidate ids and the teacher's log-probabilities at them (B, T, C), the teacher's top-k (B, T, K),
     student (B, T, V), mask (B, T). A top-k id that is also a candidate counts once."""
-    repeat_BTK = (topk_ids_BTK.long().unsqueeze(-1) == cand_ids_BTC.long().unsqueeze(-2)).any(-1)
-    ids_BTU = torch.cat([cand_ids_BTC.long(), topk_ids_BTK.long()], dim=-1)  # U = C + K
+    cand_BTC, topk_BTK = cand_ids_BTC.long(), topk_ids_BTK.long()
+    repeat_BTK = (topk_BTK.unsqueeze(-1) == cand_BTC.unsqueeze(-2)).any(-1)
+    ids_BTU = torch.cat([cand_BTC, topk_BTK], dim=-1)  # U = C + K
     lp_BTU = torch.cat([teacher_cand_lp_BTC, teacher_topk_lp_BTK.to(teacher_cand_lp_BTC.dtype)], dim=-1)
     repeat_BTU = torch.cat([torch.zeros_like(cand_ids_BTC, dtype=torch.bool), repeat_BTK], dim=-1)
     s, t = bucket_topk(student_lp_BTV, ids_BTU, lp_BTU, repeat_BTU)  # (B, T, U+1) each

@@ -15,9 +15,9 @@ tail is empty except for tail rollouts under anchor.tail_target=reference, whose
 (the teacher is sent only those) and whose tail is the rest. Every generated position is in one of the two, so
 the step's loss normaliser (its number of trained tokens) is the number of generated tokens.
 
-Candidates (losses whose Need asks for candidates): each scored position also names the student's own top-`candidates` ids;
-the student records them while it samples (no extra pass); rollouts written by a teacher copy or the gold
-answers get them from one forward pass of the student without gradient.
+Candidates (losses whose Need asks for candidates): each scored position also names the student's own
+top-`candidates` ids; the student records them while it samples (no extra pass); rollouts written by a teacher
+copy or the gold answers get them from one forward pass of the student without gradient.
 
 Each micro-batch's requests go to the teacher as soon as it is written, so the next micro-batch is sampled while
 the teacher scores it (the weights do not change within a step: on-policy rollouts are strictly on-policy).

@@ -301,17 +301,19 @@ def to_teacher_batch(
         token[i, : r.token_logprobs.shape[0]] = r.token_logprobs
     batch = TeacherBatch(token_lp_BT=torch.from_numpy(token).to(device))
     if need.asks_topk:
-        K = results[0].top_k_ids.shape[1]
-        ids = np.tile(np.arange(K, dtype=np.int64), (B, T, 1))
-        lp = np.full((B, T, K), -np.log(K), dtype=np.float32)
-        for i, r in enumerate(results):
-            n = r.top_k_ids.shape[0]
-            ids[i, :n], lp[i, :n] = r.top_k_ids, r.top_k_logprobs
-        batch.topk_ids_BTK = torch.from_numpy(ids).to(device)
-        batch.topk_lp_BTK = torch.from_numpy(lp).to(device)
+        batch.topk_ids_BTK, batch.topk_lp_BTK = _padded_ids(
+            [(r.top_k_ids, r.top_k_logprobs) for r in results], T, device
+        )
     if need.asks_candidates:
         assert cand_ids_BTC is not None, "candidates need the candidate ids of the requests"
-        batch.cand_ids_BTC, batch.cand_lp_BTC = _candidates_batch(results, cand_ids_BTC[:, :T], device)
+        batch.cand_ids_BTC, batch.cand_lp_BTC = _padded_ids(
+            [
+                (cand_ids_BTC[i, : r.candidate_logprobs.shape[0]].numpy(), r.candidate_logprobs)
+                for i, r in enumerate(results)
+            ],
+            T,
+            device,
+        )
     if need == Need.FULL:
         assert vocab is not None
         full = np.full((B, T, vocab), -np.log(vocab), dtype=np.float32)
@@ -322,15 +324,16 @@ def to_teacher_batch(
     return batch
 
 
-def _candidates_batch(
-    results: list[ScoreResult], cand_ids_BTC: torch.Tensor, device
+def _padded_ids(
+    rows: list[tuple[np.ndarray, np.ndarray]], T: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (B, T, C), the teacher's log-probabilities (B, T, C)) of a micro-batch; positions the teacher did not
-    score keep the ids 0..C-1 at log(1 / C) (masked by the loss)."""
-    B, T, C = cand_ids_BTC.shape
-    ids = np.tile(np.arange(C, dtype=np.int64), (B, T, 1))
-    lp = np.full((B, T, C), -np.log(C), dtype=np.float32)
-    for i, r in enumerate(results):
-        n = r.candidate_logprobs.shape[0]
-        ids[i, :n], lp[i, :n] = cand_ids_BTC[i, :n].numpy(), r.candidate_logprobs
+    """(ids (B, T, X), the teacher's log-probabilities (B, T, X)) of a micro-batch from each result's (ids (n, X),
+    log-probabilities (n, X)), n <= T (the teacher's top-k, or the candidates the request named); positions the
+    teacher did not score keep the ids 0..X-1 at log(1 / X) (masked by the loss)."""
+    B, X = len(rows), rows[0][0].shape[1]
+    ids = np.tile(np.arange(X, dtype=np.int64), (B, T, 1))
+    lp = np.full((B, T, X), -np.log(X), dtype=np.float32)
+    for i, (ids_nX, lp_nX) in enumerate(rows):
+        n = lp_nX.shape[0]
+        ids[i, :n], lp[i, :n] = ids_nX, lp_nX
     return torch.from_numpy(ids).to(device), torch.from_numpy(lp).to(device)

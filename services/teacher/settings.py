@@ -73,9 +73,9 @@ class TeacherSettings(BaseSettings):
     )
     cpu_keep_heap: bool = Field(
         True,
-        description="On a CPU, keep freed memory in the process heap (glibc mallopt) rather than returning it "
-        "to the OS after every batch: no page faults on each batch's activations (~15% faster on 2 cores); "
-        "the process keeps its peak memory.",
+        description="hf backend on a CPU: keep freed memory in the process heap (glibc mallopt) rather than "
+        "returning it to the OS after every batch: no page faults on each batch's activations (~15% faster on "
+        "2 cores); the process keeps its peak memory.",
     )
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="Wait window to gather a batch after waking."
