@@ -320,6 +320,7 @@ def measure_dtype(name: str, settings: dict, model: str, uniform, distill, ref_e
         "wire_bytes_per_position": wire_bytes(engine, uniform[:4]),
         "linear_kernels": engine.linear_kernels,
         "head_kernels": engine.head_kernels,
+        "attention": engine.attention,
     }
     if not args.quick:
         record["vllm_tok_s"] = vllm_tok_s(model, settings["dtype"], uniform, args.repeats)
@@ -428,6 +429,7 @@ def markdown(run: dict) -> str:
         "linear kernels, trunk / LM head (cpu_linear auto)": lambda r: (
             f"{r.get('linear_kernels', 'torch')} / {r.get('head_kernels', r.get('linear_kernels', 'torch'))}"
         ),
+        "attention (cpu_attention auto)": lambda r: r.get("attention", "sdpa"),
         "token logprob max abs error vs a plain float32 forward (nats)": lambda r: (
             f"{r['error_vs_float32']['max_abs']:.3g}"
         ),
@@ -517,7 +519,7 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="tiny model, float32 and bfloat16, no vLLM, < 2 min")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated subset of {list(DTYPES)}")
-    ap.add_argument("--sequences", type=int, default=16)
+    ap.add_argument("--sequences", type=int, default=32, help="uniform traffic: windows of real text")
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--distill-prompts", type=int, default=8)

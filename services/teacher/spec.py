@@ -54,5 +54,7 @@ class EngineSpec:
     cpu_linear: str
     """Linear kernels on a CPU: `auto` (oneDNN where a probe at load finds it faster), `torch` or `onednn`
     (engine/cpu_linear.py)."""
+    cpu_attention: str
+    """Attention on a CPU: `auto`, `sdpa` or `blocked` (engine/cpu_attention.py)."""
     cpu_keep_heap: bool
     """On a CPU, keep freed memory in the process heap rather than returning it to the OS (engine/cpu_heap.py)."""

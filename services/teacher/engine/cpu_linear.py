@@ -66,7 +66,8 @@ def pack_linears(module: nn.Module) -> int:
     return n
 
 
-def _seconds(fn, repeats: int = 5) -> float:
+def seconds(fn, repeats: int = 5) -> float:
+    """The best of `repeats` timings of `fn()`, after one warm-up call."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -89,7 +90,7 @@ def onednn_speedup(dtype: torch.dtype, in_features: int, out_features: int, rows
     x = torch.randn(rows, in_features, dtype=dtype)
     try:
         packed = PackedLinear(linear)
-        return _seconds(lambda: linear(x)) / _seconds(lambda: packed(x))
+        return seconds(lambda: linear(x)) / seconds(lambda: packed(x))
     except RuntimeError:  # no oneDNN kernel for this dtype on this CPU
         return 0.0
 

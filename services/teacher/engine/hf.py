@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from services.teacher import codec
-from services.teacher.engine import cpu_heap, cpu_linear, prompt_kv
+from services.teacher.engine import cpu_attention, cpu_heap, cpu_linear, prompt_kv
 from services.teacher.engine.base import Engine
 from services.teacher.modelinfo import build_model_info
 from services.teacher.spec import EngineSpec
@@ -72,6 +72,7 @@ class HFEngine(Engine):
         if self.head_kernels == "onednn":  # only ever chosen for a plain nn.Linear
             self.lm_head = cpu_linear.PackedLinear(self.lm_head)
         cfg = self.model.config.get_text_config()
+        self.attention = cpu_attention.apply(spec.cpu_attention, self.model, self.device, self.dtype)
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
         # ModelInfo names the device actually used ("auto" resolved).
