@@ -36,7 +36,9 @@ def padded_causal_mask(lengths, Q, K):
 
 def qkv(B, h, k, Q, K, d=16, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g).to(dtype) for shape in ((B, h, Q, d), (B, k, K, d), (B, k, K, d))]
+    return [
+        torch.randn(*shape, generator=g).to(dtype) for shape in ((B, h, Q, d), (B, k, K, d), (B, k, K, d))
+    ]
 
 
 CASES = {
@@ -130,6 +132,8 @@ def test_bfloat16_blocked_attention_as_accurate_as_sdpa(tiny_teacher):
     blocked, b = token_logprobs(dtype="bfloat16", cpu_attention="blocked")
     assert (sdpa.attention, blocked.attention) == ("sdpa", "blocked")
     err_sdpa, err_blocked = np.abs(a - exact), np.abs(b - exact)
-    print(f"bfloat16 vs float32, mean/max abs: sdpa {err_sdpa.mean():.4f}/{err_sdpa.max():.3f}, "
-          f"blocked {err_blocked.mean():.4f}/{err_blocked.max():.3f}")
+    print(
+        f"bfloat16 vs float32, mean/max abs: sdpa {err_sdpa.mean():.4f}/{err_sdpa.max():.3f}, "
+        f"blocked {err_blocked.mean():.4f}/{err_blocked.max():.3f}"
+    )
     assert err_blocked.mean() < 1.3 * err_sdpa.mean() and err_blocked.max() < 2 * err_sdpa.max()

@@ -219,6 +219,16 @@ class WorkerQueue:
         """Blocks on the doorbell up to `timeout_s`; True if it rang."""
         return self.redis.blpop([self.cfg.key("bell")], timeout=timeout_s) is not None
 
+    def queued(self) -> int:
+        """Requests waiting to be claimed, over all jobs."""
+        jobs = self.redis.zrange(self.cfg.key("jobs"), 0, -1)
+        if not jobs:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for j in jobs:
+            pipe.llen(self.cfg.key("q:" + j.decode()))
+        return sum(pipe.execute())
+
     def close(self) -> None:
         self.redis.close()
 

@@ -84,7 +84,18 @@ class TeacherSettings(BaseSettings):
         "2 cores); the process keeps its peak memory.",
     )
     batch_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="Wait window to gather a batch after waking."
+        2.0,
+        ge=0,
+        le=1000,
+        description="Wait window to gather a batch after waking; repeated while requests keep arriving, up to "
+        "batch_wait_max_ms.",
+    )
+    batch_wait_max_ms: float = Field(
+        20.0,
+        ge=0,
+        le=10000,
+        description="Longest a worker gathers a burst before claiming (a trainer's step sends its rollouts as "
+        "one burst: claimed after its first request, the rest waited for a second batch).",
     )
     max_top_k: int = Field(64, ge=1, description="Largest accepted top_k.")
     max_candidates: int = Field(

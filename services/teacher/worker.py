@@ -91,7 +91,7 @@ class Worker:
                 items = self.queue.claim(s.max_batch_tokens, s.max_batch_size)
                 if not items:
                     if self.queue.wait_for_work(0.25) and s.batch_wait_ms:
-                        time.sleep(s.batch_wait_ms / 1000.0)  # let a burst arrive: bigger batches
+                        self._gather()
                     continue
                 self._process(items)
                 backoff = 0.1
@@ -106,6 +106,21 @@ class Worker:
             pass
         self.queue.close()
         log.info("worker %s stopped after %d batches", self.worker_id, self.batches)
+
+    def _gather(self) -> None:
+        """Lets a burst arrive before claiming (bigger batches): waits `batch_wait_ms`, again while requests
+        kept arriving in the last wait, for at most `batch_wait_max_ms` in all or until a full batch waits."""
+        s = self.settings
+        deadline = time.monotonic() + s.batch_wait_max_ms / 1000.0
+        queued = self.queue.queued()
+        if not queued:  # a stale ring: what it announced was claimed already
+            return
+        while True:
+            time.sleep(s.batch_wait_ms / 1000.0)
+            now = self.queue.queued()
+            if now == queued or now >= s.max_batch_size or time.monotonic() >= deadline:
+                return
+            queued = now
 
     def _lease_loop(self) -> None:
         """Extends the leases of the batch in hand every third of the visibility timeout; heartbeats too."""
