@@ -46,9 +46,11 @@ def attention(
     causal: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T * scaling + mask) v, per head, returned as (B, Q, h, d) (the layout the output projection
-    reads). `query` has h heads, `key`/`value` k heads (h a multiple of k: grouped-query attention). With no
-    mask and `causal`, query i attends to keys 0..i (keys beyond Q are ignored, as transformers' sdpa path
-    crops them); a mask, boolean or additive, replaces causality."""
+    reads). `query` has h heads, `key`/`value` k heads (h a multiple of k: grouped-query attention). With
+    `causal`, the Q queries are the last Q of the K positions (K - Q of them cached before) and query i sees
+    keys 0..K - Q + i: the keys past that are never computed, and a mask must hide them too. With no mask,
+    causality is applied here (keys beyond Q dropped, as transformers' sdpa path does for an empty static
+    cache); a mask, boolean (True = attend) or additive, is applied as given."""
     B, h, Q, d = query_BhQd.shape
     k = key_BkKd.shape[1]
     G = h // k
