@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from test_engine import assert_matches_reference, ragged_requests, reference_model  # noqa: F401 (fixture)
+from torch import nn
 
 from services.teacher.engine import cpu_linear, load_engine
 
@@ -80,11 +81,39 @@ def test_an_engine_on_onednn_matches_a_plain_forward(tiny_teacher, reference_mod
 
 
 @pytest.mark.skipif(not cpu_linear.packs_bfloat16(), reason="this CPU has no oneDNN bfloat16 kernel")
-def test_a_float32_head_over_a_bfloat16_trunk_on_onednn(tiny_teacher, reference_model):  # noqa: F811
-    engine = load_engine(str(tiny_teacher), dtype="bfloat16", lm_head_dtype="float32", cpu_linear="onednn")
-    assert (engine.linear_kernels, engine.head_kernels) == ("onednn", "onednn")
-    assert engine.lm_head.packed.dtype == torch.float32
+def test_a_float32_head_over_a_bfloat16_trunk_on_bfloat16_units(tiny_teacher, reference_model):  # noqa: F811
+    settings = dict(dtype="bfloat16", lm_head_dtype="float32", cpu_linear="onednn", prompt_cache_mb=0)
+    engine = load_engine(str(tiny_teacher), **settings)
+    assert (engine.linear_kernels, engine.head_kernels) == ("onednn", "onednn bf16 units")
+    assert isinstance(engine.lm_head, cpu_linear.BfloatValuedLinear)
     reqs = ragged_requests(engine.info.vocab_size, n=4, seed=12)
     for req, res in zip(reqs, engine.score(reqs), strict=True):
         # bfloat16 trunk: loose, but a real check
         assert_matches_reference(reference_model, req, res, tol=0.5)
+    # the same engine with its float32 head on torch's float32 kernels: equal up to summation order
+    plain = load_engine(str(tiny_teacher), **settings)
+    plain.lm_head = plain.lm_head.linear
+    reqs = ragged_requests(engine.info.vocab_size, n=4, seed=12, top_k=5)
+    for a, b in zip(engine.score(reqs), plain.score(reqs), strict=True):
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(a.top_k_logprobs, b.top_k_logprobs, atol=2e-5, rtol=0)
+
+
+@pytest.mark.skipif(not cpu_linear.packs_bfloat16(), reason="this CPU has no oneDNN bfloat16 kernel")
+def test_bfloat_valued_linear_is_a_float32_product():
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(256, 4096, bias=False)
+    linear.weight.data = (torch.randn(4096, 256, generator=g) * 0.05).bfloat16().float()
+    x_ND = torch.randn(64, 256, generator=g).bfloat16().float()
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with torch.inference_mode():
+        y_NV = cpu_linear.BfloatValuedLinear(linear)(x_ND)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before  # the process's flag is restored
+    ref_NV = x_ND.double() @ linear.weight.double().T
+    assert y_NV.dtype == torch.float32
+    assert (
+        y_NV.double() - ref_NV
+    ).abs().max() < 1e-5  # float32 accumulation; bfloat16 outputs would be ~1e-2 off
+    linear.weight.data += 1e-4  # no longer bfloat16 values: rounding them would change the product
+    with pytest.raises(ValueError, match="bfloat16 values"):
+        cpu_linear.BfloatValuedLinear(linear)

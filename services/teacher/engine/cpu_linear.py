@@ -11,6 +11,12 @@ bfloat16 linears already run on oneDNN, reordering the weight on every call; pac
 same numbers bit for bit (SmolLM2's token logprobs, max difference 0) and ~1.15x the bfloat16 engine (its LM head
 above all), so `auto` packs them wherever oneDNN has a bfloat16 kernel (AVX-512 or AVX-NE-CONVERT: not on an
 AVX2-only CPU, where bfloat16 stays on torch). float16 is probed like float32.
+
+A float32 LM head over a bfloat16 trunk (`lm_head_dtype: float32`) multiplies bfloat16 values: the trunk's
+hidden states and the model's bfloat16 weights, upcast. Their products are exact in float32, so oneDNN's
+bfloat16 units (AMX, AVX512-BF16), which multiply bfloat16 and accumulate in float32, compute the same head up to
+summation order: `BfloatValuedLinear` runs it so (3.3x faster than float32 on 2 AMX Xeon cores, 1.3e-6 from a
+float64 product against 2.1e-6 for float32's own kernel).
 """
 
 from __future__ import annotations
@@ -52,6 +58,30 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn packed"
+
+
+class BfloatValuedLinear(nn.Module):
+    """A float32 `nn.Linear` whose weights hold bfloat16 values, for inputs that do too, run on oneDNN's
+    bfloat16 units (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"` around the call: rounding a bfloat16
+    value to bfloat16 changes nothing, and the products accumulate in float32). Not thread-safe: the flag is
+    the process's; an engine scores from one thread."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        if w.dtype != torch.float32 or not torch.equal(w, w.bfloat16().float()):
+            raise ValueError("BfloatValuedLinear needs float32 weights that hold bfloat16 values")
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        matmul = torch.backends.mkldnn.matmul
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "bf16"
+        try:
+            return self.linear(x_ND)
+        finally:
+            matmul.fp32_precision = before
 
 
 def pack_linears(module: nn.Module) -> int:

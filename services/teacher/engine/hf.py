@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from services.teacher import codec
-from services.teacher.engine import cpu_attention, cpu_heap, cpu_linear, prompt_kv
+from services.teacher.engine import cpu_attention, cpu_heap, cpu_linear, cpu_topk, prompt_kv
 from services.teacher.engine.base import Engine
 from services.teacher.modelinfo import build_model_info
 from services.teacher.spec import EngineSpec
@@ -68,7 +68,10 @@ class HFEngine(Engine):
         if self.linear_kernels == "onednn":
             cpu_linear.pack_linears(self.decoder)
         # the head chooses by its own shape and dtype (a vocabulary-wide projection, maybe float32 over bfloat16)
-        self.head_kernels = cpu_linear.choose(spec.cpu_linear, self.device, self.lm_head)
+        if spec.cpu_linear != "torch" and self._head_on_bfloat16_units():
+            self.lm_head, self.head_kernels = cpu_linear.BfloatValuedLinear(self.lm_head), "onednn bf16 units"
+        else:
+            self.head_kernels = cpu_linear.choose(spec.cpu_linear, self.device, self.lm_head)
         if self.head_kernels == "onednn":  # only ever chosen for a plain nn.Linear
             self.lm_head = cpu_linear.PackedLinear(self.lm_head)
         cfg = self.model.config.get_text_config()
@@ -91,6 +94,18 @@ class HFEngine(Engine):
         self.prompts = prompt_kv.PromptLRU(spec.prompt_cache_mb * 1024 * 1024) if reuse else None
         self.last_reused: list[int] = []  # prompt tokens each request of the last batch reused
         self.tokens_reused = 0  # all prompt tokens reused since start
+
+    def _head_on_bfloat16_units(self) -> bool:
+        """A float32 head over a bfloat16 trunk multiplies bfloat16 values (the trunk's hidden states, the
+        model's weights): oneDNN's bfloat16 units compute it exactly up to summation order, where the CPU has
+        them (engine/cpu_linear.py)."""
+        return (
+            self.device.type == "cpu"
+            and self.dtype == torch.bfloat16
+            and self.head_dtype == torch.float32
+            and isinstance(self.lm_head, torch.nn.Linear)
+            and cpu_linear.packs_bfloat16()
+        )
 
     def _logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
         """Float32 logits (N, V) of hidden states (N, H), with the model's own final scaling/softcapping."""
@@ -154,7 +169,7 @@ class HFEngine(Engine):
             logprobs_CV = torch.log_softmax(logits_CV, dim=-1)
             token_lp_N[s:e] = logprobs_CV.gather(1, targets_N[s:e, None]).squeeze(1)
             if k_max:
-                vals, idx = logprobs_CV.topk(k_max, dim=-1, sorted=True)
+                vals, idx = cpu_topk.topk(logprobs_CV, k_max)
                 topk_lp_NK[s:e], topk_ids_NK[s:e] = vals, idx.to(torch.int32)
             if cand_ids_NM.shape[1]:
                 cand_lp_NM[s:e] = logprobs_CV.gather(1, cand_ids_NM[s:e])
