@@ -107,7 +107,9 @@ def reference_model(tiny_teacher):
 def test_engine_on_blocked_attention_matches_a_plain_forward(tiny_teacher, reference_model):
     engine = load_engine(str(tiny_teacher), cpu_attention="blocked", prompt_cache_mb=16)
     assert engine.attention == "blocked"
-    assert engine.model.config._attn_implementation == cpu_attention.NAME
+    assert engine.model.config._attn_implementation.startswith(
+        cpu_attention.NAME
+    )  # maybe wrapped: flat_reuse
     reqs = ragged_requests(engine.info.vocab_size, n=8, seed=7, top_k=4)  # a padded batch
     shared = shared_prompt_requests(engine.info.vocab_size, seed=3, top_k=4)
     worst = 0.0

@@ -33,9 +33,12 @@ def shared_prompt_requests(vocab: int, seed: int, **kw) -> list[ScoreRequest]:
     return reqs
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("kw", [{}, {"top_k": 5, "temperature": 0.8, "full": True}])
-def test_shared_prompts_match_a_plain_forward(tiny_teacher, reference_model, kw):
+def test_shared_prompts_match_a_plain_forward(tiny_teacher, reference_model, kw, flat):
     engine = load_engine(str(tiny_teacher), prompt_cache_mb=16)
+    assert engine.flat_reuse  # a Llama hands keyword arguments down to attention
+    engine.flat_reuse = flat  # False: reused requests in padded passes of similar lengths
     reqs = shared_prompt_requests(engine.info.vocab_size, seed=3, **kw)
     worst = 0.0
     for call in range(2):  # the second call finds every prompt in the LRU
@@ -45,6 +48,7 @@ def test_shared_prompts_match_a_plain_forward(tiny_teacher, reference_model, kw)
         expected = [0 if call == 0 and r.request_id.endswith("s0") else r.prompt_token_ids.size for r in reqs]
         assert engine.last_reused == expected
     assert (engine.prompts.misses, engine.prompts.hits, len(engine.prompts)) == (3, 3, 3)
+    assert engine.flat_reuse == flat
     print(f"shared prompts vs plain forward: max abs diff {worst:.3g}")
 
 
@@ -61,6 +65,21 @@ def test_a_prompt_seen_first_is_bit_for_bit_the_plain_pass(tiny_teacher):
     assert on.last_reused == [r.prompt_token_ids.size for r in reqs]
     for a, b in zip(again, off.score(reqs), strict=True):
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=0)
+
+
+def test_a_packed_pass_reports_a_model_that_does_not_hand_its_plan_to_attention(tiny_teacher):
+    """Without the wrapped attention the plan reaches no layer: the pass says so (None) rather than return the
+    hidden states of one causal sequence running across requests."""
+    from services.teacher.engine import flat_reuse
+
+    engine = load_engine(str(tiny_teacher), prompt_cache_mb=16)
+    reqs = shared_prompt_requests(engine.info.vocab_size, seed=4)
+    engine.score(reqs)
+    states = [engine.prompts.get(prompt_key(r.prompt_token_ids)).kv_L2hPd for r in reqs[6:9]]
+    with torch.inference_mode():
+        assert flat_reuse.flat_pass(engine.decoder, engine.device, reqs[6:9], states) is not None
+        engine.model.set_attn_implementation("sdpa")  # the model's own attention: the plan is dropped
+        assert flat_reuse.flat_pass(engine.decoder, engine.device, reqs[6:9], states) is None
 
 
 def state(n_bytes_each: int) -> PromptState:

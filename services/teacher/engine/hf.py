@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from services.teacher import codec
-from services.teacher.engine import cpu_attention, cpu_heap, cpu_linear, cpu_topk, prompt_kv
+from services.teacher.engine import cpu_attention, cpu_heap, cpu_linear, cpu_topk, flat_reuse, prompt_kv
 from services.teacher.engine.base import Engine
 from services.teacher.modelinfo import build_model_info
 from services.teacher.spec import EngineSpec
@@ -92,6 +92,8 @@ class HFEngine(Engine):
             and prompt_kv.supports_reuse(self.model.config)
         )
         self.prompts = prompt_kv.PromptLRU(spec.prompt_cache_mb * 1024 * 1024) if reuse else None
+        # reused prompts' completions packed into one pass, where the model hands keyword arguments to attention
+        self.flat_reuse = reuse and flat_reuse.install(self.model)
         self.last_reused: list[int] = []  # prompt tokens each request of the last batch reused
         self.tokens_reused = 0  # all prompt tokens reused since start
 
@@ -134,8 +136,8 @@ class HFEngine(Engine):
             hidden_BSH, _ = prompt_kv.padded_pass(self.decoder, self.device, requests, keep_cache=False)
             self.last_reused = [0] * len(requests)
             return prompt_kv.scored_rows(hidden_BSH, requests)
-        hidden_NH, self.last_reused = prompt_kv.scored_hidden_with_reuse(
-            self.decoder, self.device, requests, self.prompts
+        hidden_NH, self.last_reused, self.flat_reuse = prompt_kv.scored_hidden_with_reuse(
+            self.decoder, self.device, requests, self.prompts, flat=self.flat_reuse
         )
         self.tokens_reused += sum(self.last_reused)
         return hidden_NH

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.teacher.engine import flat_reuse
 from services.teacher.types import ScoreRequest
 
 
@@ -221,10 +222,14 @@ def length_groups(items: Sequence[int], lengths: Sequence[int], max_groups: int 
     return [[items[j] for j in g] for g in best[1]]
 
 
-def scored_hidden_with_reuse(decoder, device, requests: Sequence[ScoreRequest], lru: PromptLRU):
+def scored_hidden_with_reuse(
+    decoder, device, requests: Sequence[ScoreRequest], lru: PromptLRU, flat: bool = False
+):
     """Hidden states (N, H) predicting every completion token of `requests`, in request order (the same rows as
     `scored_rows(padded_pass(...))`), computing each distinct prompt at most once. Also returns, per request, the
-    number of prompt tokens it reused rather than computed."""
+    number of prompt tokens it reused rather than computed, and whether `flat` passes work for this model:
+    with `flat`, the requests that reuse a prompt run in one packed pass (engine/flat_reuse.py), else in padded
+    passes of similar lengths."""
     p = plan(requests, lru)
     per_request: list[torch.Tensor | None] = [None] * len(requests)
     batch_states = dict(p.kept)
@@ -239,7 +244,19 @@ def scored_hidden_with_reuse(decoder, device, requests: Sequence[ScoreRequest], 
         del cache
     states = {i: batch_states[p.keys[i]] for i in p.reuse}
     longer = [i for i in p.reuse if requests[i].completion_token_ids.size > 1]
-    for group in length_groups(longer, [requests[i].completion_token_ids.size - 1 for i in longer]):
+    done = False
+    if flat and longer:
+        hidden_NH = flat_reuse.flat_pass(
+            decoder, device, [requests[i] for i in longer], [states[i].kv_L2hPd for i in longer]
+        )
+        flat = done = hidden_NH is not None
+        if hidden_NH is not None:
+            sizes = [requests[i].completion_token_ids.size - 1 for i in longer]
+            for i, rows_TH in zip(longer, torch.split(hidden_NH, sizes), strict=True):
+                per_request[i] = torch.cat([states[i].last_H[None], rows_TH])
+    for group in (
+        [] if done else length_groups(longer, [requests[i].completion_token_ids.size - 1 for i in longer])
+    ):
         hidden_RTH = completion_pass(
             decoder, device, [requests[i] for i in group], [states[i] for i in group]
         )
@@ -252,4 +269,4 @@ def scored_hidden_with_reuse(decoder, device, requests: Sequence[ScoreRequest], 
     reused = [0] * len(requests)
     for i in p.reuse:
         reused[i] = requests[i].prompt_token_ids.size
-    return torch.cat(per_request), reused  # type: ignore[arg-type]
+    return torch.cat(per_request), reused, flat  # type: ignore[arg-type]
