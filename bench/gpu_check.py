@@ -95,9 +95,11 @@ def measure(model_dir: str, name: str, settings: dict, uniform, distill, ref, ar
     off = load_engine(model_dir, device=args.device, prompt_cache_mb=0, **settings)
     on = load_engine(model_dir, device=args.device, **settings)
     if on.prompts is None:  # the engine reuses prompts on CPU devices only: forced here, to measure it
+        from services.teacher.engine import flat_reuse
         from services.teacher.engine.prompt_kv import PromptLRU
 
         on.prompts = PromptLRU(256 * 1024 * 1024)
+        on.flat_reuse = flat_reuse.install(on.model)  # reused completions in one packed pass, as on a CPU
     sec = timed(
         {
             "raw forward": lambda: run_raw(raw, uniform, args.batch_tokens, dev),
