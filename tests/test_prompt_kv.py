@@ -134,3 +134,49 @@ def test_length_groups_cover_every_item_once_and_pad_less():
     assert padded < len(items) * max(lengths)
     assert length_groups([7, 8], [5, 5]) == [[7, 8]]  # equal lengths: one pass
     assert length_groups([], []) == []
+
+
+def tiny_model(kind: str, out) -> str:
+    """A random 2-layer Qwen3 or Mistral (no sliding window) with the tests' tokenizer: other model code than
+    Llama's, whose attention must receive the packed pass's plan too."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from services.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(512)
+    config_cls, model_cls, extra = {
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+        "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    }[kind]
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = model_cls(config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "mistral"])
+def test_packed_reuse_on_other_architectures_matches_a_plain_forward(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model(kind, tmp_path / kind)
+    engine = load_engine(path, prompt_cache_mb=16)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    reqs = shared_prompt_requests(engine.info.vocab_size, seed=7, top_k=5)
+    engine.score(reqs)
+    results = engine.score(reqs)  # every prompt kept: all reused, in one packed pass
+    assert engine.flat_reuse and engine.last_reused == [r.prompt_token_ids.size for r in reqs]
+    for req, res in zip(reqs, results, strict=True):
+        assert_matches_reference(reference, req, res, TOL_F32)
