@@ -222,6 +222,30 @@ def length_groups(items: Sequence[int], lengths: Sequence[int], max_groups: int 
     return [[items[j] for j in g] for g in best[1]]
 
 
+def reused_rows(
+    decoder, device, requests: Sequence[ScoreRequest], states: dict[int, PromptState], flat: bool
+):
+    """Hidden states (T_i - 1, H) of completion tokens 0..T_i - 2 of each request i in `states` (its prompt's
+    kept state), by index: one packed pass with `flat` (engine/flat_reuse.py), else (or where the model turns out
+    not to take it) padded passes of similar lengths. Also returns whether packed passes work for this model."""
+    if flat:
+        hidden_NH = flat_reuse.flat_pass(
+            decoder, device, [requests[i] for i in states], [s.kv_L2hPd for s in states.values()]
+        )
+        if hidden_NH is not None:
+            sizes = [requests[i].completion_token_ids.size - 1 for i in states]
+            return dict(zip(states, torch.split(hidden_NH, sizes), strict=True)), True
+    rows = {}
+    index = list(states)
+    for group in length_groups(index, [requests[i].completion_token_ids.size - 1 for i in index]):
+        hidden_RTH = completion_pass(
+            decoder, device, [requests[i] for i in group], [states[i] for i in group]
+        )
+        for row, i in enumerate(group):
+            rows[i] = hidden_RTH[row, : requests[i].completion_token_ids.size - 1]
+    return rows, False
+
+
 def scored_hidden_with_reuse(
     decoder, device, requests: Sequence[ScoreRequest], lru: PromptLRU, flat: bool = False
 ):
@@ -243,29 +267,10 @@ def scored_hidden_with_reuse(
             lru.put(p.keys[i], state)
         del cache
     states = {i: batch_states[p.keys[i]] for i in p.reuse}
-    longer = [i for i in p.reuse if requests[i].completion_token_ids.size > 1]
-    done = False
-    if flat and longer:
-        hidden_NH = flat_reuse.flat_pass(
-            decoder, device, [requests[i] for i in longer], [states[i].kv_L2hPd for i in longer]
-        )
-        flat = done = hidden_NH is not None
-        if hidden_NH is not None:
-            sizes = [requests[i].completion_token_ids.size - 1 for i in longer]
-            for i, rows_TH in zip(longer, torch.split(hidden_NH, sizes), strict=True):
-                per_request[i] = torch.cat([states[i].last_H[None], rows_TH])
-    for group in (
-        [] if done else length_groups(longer, [requests[i].completion_token_ids.size - 1 for i in longer])
-    ):
-        hidden_RTH = completion_pass(
-            decoder, device, [requests[i] for i in group], [states[i] for i in group]
-        )
-        for row, i in enumerate(group):
-            t = requests[i].completion_token_ids.size - 1
-            per_request[i] = torch.cat([states[i].last_H[None], hidden_RTH[row, :t]])
-    for i in p.reuse:
-        if per_request[i] is None:
-            per_request[i] = states[i].last_H[None]
+    longer = {i: s for i, s in states.items() if requests[i].completion_token_ids.size > 1}
+    rows, flat = reused_rows(decoder, device, requests, longer, flat) if longer else ({}, flat)
+    for i in p.reuse:  # the prompt's last hidden state predicts completion token 0
+        per_request[i] = torch.cat([states[i].last_H[None], rows[i]]) if i in rows else states[i].last_H[None]
     reused = [0] * len(requests)
     for i in p.reuse:
         reused[i] = requests[i].prompt_token_ids.size
