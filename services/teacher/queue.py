@@ -221,13 +221,7 @@ class WorkerQueue:
 
     def queued(self) -> int:
         """Requests waiting to be claimed, over all jobs."""
-        jobs = self.redis.zrange(self.cfg.key("jobs"), 0, -1)
-        if not jobs:
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for j in jobs:
-            pipe.llen(self.cfg.key("q:" + j.decode()))
-        return sum(pipe.execute())
+        return sum(int(n) for n in self._s["depths"](args=[self.cfg.namespace])[1::2])
 
     def close(self) -> None:
         self.redis.close()
@@ -298,13 +292,8 @@ class FrontendQueue:
 
     async def depths(self) -> dict[str, int]:
         """Queued (unclaimed) requests per job."""
-        jobs = [j.decode() for j in await self.redis.zrange(self.cfg.key("jobs"), 0, -1)]
-        if not jobs:
-            return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for j in jobs:
-            pipe.llen(self.cfg.key("q:" + j))
-        return dict(zip(jobs, await pipe.execute(), strict=True))
+        flat = await self._s["depths"](args=[self.cfg.namespace])
+        return {job.decode(): int(n) for job, n in zip(flat[::2], flat[1::2], strict=True)}
 
     async def inflight(self) -> int:
         return int(await self.redis.zcard(self.cfg.key("inflight")))

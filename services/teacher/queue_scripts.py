@@ -203,6 +203,16 @@ _LIVE_WORKERS = """
 return redis.call('ZRANGEBYSCORE', NS .. 'workers', now_ms() - tonumber(ARGV[2]), '+inf')
 """
 
+# ARGV: namespace. Queued (unclaimed) requests per job, flat: job, count, job, count, ...
+_DEPTHS = """
+local out = {}
+for _, job in ipairs(redis.call('ZRANGE', NS .. 'jobs', 0, -1)) do
+  out[#out + 1] = job
+  out[#out + 1] = redis.call('LLEN', NS .. 'q:' .. job)
+end
+return out
+"""
+
 SCRIPTS = {
     name: _LUA_PRELUDE + body
     for name, body in (
@@ -214,6 +224,7 @@ SCRIPTS = {
         ("extend", _EXTEND),
         ("heartbeat", _HEARTBEAT),
         ("live_workers", _LIVE_WORKERS),
+        ("depths", _DEPTHS),
     )
 }
 """Script name -> full source (prelude + body), registered by both sides of the queue."""
