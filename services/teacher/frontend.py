@@ -22,6 +22,7 @@ import redis
 
 from services.teacher import metrics
 from services.teacher.auth import Principal, TokenTable
+from services.teacher.batch_cost import prompt_key
 from services.teacher.errors import DeadlineExceeded, QueueFull, TeacherError, Unavailable
 from services.teacher.queue import FrontendQueue, QueueConfig, ReplyStats, decode_reply
 from services.teacher.quota import Quotas
@@ -141,7 +142,14 @@ class Dispatcher:
         try:
             payload = req.to_pb().SerializeToString() if wire is None else wire
             enqueue = self.queue.enqueue(
-                rid, payload, req.job_id, req.num_tokens, self.reply_key, deadline_ms
+                rid,
+                payload,
+                req.job_id,
+                req.num_tokens,
+                self.reply_key,
+                deadline_ms,
+                completion_tokens=req.completion_token_ids.size,
+                prompt_key=prompt_key(req.prompt_token_ids),
             )
             try:  # waits for a pooled connection under a burst: bounded by the request's own deadline
                 accepted = await asyncio.wait_for(enqueue, timeout_s)

@@ -4,7 +4,8 @@ Keys (all under the namespace `pd:<name>:`, so one Redis serves several teachers
   q:<job>       LIST  request ids of one job, oldest first (claimed from the head, reclaimed to the head)
   jobs          ZSET  jobs with queued work; score = service order (lowest is served next: round-robin)
   seq           STRING counter giving the order
-  req:<rid>     HASH  payload (ScoreRequest bytes), job, tokens, reply, deadline, attempts, last_error
+  req:<rid>     HASH  payload (ScoreRequest bytes), job, tokens, ctok (completion tokens), pkey (prompt key),
+                      reply, deadline, attempts, last_error
   inflight      ZSET  claimed request ids; score = visibility deadline (ms, Redis clock)
   bell          LIST  doorbell: workers block on it to wake as soon as work arrives
   workers       ZSET  worker id -> last heartbeat (ms)
@@ -14,8 +15,9 @@ Keys (all under the namespace `pd:<name>:`, so one Redis serves several teachers
                       withdrawn (taken back by a front-end whose caller gave up)
 
 Every state change is one Lua script (`queue_scripts.py`), so it is atomic and works alike on Redis 6.2 and
-7.x (no streams). Claims are round-robin across jobs (one request per job per round) within a padded token
-budget: requests x longest prompt + completion <= `max_batch_tokens`.
+7.x (no streams). Claims are round-robin across jobs (one request per job per round) within a token budget,
+`max_batch_tokens`: requests x longest prompt + completion, or with a worker that reuses prompts, counting only
+the completion of a request whose prompt the batch already holds (batch_cost.py).
 
 Delivery is at-least-once: a claim puts the request in `inflight`; a worker that dies stops extending it,
 and the next claim after the visibility timeout puts it back at the head of its job's queue. The request's
@@ -144,10 +146,12 @@ class WorkerQueue:
         )
         self._s = {name: self.redis.register_script(src) for name, src in SCRIPTS.items()}
 
-    def claim(self, budget_tokens: int, max_n: int) -> list[Claimed]:
+    def claim(self, budget_tokens: int, max_n: int, reuse: bool = False) -> list[Claimed]:
+        """Leases a fair batch of at most `max_n` requests within `budget_tokens`, costed as batch_cost.BatchCost
+        does (`reuse`: the worker computes each prompt once per batch)."""
         c = self.cfg
         flat = self._s["claim"](
-            args=[c.namespace, budget_tokens, max_n, c.visibility_ms, c.max_tries, c.reply_ttl_ms]
+            args=[c.namespace, budget_tokens, max_n, c.visibility_ms, c.max_tries, c.reply_ttl_ms, int(reuse)]
         )
         return [
             Claimed(
@@ -252,13 +256,37 @@ class FrontendQueue:
         self._s = {name: self.redis.register_script(src) for name, src in SCRIPTS.items()}
 
     async def enqueue(
-        self, rid: str, payload: bytes, job: str, tokens: int, reply: str, deadline_ms: int
+        self,
+        rid: str,
+        payload: bytes,
+        job: str,
+        tokens: int,
+        reply: str,
+        deadline_ms: int,
+        completion_tokens: int | None = None,
+        prompt_key: bytes = b"",
     ) -> bool:
-        """Queues a request; False when the job already has max_pending_per_job queued."""
+        """Queues a request of `tokens` (prompt + completion); False when the job already has
+        max_pending_per_job queued. `completion_tokens` and `prompt_key` (batch_cost.prompt_key) let a worker that
+        reuses prompts claim more requests of one prompt (without them the request counts as one with a prompt of
+        its own)."""
         c = self.cfg
         ttl = max(1, deadline_ms - int(time.time() * 1000)) + c.reply_ttl_ms
+        ctok = tokens if completion_tokens is None else completion_tokens
         ok = await self._s["enqueue"](
-            args=[c.namespace, rid, payload, job, tokens, reply, deadline_ms, c.max_pending_per_job, ttl]
+            args=[
+                c.namespace,
+                rid,
+                payload,
+                job,
+                tokens,
+                reply,
+                deadline_ms,
+                c.max_pending_per_job,
+                ttl,
+                ctok,
+                prompt_key.hex(),
+            ]
         )
         return bool(ok)
 

@@ -34,14 +34,15 @@ local function give_up(rid, reply, attempts, last_error, ttl_ms)
 end
 """
 
-# ARGV: namespace, rid, payload, job, tokens, reply, deadline_ms, max_pending, hash_ttl_ms
+# ARGV: namespace, rid, payload, job, tokens, reply, deadline_ms, max_pending, hash_ttl_ms, completion tokens,
+# prompt key (hex; batch_cost.prompt_key)
 _ENQUEUE = """
 local rid, job = ARGV[2], ARGV[4]
 local q = NS .. 'q:' .. job
 if redis.call('LLEN', q) >= tonumber(ARGV[8]) then return 0 end
 local key = NS .. 'req:' .. rid
 redis.call('HSET', key, 'payload', ARGV[3], 'job', job, 'tokens', ARGV[5], 'reply', ARGV[6],
-           'deadline', ARGV[7], 'attempts', 0, 'enq', now_ms())
+           'deadline', ARGV[7], 'attempts', 0, 'enq', now_ms(), 'ctok', ARGV[10], 'pkey', ARGV[11])
 redis.call('PEXPIRE', key, tonumber(ARGV[9]))
 redis.call('RPUSH', q, rid)
 activate(job)
@@ -49,11 +50,14 @@ ring()
 return 1
 """
 
-# ARGV: namespace, budget_tokens, max_n, visibility_ms, max_tries, reply_ttl_ms
+# ARGV: namespace, budget_tokens, max_n, visibility_ms, max_tries, reply_ttl_ms, reuse ('1': the worker computes a
+# prompt once per batch). The budget is batch_cost.BatchCost's, mirrored here; a request queued without 'ctok' and
+# 'pkey' (an older front-end) counts as one with a prompt of its own.
 # Returns a flat list: rid, payload, attempts, reply, deadline, waited_ms, ... for each claimed request.
 _CLAIM = """
 local budget, max_n, vis = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_tries, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local reuse = ARGV[7] == '1'
 local now = now_ms()
 -- 1. Reclaim leases that expired (their worker died or stalled): back to the head of their job's queue.
 local expired = redis.call('ZRANGEBYSCORE', NS .. 'inflight', '-inf', now, 'LIMIT', 0, 1000)
@@ -67,8 +71,11 @@ for _, rid in ipairs(expired) do
     activate(job)
   end
 end
--- 2. Round-robin across jobs, one request per job per round, within the padded token budget.
-local out, n, longest, full = {}, 0, 0, false
+-- 2. Round-robin across jobs, one request per job per round, within the token budget: the fresh requests (the
+-- first of each prompt; all of them without reuse) cost their count x the longest of them, the others their
+-- completion tokens.
+local out, n, full = {}, 0, false
+local fresh, longest, packed, prompts = 0, 0, 0, {}
 while n < max_n and not full do
   local jobs = redis.call('ZRANGE', NS .. 'jobs', 0, -1)
   if #jobs == 0 then break end
@@ -81,7 +88,8 @@ while n < max_n and not full do
       redis.call('ZREM', NS .. 'jobs', job)
     else
       local key = NS .. 'req:' .. rid
-      local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error', 'enq')
+      local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error', 'enq',
+                               'ctok', 'pkey')
       if not h[1] then
         redis.call('LPOP', q)  -- its hash expired or was withdrawn: nobody waits for it any more
         progressed = true
@@ -92,8 +100,15 @@ while n < max_n and not full do
         progressed = true
       else
         local tok = tonumber(h[2])
-        local wide = math.max(longest, tok)
-        if n > 0 and wide * (n + 1) > budget then
+        local ctok, pkey = tonumber(h[8] or h[2]), h[9]
+        local shares = reuse and pkey and pkey ~= '' and prompts[pkey]
+        local cost
+        if shares then
+          cost = fresh * longest + packed + ctok
+        else
+          cost = (fresh + 1) * math.max(longest, tok) + packed
+        end
+        if n > 0 and cost > budget then
           full = true
           break
         end
@@ -111,7 +126,12 @@ while n < max_n and not full do
           table.insert(out, h[4])
           table.insert(out, now - tonumber(h[7] or now))
           n = n + 1
-          longest = wide
+          if shares then
+            packed = packed + ctok
+          else
+            fresh, longest = fresh + 1, math.max(longest, tok)
+            if pkey and pkey ~= '' then prompts[pkey] = true end
+          end
         end
         redis.call('ZADD', NS .. 'jobs', redis.call('INCR', NS .. 'seq'), job)
         if redis.call('LLEN', q) == 0 then redis.call('ZREM', NS .. 'jobs', job) end

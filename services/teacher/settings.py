@@ -49,8 +49,9 @@ class TeacherSettings(BaseSettings):
     max_batch_tokens: int = Field(
         8192,
         ge=1,
-        description="Padded token budget of one batch: requests x longest prompt + completion (B x S); "
-        "a single request must fit it alone.",
+        description="Token budget of one batch: requests x longest prompt + completion (B x S); with prompt reuse, "
+        "a request whose prompt the batch already holds counts only its completion tokens. A single request must "
+        "fit it alone.",
     )
     max_batch_size: int = Field(64, ge=1, description="Most requests in one batch.")
     prompt_cache_mb: int = Field(

@@ -88,7 +88,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self.queue.heartbeat(self.worker_id)
-                items = self.queue.claim(s.max_batch_tokens, s.max_batch_size)
+                items = self.queue.claim(s.max_batch_tokens, s.max_batch_size, self.engine.reuses_prompts)
                 if not items:
                     if self.queue.wait_for_work(0.25) and s.batch_wait_ms:
                         self._gather()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+from services.teacher.batch_cost import BatchCost, prompt_key
 from services.teacher.errors import TeacherError
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
 from services.teacher.validation import validate_request
@@ -19,6 +20,9 @@ class Engine(ABC):
 
     info: ModelInfo
     tokenizer: object
+    reuses_prompts: bool = False
+    """Whether requests sharing a prompt compute it once (engine/prompt_kv.py): batches are then budgeted by
+    what they compute (batch_cost.py)."""
 
     @abstractmethod
     def forward(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
@@ -43,7 +47,8 @@ class Engine(ABC):
                 valid.append(i)
             except TeacherError as err:
                 out[i] = err
-        for chunk in split_by_tokens([requests[i] for i in valid], self.info.max_batch_tokens, valid):
+        budget = self.info.max_batch_tokens
+        for chunk in split_by_tokens([requests[i] for i in valid], budget, valid, self.reuses_prompts):
             results = self.forward([requests[i] for i in chunk])
             for i, res in zip(chunk, results, strict=True):
                 out[i] = res
@@ -57,21 +62,23 @@ class Engine(ABC):
         return res
 
 
-def split_by_tokens(requests: Sequence[ScoreRequest], budget: int, index: Sequence[int]) -> list[list[int]]:
-    """Groups `index` (parallel to `requests`) into consecutive chunks whose padded size fits `budget`.
-
-    A padded batch costs len(chunk) * longest sequence; a single request always forms a chunk of its own.
-    """
+def split_by_tokens(
+    requests: Sequence[ScoreRequest], budget: int, index: Sequence[int], reuse: bool = False
+) -> list[list[int]]:
+    """Groups `index` (parallel to `requests`) into consecutive chunks whose cost fits `budget`: a padded batch
+    costs len(chunk) x its longest sequence, less with `reuse` where requests share a prompt (batch_cost.py). A
+    single request always forms a chunk of its own."""
     chunks: list[list[int]] = []
     cur: list[int] = []
-    longest = 0
+    cost = BatchCost(reuse)
     for req, i in zip(requests, index, strict=True):
-        n = req.num_tokens
-        if cur and max(longest, n) * (len(cur) + 1) > budget:
+        n, t = req.num_tokens, req.completion_token_ids.size
+        key = prompt_key(req.prompt_token_ids) if reuse else None
+        if not cost.fits(budget, n, t, key):
             chunks.append(cur)
-            cur, longest = [], 0
+            cur, cost = [], BatchCost(reuse)
         cur.append(i)
-        longest = max(longest, n)
+        cost.add(n, t, key)
     if cur:
         chunks.append(cur)
     return chunks

@@ -92,6 +92,7 @@ class HFEngine(Engine):
             and prompt_kv.supports_reuse(self.model.config)
         )
         self.prompts = prompt_kv.PromptLRU(spec.prompt_cache_mb * 1024 * 1024) if reuse else None
+        self.reuses_prompts = reuse
         # reused prompts' completions packed into one pass, where the model hands keyword arguments to attention
         self.flat_reuse = reuse and flat_reuse.install(self.model)
         self.last_reused: list[int] = []  # prompt tokens each request of the last batch reused

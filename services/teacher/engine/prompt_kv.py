@@ -19,7 +19,6 @@ cache is not a plain prefix of keys/values.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.teacher.batch_cost import prompt_key
 from services.teacher.engine import flat_reuse
 from services.teacher.types import ScoreRequest
 
@@ -45,12 +45,6 @@ class PromptState:
     @property
     def nbytes(self) -> int:
         return self.kv_L2hPd.nbytes + self.last_H.nbytes
-
-
-def prompt_key(prompt_ids: np.ndarray) -> bytes:
-    """The cache key of a prompt: a 128-bit digest of its token ids (length included)."""
-    ids = np.ascontiguousarray(prompt_ids, dtype=np.int64)
-    return hashlib.blake2b(ids.tobytes(), digest_size=16, person=b"prompt-kv").digest()
 
 
 class PromptLRU:
