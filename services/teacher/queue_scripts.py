@@ -89,7 +89,7 @@ while n < max_n and not full do
     else
       local key = NS .. 'req:' .. rid
       local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error', 'enq',
-                               'ctok', 'pkey')
+                           'ctok', 'pkey')
       if not h[1] then
         redis.call('LPOP', q)  -- its hash expired or was withdrawn: nobody waits for it any more
         progressed = true
