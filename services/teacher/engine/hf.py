@@ -92,11 +92,15 @@ class HFEngine(Engine):
             and prompt_kv.supports_reuse(self.model.config)
         )
         self.prompts = prompt_kv.PromptLRU(spec.prompt_cache_mb * 1024 * 1024) if reuse else None
-        self.reuses_prompts = reuse
         # reused prompts' completions packed into one pass, where the model hands keyword arguments to attention
         self.flat_reuse = reuse and flat_reuse.install(self.model)
         self.last_reused: list[int] = []  # prompt tokens each request of the last batch reused
         self.tokens_reused = 0  # all prompt tokens reused since start
+
+    @property
+    def reuses_prompts(self) -> bool:
+        """Derived from `prompts` (bench/gpu_check.py sets it on a GPU engine to force reuse)."""
+        return self.prompts is not None
 
     def _head_on_bfloat16_units(self) -> bool:
         """A float32 head over a bfloat16 trunk multiplies bfloat16 values (the trunk's hidden states, the
