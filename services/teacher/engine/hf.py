@@ -99,7 +99,7 @@ class HFEngine(Engine):
 
     @property
     def reuses_prompts(self) -> bool:
-        """Derived from `prompts` (bench/gpu_check.py sets it on a GPU engine to force reuse)."""
+        """Whether a prompt cache is set (`prompts`; bench/gpu_check.py sets one on a GPU engine to force reuse)."""
         return self.prompts is not None
 
     def _head_on_bfloat16_units(self) -> bool:
