@@ -50,9 +50,10 @@ def test_choose():
     assert cpu_linear.choose("auto", torch.device("cuda"), lin) == "torch"  # CPU engines only
     assert cpu_linear.choose("auto", cpu, torch.nn.Embedding(4, 4)) == "torch"  # not a plain Linear
     auto = cpu_linear.choose("auto", cpu, lin)
-    speedup = cpu_linear.onednn_speedup(torch.float32, 64, 96)
+    speedup = cpu_linear.onednn_speedup(torch.float32, ((64, 96, 1),))
     assert auto == ("onednn" if speedup >= cpu_linear.MIN_SPEEDUP else "torch")
-    assert cpu_linear.choose("auto", cpu, torch.nn.Linear(64, 96)) == auto  # measured once per shape
+    assert cpu_linear.choose("auto", cpu, torch.nn.Linear(64, 96)) == auto  # measured once per shape mix
+    assert cpu_linear.choose("auto", cpu, torch.nn.Sequential(torch.nn.ReLU())) == "torch"  # no linear at all
     # bfloat16 runs on oneDNN either way where the CPU has its kernels: packing only saves the per-call reorder
     # (same numbers); on an AVX2-only CPU it stays on torch, and asking for oneDNN is a clear error
     lin16 = torch.nn.Linear(64, 96).to(torch.bfloat16)
@@ -64,6 +65,18 @@ def test_choose():
             cpu_linear.choose("onednn", cpu, lin16)
     with pytest.raises(ValueError, match="cpu_linear"):
         cpu_linear.choose("mkl", cpu, lin)
+
+
+def test_linear_shapes_and_probe_rows():
+    """The probe's mix counts each projection shape of a module; its rows shrink as the shapes grow."""
+    block = torch.nn.ModuleDict(
+        {"q": nn.Linear(8, 8), "o": nn.Linear(8, 8), "up": nn.Linear(8, 32), "down": nn.Linear(32, 8)}
+    )
+    assert cpu_linear.linear_shapes(block) == {(8, 8): 2, (8, 32): 1, (32, 8): 1}
+    assert cpu_linear.linear_shapes(nn.Linear(3, 5)) == {(3, 5): 1}
+    assert cpu_linear.probe_rows({(8, 8): 1}) == 1024
+    assert cpu_linear.probe_rows({(576, 49152): 1}) == 128  # 2 x 576 x 49,152 x 128 ~ PROBE_FLOPS
+    assert cpu_linear.probe_rows({(8192, 8192): 1}) == 64
 
 
 def test_an_engine_on_onednn_matches_a_plain_forward(tiny_teacher, reference_model):  # noqa: F811

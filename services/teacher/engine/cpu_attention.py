@@ -100,7 +100,7 @@ def blocked_speedup(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
     def sdpa():
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
-    return cpu_linear.seconds(sdpa) / cpu_linear.seconds(lambda: attention(q, k, v, None, head_dim**-0.5))
+    return cpu_linear.speedup(sdpa, lambda: attention(q, k, v, None, head_dim**-0.5))
 
 
 def choose(setting: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int):

@@ -63,8 +63,7 @@ class HFEngine(Engine):
         self.head_dtype = torch.float32 if spec.lm_head_dtype == "float32" else self.dtype
         if self.head_dtype != self.dtype:  # a float32 copy (a tied embedding stays in the trunk's dtype)
             self.lm_head = copy.deepcopy(self.lm_head).to(self.head_dtype)
-        trunk = cpu_linear.largest_linear(self.decoder)
-        self.linear_kernels = cpu_linear.choose(spec.cpu_linear, self.device, trunk)
+        self.linear_kernels = cpu_linear.choose(spec.cpu_linear, self.device, self.decoder)
         if self.linear_kernels == "onednn":
             cpu_linear.pack_linears(self.decoder)
         # the head chooses by its own shape and dtype (a vocabulary-wide projection, maybe float32 over bfloat16)
