@@ -69,9 +69,9 @@ class TeacherSettings(BaseSettings):
     )
     cpu_linear: Literal["auto", "torch", "onednn"] = Field(
         "auto",
-        description="Linear kernels on a CPU: oneDNN with pre-packed weights (~2x MKL's float32 speed on AMD "
-        "CPUs; float32 results differ at rounding level), torch's own, or auto: oneDNN where a probe at load "
-        "finds it faster.",
+        description="Linear kernels on a CPU: oneDNN with pre-packed weights (1.2-2x MKL's float32 speed on "
+        "AMD CPUs; float32 results differ at rounding level), torch's own, or auto: oneDNN where a probe of the "
+        "model's projection shapes at load finds it faster.",
     )
     cpu_attention: Literal["auto", "sdpa", "blocked"] = Field(
         "auto",
