@@ -515,7 +515,9 @@ def cpu_name() -> str:
             default,
         )
 
-    name = f"{field('model name', 'unknown CPU')}, family {field('cpu family', '?')} model {field('model', '?')}"
+    name = (
+        f"{field('model name', 'unknown CPU')}, family {field('cpu family', '?')} model {field('model', '?')}"
+    )
     flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
     units = [
         u
