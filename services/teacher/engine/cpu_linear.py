@@ -6,7 +6,7 @@ into oneDNN's blocked layout (torch's own `mkldnn._linear_pointwise` op): the fl
 ~450 to ~800 positions/s. The two kernels sum in different orders, so float32 results differ at rounding level
 (max 4.6e-5 nats on SmolLM2); `choose` times both on the model's mix of projection shapes once per process and
 keeps oneDNN where it is faster, so a CPU where MKL wins (or a torch without oneDNN) keeps plain torch. On 2 Zen 4
-EPYC cores (AVX-512 on 256-bit units, ~140 GFLOPS) oneDNN ran the float32 engine 1.2-1.3x faster than MKL.
+EPYC cores (AVX-512 on 256-bit units, ~140-210 GFLOPS) oneDNN ran the float32 engine 1.2-1.3x faster than MKL.
 
 bfloat16 linears already run on oneDNN, reordering the weight on every call; packing it once gave the
 same numbers bit for bit (SmolLM2's token logprobs, max difference 0) and ~1.15x the bfloat16 engine (its LM head
@@ -104,11 +104,11 @@ def pack_linears(module: nn.Module) -> int:
 
 
 def linear_shapes(module: nn.Module) -> dict[tuple[int, int], int]:
-    """(in_features, out_features) of every plain `nn.Linear` under `module` (itself included), with how many
-    layers have that shape: the projections a forward pass runs, by kind."""
+    """(in_features, out_features) of every `nn.Linear` under `module` (itself included; the layers
+    `pack_linears` would replace), with how many layers have that shape: the projections a forward pass runs."""
     shapes: dict[tuple[int, int], int] = {}
     for m in module.modules():
-        if type(m) is nn.Linear:
+        if isinstance(m, nn.Linear):
             shapes[(m.in_features, m.out_features)] = shapes.get((m.in_features, m.out_features), 0) + 1
     return shapes
 
@@ -165,13 +165,13 @@ def speedup(baseline, candidate, rounds: int | None = None) -> float:
 
 
 def choose(setting: str, device: torch.device, module: nn.Module | None) -> str:
-    """The kernels for the plain `nn.Linear` layers under `module` (the decoder, or the LM head): `torch` or
+    """The kernels for the `nn.Linear` layers under `module` (the decoder, or the LM head): `torch` or
     `onednn`. For `auto` on a CPU with oneDNN: oneDNN in bfloat16; in float32 and float16 where the probe of the
     module's mix of shapes finds it at least MIN_SPEEDUP faster; torch where oneDNN has no kernel for the dtype
-    on this CPU, and for a module with no plain `nn.Linear`."""
+    on this CPU, and for a module with no `nn.Linear`."""
     if setting not in CHOICES:
         raise ValueError(f"`cpu_linear` must be one of {list(CHOICES)}, got {setting!r}.")
-    linears = [m for m in module.modules() if type(m) is nn.Linear] if module is not None else []
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)] if module is not None else []
     if device.type != "cpu" or setting == "torch" or not linears:
         return "torch"
     if not available():
