@@ -518,7 +518,7 @@ def cpu_name() -> str:
     name = (
         f"{field('model name', 'unknown CPU')}, family {field('cpu family', '?')} model {field('model', '?')}"
     )
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    flags = field("flags", "").split()
     units = [
         u
         for f, u in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"))
