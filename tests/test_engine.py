@@ -219,6 +219,13 @@ def test_logit_chunking_matches_reference(engine, reference_model, monkeypatch):
         assert_matches_reference(reference_model, req, res)
 
 
+def test_logit_chunk_rows_per_device():
+    """CPU chunks are sized for the cache, GPU chunks for few large GEMMs; never zero rows."""
+    assert hf_module.logit_chunk_rows(torch.device("cpu"), 49152) == 170
+    assert hf_module.logit_chunk_rows(torch.device("cuda"), 49152) == 1365
+    assert hf_module.logit_chunk_rows(torch.device("cpu"), 10**9) == 1
+
+
 def test_token_budget_splits_batches(tiny_teacher, reference_model):
     """A small max_batch_tokens splits the work into several forward passes with the same results."""
     small = load_engine(str(tiny_teacher), max_batch_tokens=64)
