@@ -167,7 +167,8 @@ class HFEngine(Engine):
         ).to(dev)
         unit_temps = all(r.temperature == 1.0 for r in requests)
         k_max = max(r.top_k for r in requests)
-        want_full_N = np.repeat(np.array([r.full for r in requests]), T)  # on the host: no device sync a chunk
+        # (N,) on the host: no device sync a chunk
+        want_full_N = np.repeat(np.array([r.full for r in requests]), T)
         cand_ids_NM = _candidate_ids(requests).to(dev)  # (N, M), M the batch's largest num_candidates
 
         N, V = hidden_NH.shape[0], self.info.vocab_size
