@@ -9,7 +9,8 @@ the GPU, per dtype (float32, bfloat16, bfloat16 with a float32 LM head):
 - speed, interleaved medians: the raw padded forward (logits everywhere, log_softmax, gather, top-20) vs the
   engine in-process on uniform traffic; and prefix-OPD traffic with prompt reuse on and off.
 
-    python3 bench/gpu_check.py --config .gpu/smollm2 --out $OUT/gpu_check.json
+    .venv/bin/python bench/gpu_check.py --write-config .gpu/smollm2     # here: SmolLM2's config + tokenizer
+    python3 bench/gpu_check.py --config .gpu/smollm2 --out $OUT/gpu_check.json   # there (`carry: [".gpu"]`)
 
 No service here (the GPU machine has no Redis): the service adds the same overhead as on a CPU, measured there.
 """
@@ -39,6 +40,28 @@ from teacher_throughput import (  # noqa: E402
 )
 
 from services.teacher.engine import load_engine  # noqa: E402
+
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
+
+
+def write_config(out: Path) -> None:
+    """SmolLM2-135M's config and tokenizer files, without weights (a few MB: they travel to the GPU machine)."""
+    import shutil
+
+    from services.models.smollm2 import prepare_smollm2
+
+    teacher = Path(prepare_smollm2().teacher)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in CONFIG_FILES:
+        if (teacher / name).exists():
+            shutil.copy(teacher / name, out / name)
+    print(f"wrote {out}: {sorted(p.name for p in out.iterdir())}")
 
 
 def build_model(config_dir: Path, out: Path) -> Path:
@@ -136,14 +159,22 @@ def measure(model_dir: str, name: str, settings: dict, uniform, distill, ref, ar
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", help="config.json + tokenizer files of the model to build")
+    ap.add_argument("--out", help="JSON path")
+    ap.add_argument(
+        "--write-config", metavar="DIR", help="write SmolLM2's config + tokenizer to DIR and stop"
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--distill-prompts", type=int, default=32)
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.write_config:
+        write_config(Path(args.write_config))
+        return
+    if not (args.config and args.out):
+        ap.error("--config and --out are required (or --write-config DIR)")
     dev = torch.device(args.device)
     model_dir = str(build_model(Path(args.config), Path("/tmp/gpu-check-model")))
     ref = load_engine(model_dir, device=args.device, prompt_cache_mb=0)
