@@ -186,6 +186,11 @@ class EvalConfig:
         True, "Also evaluate before the first step (the 'before' figures of the run summary)."
     )
     samples: int = _f(3, "Sample answers kept in the run summary and in samples.jsonl (>= 0).")
+    execution: bool = _f(
+        True,
+        "On decision tasks (builtin:route, builtin:relay), also eval/execution: the accuracy of answers written "
+        "with the teacher's preferred decisions forced (one more greedy pass; eval/agreement is free).",
+    )
     top_k: int = _f(
         64,
         "Teacher top-k of the evaluation KL when full rows are not used (eval.full_rows false, or a teacher "

@@ -219,6 +219,7 @@ def evaluate_now(run: Run, step: int) -> None:
             teacher_temperature=cfg.teacher_temperature,
             n_samples=ev.samples,
             autocast_dtype=run.autocast,
+            execution=ev.execution,
         )
         run.writer.log(step, {"progress/step": step, **result.metrics, **run.cum.as_metrics("flops/cum_")})
         run.teacher.stats.take()  # eval traffic is not training traffic
