@@ -72,7 +72,8 @@ def from_completions(
 
 def _cache_kwarg(model) -> str:
     """transformers 5 names the KV cache argument `cache`; 4.x named it `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's LoRA wrapper
+    params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
