@@ -53,10 +53,10 @@ class Recipe:
 
 STUDENT = Recipe(2, 96, 4, 1000, seed=2)
 RECIPES = {
-    "route": {"teacher": Recipe(4, 128, 4, 3000, seed=1, blind_share=0.3, tag_batch=256), "student": STUDENT},
+    "route": {"teacher": Recipe(4, 128, 4, 1200, seed=1, blind_share=0.3, tag_batch=256), "student": STUDENT},
     # relay's answers carry 4 decisions each, and a tag row is as long as the answer up to its block
     "relay": {
-        "teacher": Recipe(4, 128, 4, 3000, seed=1, blind_share=0.3, tag_batch=128),
+        "teacher": Recipe(4, 128, 4, 1500, seed=1, blind_share=0.3, tag_batch=64),
         "student": STUDENT,
     },
 }
@@ -197,12 +197,17 @@ def greedy_answers(model, tokenizer, task: DecisionTask, xs, forced=None, batch_
 
 
 def measure(model, tokenizer, task: DecisionTask, split: str = "heldout") -> dict:
-    """Accuracy, agreement of each decision with the designed preference, and execution (accuracy with the
-    preferred tags forced) of a model on a split."""
+    """A model's greedy figures on a split: accuracy; agreement of each decision with the teacher's designed
+    preference; execution (accuracy with the preferred tags forced); and `follows_any_tag`, the share of
+    answers that carry out tags drawn blindly and forced (validity aside): can it execute any decision?"""
     xs = task.split()[split]
     answers = greedy_answers(model, tokenizer, task, xs)
     forced = greedy_answers(
         model, tokenizer, task, xs, lambda x: dict(zip(task.points, task.teacher_tags(x), strict=True))
+    )
+    blind = {x: task.blind_tags(random.Random(f"follows:{x}")) for x in xs}
+    followed = greedy_answers(
+        model, tokenizer, task, xs, lambda x: dict(zip(task.points, blind[x], strict=True))
     )
     n, d = len(xs), len(xs) * task.blocks
     agree = sum(
@@ -214,6 +219,7 @@ def measure(model, tokenizer, task: DecisionTask, split: str = "heldout") -> dic
         "accuracy": sum(task.check(x, t) for x, t in zip(xs, answers, strict=True)) / n,
         "agreement_with_rule": agree / d,
         "execution": sum(task.check(x, t) for x, t in zip(xs, forced, strict=True)) / n,
+        "follows_any_tag": sum(t == task.answer(x, blind[x]) for x, t in zip(xs, followed, strict=True)) / n,
     }
 
 

@@ -7,12 +7,13 @@ of the prompts, and the right choice is a sum over several digits of the prompt 
 
 Both tasks carry out a decision the same way, the execution: an answer's numbers are three digits that each
 move by the tag's step k modulo 10 (`a` = +1, `b` = +3, `c` = +7, `d` = +9: each step visits every digit), a
-local rule a small model learns once and applies to any tag it is given. A decision reads the digit sum s of a
-group of three prompt digits: the valid tags are the two whose index in `abcd` has the parity of s (so each
-tag is wrong for half the prompts), and the teacher prefers the (s mod 4)-th.
+local rule a small model learns once and applies to any tag it is given. A decision reads a group of three
+prompt digits: the valid tags are `a` and `c` when the digit sum s is in the middle band 11..17, else `b` and
+`d` (so each tag is wrong for half the prompts), and the teacher prefers the one of `ab` when the group's first
+digit is below 5, else the one of `cd`.
 
 - `route` (task A, the decision comes first): `R 3 7 1 : 4 2 8 =` is answered with one tag and 24 numbers
-  starting from 428 (`b: 751 084 ...`): s = 3 + 7 + 1 = 11, valid `b` and `d`, the teacher's `d`. The first
+  starting from 428 (`a: 539 640 ...`): s = 3 + 7 + 1 = 11, valid `a` and `c`, the teacher's `a` (3 < 5). The first
   token decides the whole answer.
 - `relay` (task B, the decisions recur, each different): `L 371 942 856 : 416 =` is answered with 3 blocks,
   each a tag and 8 numbers continuing from the block before (`b: ... |a: ... |d: ...`). Block j's tag reads
@@ -37,8 +38,11 @@ ALPHABET = "0123456789 :=|RL" + "".join(STEPS)
 """Every character the decision tasks write: the testbed tokenizer's vocabulary (one token per character)."""
 PREFERRED = 0.9
 """How often the teacher's training answers carry its preferred tag (else another valid one)."""
+MIDDLE = (11, 17)
+"""The band of a group's digit sum (0..27) that makes `a` and `c` the valid tags: 497 of the 1,000 digit triples.
+Not a linear function of the digits (a sum above a threshold would be), nor a lookup of one of them."""
 SPLIT_PAIRS = {"validation": 20, "heldout": 20}
-"""How many of the 100 (first digit, second digit) pairs each evaluation split owns (5 of each sum mod 4)."""
+"""How many of the 100 (first digit, second digit) pairs each evaluation split owns (5 of each class)."""
 
 Digits = tuple[int, ...]
 
@@ -106,14 +110,23 @@ class DecisionTask:
     def _sum(self, x: Digits, j: int) -> int:
         return sum(self.group(x, j if self.groups > 1 else 0))
 
+    def middle(self, x: Digits, j: int) -> bool:
+        """Whether decision group j's digit sum lies in the middle band MIDDLE (about half of all sums)."""
+        lo, hi = MIDDLE
+        return lo <= self._sum(x, j) <= hi
+
     def valid_tags(self, x: Digits) -> list[str]:
-        """Per decision point, the valid tags in `options` order: those whose index has the parity of the
-        decision group's digit sum."""
-        return ["".join(t for i, t in enumerate(self.options) if i % 2 == self._sum(x, j) % 2) for j in range(self.blocks)]
+        """Per decision point, the valid tags in `options` order: `a` and `c` when the group's digit sum is in
+        the middle band, else `b` and `d`."""
+        return ["ac" if self.middle(x, j) else "bd" for j in range(self.blocks)]
 
     def teacher_tags(self, x: Digits) -> list[str]:
-        """Per decision point, the tag the teacher prefers (a valid one): the (sum mod 4)-th."""
-        return [self.options[self._sum(x, j) % len(self.options)] for j in range(self.blocks)]
+        """Per decision point, the tag the teacher prefers, a valid one: of `ab` when the group's first digit is
+        below 5, else of `cd`."""
+        return [self.options[self.preferred_index(x, j)] for j in range(self.blocks)]
+
+    def preferred_index(self, x: Digits, j: int) -> int:
+        return 2 * int(self.group(x, j)[0] >= 5) + int(not self.middle(x, j))
 
     def decisions(self, text: str) -> list[str | None]:
         """The tag an answer wrote at each decision point (None where the answer holds no tag there)."""
@@ -162,10 +175,12 @@ class DecisionTask:
 
     def split_pairs(self) -> dict[str, set[int]]:
         """The (first digit, second digit) pairs, as 10 a + b, that the validation and held-out splits own:
-        SPLIT_PAIRS // modulus of each class of (a + b) mod modulus, so that no split leans toward some sums."""
+        SPLIT_PAIRS // 4 of each class of (a >= 5, a + b mod 2), so that no split leans toward some tags."""
         rng = random.Random(f"{self.name}:pairs:{self.seed}")
         m = self.modulus
-        classes = [[p for p in range(100) if (p // 10 + p % 10) % m == r] for r in range(m)]
+        classes = [
+            [p for p in range(100) if 2 * (p // 10 >= 5) + (p // 10 + p % 10) % 2 == r] for r in range(m)
+        ]
         out: dict[str, set[int]] = {k: set() for k in SPLIT_PAIRS}
         for members in classes:
             rng.shuffle(members)
@@ -189,20 +204,21 @@ class DecisionTask:
         return len(self.options)
 
     def _draw(self, rng: random.Random, pairs: list[int], residues: list[int] | None) -> Digits:
-        """A prompt whose first two digits are one of `pairs`, with each decision group's digit sum congruent
-        to `residues` (modulo `modulus`; None: any)."""
+        """A prompt whose first two digits are one of `pairs`, whose preferred tag index at each decision point
+        is `residues` (None: any)."""
         while True:
             pair = rng.choice(pairs)
             x = (pair // 10, pair % 10, *(rng.randrange(10) for _ in range(self.n_digits - 2)))
-            sums = [self._sum(x, j) % self.modulus for j in range(self.blocks)]
-            if residues is None or sums == residues:
+            prefs = [self.preferred_index(x, j) for j in range(self.blocks)]
+            if residues is None or prefs == residues:
                 return x
 
     def split(self) -> dict[str, list[Digits]]:
         """{'train', 'validation', 'heldout'}: fixed, disjoint lists of prompts (digit tuples), drawn once.
 
-        The evaluation splits are balanced: at every decision point each sum residue (hence each valid set)
-        comes up equally often, so an option's share of prompts where it is wrong is exact, not a draw."""
+        The evaluation splits are balanced: at every decision point each preferred tag
+        (hence each valid set) comes up equally often, so an option's share of prompts where it is wrong, or
+        preferred, is exact, not a draw."""
         rng = random.Random(f"{self.name}:prompts:{self.seed}")
         owned = self.split_pairs()
         pairs = {k: sorted(v) for k, v in owned.items()}
