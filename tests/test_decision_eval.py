@@ -31,13 +31,15 @@ def test_forced_and_banned_tokens_in_generation_match_transformers_generate(char
     ids = [render(ex, tok) for ex in examples]
     enc = tok.convert_tokens_to_ids
     forced = [{t: enc(c) for t, c in ex.forced_decisions().items()} for ex in examples]
-    ro = generate(model, ids, 112, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0, forced=forced)
+    ro = generate(
+        model, ids, 120, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0, forced=forced
+    )
     ours = [tok.decode(ro.completion(i), skip_special_tokens=True) for i in range(len(examples))]
     theirs = greedy_answers(
         model, tok, RELAY, [RELAY.parse(ex.prompt) for ex in examples],
         forced=lambda x: dict(zip(RELAY.points, RELAY.teacher_tags(x), strict=True)),
     )  # fmt: skip
-    assert [t[:112] for t in ours] == [t[:112] for t in theirs]
+    assert ours == theirs, "the same greedy answers, 120 tokens each"
     for i, ex in enumerate(examples):
         comp = ro.completion(i)
         for p, tag in ex.forced_decisions().items():
@@ -64,7 +66,9 @@ def test_agreement_is_one_when_the_teacher_is_the_student_and_execution_matches_
     finally:
         teacher.close()
     m = result.metrics
-    assert m["eval/agreement"] == 1.0, "the teacher's argmax after the student's own prefix is the student's choice"
+    assert m["eval/agreement"] == 1.0, (
+        "the teacher's argmax after the student's own prefix is the student's choice"
+    )
     forced = greedy_answers(model, tok, ROUTE, [ROUTE.parse(ex.prompt) for ex in examples],
                             forced=lambda x: {0: ROUTE.teacher_tags(x)[0]})  # fmt: skip
     expected = sum(ROUTE.check(ROUTE.parse(ex.prompt), t) for ex, t in zip(examples, forced, strict=True)) / 8
@@ -101,3 +105,32 @@ def test_agreement_counts_decision_points_against_a_different_teacher(char_model
             agree += int(p < len(comp) and int(logits[len(p_ids) - 1 + p].argmax()) == comp[p])
     assert m["eval/agreement"] == agree / (4 * len(examples))
     assert "eval/execution" not in m
+
+
+def test_light_evaluation_measures_the_same_accuracy_and_agreement_without_kl(char_model, tmp_path):
+    """The dense evaluations of a run (eval.light): the teacher's top-1 up to the last decision point gives the
+    agreement that its full rows give; no KL and no execution are reported."""
+    from services.teacher.client import ClientOptions
+    from trainer.evaluate import evaluate
+    from trainer.teacher_io import TeacherIO
+
+    _, model, tok = char_model
+    other = new_model(Recipe(2, 32, 2, 1, seed=11), tok).eval()
+    other.save_pretrained(tmp_path / "t")
+    tok.save_pretrained(tmp_path / "t")
+    examples = load_task("builtin:relay").heldout[:6]
+    ids = [render(ex, tok) for ex in examples]
+    teacher = TeacherIO(f"inprocess:{tmp_path / 't'}", ClientOptions())
+    kw = dict(
+        max_new_tokens=112, batch_size=3, head_tokens=16, full_rows=True, top_k=8, vocab=len(tok), job_id="t"
+    )
+    try:
+        full = evaluate(model, tok, examples, ids, teacher, **kw).metrics
+        light = evaluate(model, tok, examples, ids, teacher, light=True, **kw).metrics
+    finally:
+        teacher.close()
+    assert (
+        light["eval/agreement"] == full["eval/agreement"] and light["eval/accuracy"] == full["eval/accuracy"]
+    )
+    assert not any(k.startswith("eval/kl") for k in light) and "eval/execution" not in light
+    assert "eval/execution" in full and "eval/kl" in full

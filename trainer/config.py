@@ -213,6 +213,11 @@ class EvalConfig:
         True, "Also evaluate before the first step (the 'before' figures of the run summary)."
     )
     samples: int = _f(3, "Sample answers kept in the run summary and in samples.jsonl (>= 0).")
+    light: bool = _f(
+        False,
+        "Evaluations between the first and the last measure accuracy and agreement only (no KL, no execution; "
+        "the teacher scores up to the last decision point, top-1): cheap enough to evaluate every few steps.",
+    )
     execution: bool = _f(
         True,
         "On decision tasks (builtin:route, builtin:relay), also eval/execution: the accuracy of answers written "

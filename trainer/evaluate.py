@@ -129,6 +129,13 @@ def _reverse_kl_BT(
     return compute_loss(EVAL_KL[need], s_lp_BTV, ids_BT, tb, mask_BT, reduction="none"), mask_BT
 
 
+def _light_length(example: Example, length: int) -> int:
+    """Completion positions a light evaluation has the teacher score: up to the last decision point (>= 1)."""
+    task = example.decisions
+    last = max(task.points) if task is not None else 0
+    return max(1, min(length, last + 1))
+
+
 def _execution(model, tokenizer, examples, prompt_ids, tally: _Tally, max_new_tokens, batch_size, autocast):
     """eval/execution: greedy answers with the teacher's preferred decision forced at every decision point
     (Example.forced_decisions), checked like any answer: does the student still carry a decision out?"""
@@ -169,13 +176,18 @@ def evaluate(
     n_samples: int = 3,
     autocast_dtype: torch.dtype | None = None,
     execution: bool = True,
+    light: bool = False,
 ) -> EvalResult:
     """Evaluates `model` on `examples` (prompt ids already rendered) against `teacher`: answers of up to
     `max_new_tokens` tokens, KL over full rows when `full_rows`, else over the teacher's `top_k` and a tail.
     On decision tasks also the agreement with the teacher's greedy decisions and, with `execution`, the
-    accuracy of answers written with the teacher's preferred decisions forced."""
+    accuracy of answers written with the teacher's preferred decisions forced. `light`: accuracy and agreement
+    only (the dense evaluations of a run): the teacher is asked for its top-1 up to the last decision point,
+    no KL, no execution pass."""
     t0 = time.perf_counter()
-    need = Need.FULL if full_rows else Need.TOPK
+    need = Need.TOPK if light else (Need.FULL if full_rows else Need.TOPK)
+    top_k = 1 if light else top_k
+    execution = execution and not light
     eos = tokenizer.eos_token_id
     pad = pad_id_of(tokenizer)
     device = next(model.parameters()).device
@@ -191,7 +203,10 @@ def evaluate(
             temperature=0.0,
             autocast_dtype=autocast_dtype,
         )
-        reqs = build_requests(ro, need=need, job_id=job_id, top_k=top_k, temperature=teacher_temperature)
+        scored = [_light_length(examples[i], n) for i, n in zip(rows, ro.lengths, strict=True)] if light else None
+        reqs = build_requests(
+            ro, need=need, job_id=job_id, top_k=top_k, temperature=teacher_temperature, scored=scored
+        )
         return rows, ro, teacher.submit(reqs)
 
     batches = [range(s, min(len(examples), s + batch_size)) for s in range(0, len(examples), batch_size)]
@@ -201,8 +216,9 @@ def evaluate(
         if pending is not None:
             rows, ro, fut = pending
             tb = to_teacher_batch(fut.result(), ro.ids_BT.shape[1], device, need, vocab)
-            kl_BT, mask_BT = _reverse_kl_BT(model, ro, tb, need, autocast_dtype)
-            tally.add_kl(kl_BT, mask_BT, head_tokens)
+            if not light:
+                kl_BT, mask_BT = _reverse_kl_BT(model, ro, tb, need, autocast_dtype)
+                tally.add_kl(kl_BT, mask_BT, head_tokens)
             top_BT = tb.full_lp_BTV.argmax(-1) if need == Need.FULL else tb.topk_ids_BTK[..., 0]
             tally.add_agreement(ro, [examples[i] for i in rows], top_BT.cpu())
             tally.add_answers(ro, [examples[i] for i in rows], tokenizer, n_samples)
@@ -211,5 +227,7 @@ def evaluate(
     if execution:
         _execution(model, tokenizer, examples, prompt_ids, tally, max_new_tokens, batch_size, autocast_dtype)
     metrics = tally.metrics(len(examples))
+    if light:
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("eval/kl")}
     metrics["eval/seconds"] = time.perf_counter() - t0
     return EvalResult(metrics, tally.samples)

@@ -224,6 +224,7 @@ def evaluate_now(run: Run, step: int) -> None:
             n_samples=ev.samples,
             autocast_dtype=run.autocast,
             execution=ev.execution,
+            light=ev.light and 0 < step < cfg.steps,
         )
         run.writer.log(step, {"progress/step": step, **result.metrics, **run.cum.as_metrics("flops/cum_")})
         run.teacher.stats.take()  # eval traffic is not training traffic
