@@ -40,10 +40,14 @@ class CompletionBody(BaseModel):
     prompt_logprobs: int | None = Field(
         None, description="Per prompt position: the actual token and the top k (0: the actual only; -1: all)."
     )
-    logprobs: int | None = Field(None, description="Top logprobs of each generated (or, with echo, each) token.")
+    logprobs: int | None = Field(
+        None, description="Top logprobs of each generated (or, with echo, each) token."
+    )
     echo: bool | None = Field(False, description="Return the prompt in `text` and `logprobs` too.")
     return_tokens_as_token_ids: bool | None = Field(None, description="Tokens as 'token_id:<id>' strings.")
-    return_token_ids: bool | None = Field(None, description="Add `prompt_token_ids` and `token_ids` to each choice.")
+    return_token_ids: bool | None = Field(
+        None, description="Add `prompt_token_ids` and `token_ids` to each choice."
+    )
     add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens to a text prompt.")
     user: str | None = Field(None, description="OpenAI's end-user id: the job, unless the token names one.")
     stream: bool | None = Field(False, description="Not supported: refused with a 400.")
@@ -254,19 +258,23 @@ def _candidate_rows(rows: list[list[int]] | None, positions: int, info: ModelInf
         )
     if width > info.max_candidates:
         raise InvalidRequest(
-            f"`{param}` must hold at most {info.max_candidates} ids per row (max_candidates), got {width}.", param
+            f"`{param}` must hold at most {info.max_candidates} ids per row (max_candidates), got {width}.",
+            param,
         )
     ids = np.full((positions, width), -1, dtype=np.int64)
     for t, r in enumerate(rows):
         ids[t, : len(r)] = r
     if ids.min() < -1 or ids.max() >= info.vocab_size:
         raise InvalidRequest(
-            f"`{param}` contain out-of-vocab token ids (-1 pads a row). Vocabulary size: {info.vocab_size}", param
+            f"`{param}` contain out-of-vocab token ids (-1 pads a row). Vocabulary size: {info.vocab_size}",
+            param,
         )
     return ids
 
 
-def _work(ids, text, rows, body: CompletionBody, max_tokens: int, info: ModelInfo, scores: bool) -> PromptWork:
+def _work(
+    ids, text, rows, body: CompletionBody, max_tokens: int, info: ModelInfo, scores: bool
+) -> PromptWork:
     n = len(ids)
     if n + max_tokens > info.max_context:
         raise InvalidRequest(
