@@ -9,6 +9,7 @@ field. Model-dependent limits are checked here against `ModelInfo` before anythi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,8 +67,14 @@ class CompletionBody(BaseModel):
 
 def parse_body(raw: bytes) -> CompletionBody:
     """The body of a call; InvalidRequest naming the first bad field (or `body` for malformed JSON)."""
+    try:  # the standard parser keeps a lone surrogate, so that the check of `prompt` can name it
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise InvalidRequest(f"`body` is not valid JSON: {str(err)[:200]}.", "body") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("`body` must be a JSON object.", "body")
     try:
-        return CompletionBody.model_validate_json(raw)
+        return CompletionBody.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
