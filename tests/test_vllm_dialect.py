@@ -33,7 +33,9 @@ def seqs(seed: int, n: int, lo: int = 2, hi: int = 40) -> list[list[int]]:
     return [rng.integers(3, VOCAB, int(rng.integers(lo, hi))).tolist() for _ in range(n)]
 
 
-def check_choice(model, choice: dict, ids: list[int], k: int, temperature: float = 1.0, start: int = 1) -> None:
+def check_choice(
+    model, choice: dict, ids: list[int], k: int, temperature: float = 1.0, start: int = 1
+) -> None:
     rows = reference_rows(model, ids, temperature)
     got = choice["prompt_logprobs"]
     assert len(got) == len(ids) and all(e is None for e in got[:start])
@@ -59,7 +61,9 @@ def test_prompt_logprobs_equal_a_plain_forward(teacher, tiny_teacher, k, tempera
     for c, ids in zip(body["choices"], prompts, strict=True):
         check_choice(tiny_teacher, c, ids, k, temperature)
     assert body["choices"][-1]["prompt_logprobs"] == [None]
-    assert body["usage"]["prompt_tokens"] == sum(map(len, prompts)) and body["usage"]["completion_tokens"] == 6
+    assert (
+        body["usage"]["prompt_tokens"] == sum(map(len, prompts)) and body["usage"]["completion_tokens"] == 6
+    )
 
 
 def test_shared_prefixes_are_exact_and_reused(teacher, tiny_teacher):
@@ -77,7 +81,10 @@ def test_shared_prefixes_are_exact_and_reused(teacher, tiny_teacher):
 
     async def one_each():  # TRL's chunk_size=1: one sequence per call, concurrently
         async with httpx.AsyncClient(timeout=60) as c:
-            calls = [c.post(teacher.http + "/v1/completions", json={"prompt": s, "prompt_logprobs": 4}) for s in more]
+            calls = [
+                c.post(teacher.http + "/v1/completions", json={"prompt": s, "prompt_logprobs": 4})
+                for s in more
+            ]
             return [x.json() for x in await asyncio.gather(*calls)]
 
     answers = asyncio.run(one_each())
@@ -112,26 +119,45 @@ def test_echo_and_generation(teacher, tiny_teacher):
     assert lp["tokens"] == [f"token_id:{i}" for i in ids]
     assert all(3 >= len(t) >= 2 for t in lp["top_logprobs"][1:])  # the actual token + the top 2
     assert lp["text_offset"] == list(np.cumsum([0] + [len(t) for t in lp["tokens"][:-1]]))
-    greedy = post(teacher, {"prompt": ids, "max_tokens": 3, "temperature": 0, "logprobs": 1, "ignore_eos": True})
+    greedy = post(
+        teacher, {"prompt": ids, "max_tokens": 3, "temperature": 0, "logprobs": 1, "ignore_eos": True}
+    )
     g = greedy.json()["choices"][0]
     expected, seq = [], list(ids)
     for _ in range(3):
         row = next_row(tiny_teacher, seq)
         expected.append(int(np.argmax(row)))
         seq.append(expected[-1])
-    as_ids = post(teacher, {"prompt": ids, "max_tokens": 3, "temperature": 0, "return_token_ids": True, "ignore_eos": True})
+    as_ids = post(
+        teacher,
+        {"prompt": ids, "max_tokens": 3, "temperature": 0, "return_token_ids": True, "ignore_eos": True},
+    )
     assert as_ids.json()["choices"][0]["token_ids"] == expected
     assert g["finish_reason"] == "length" and len(g["logprobs"]["tokens"]) == 3
     row = next_row(tiny_teacher, ids)
-    assert abs(g["logprobs"]["token_logprobs"][0] - row[expected[0]]) < 1e-4 and rank_of(row, expected[0]) == 1
+    assert (
+        abs(g["logprobs"]["token_logprobs"][0] - row[expected[0]]) < 1e-4 and rank_of(row, expected[0]) == 1
+    )
 
 
 @pytest.mark.parametrize(
     ("body", "param", "message"),
     [
-        ({"prompt_logprobs": 65}, "prompt_logprobs", "Requested prompt logprobs of 65, which is greater than max allowed: 64"),
-        ({"logprobs": 100}, "logprobs", "Requested sample logprobs of 100, which is greater than max allowed: 64"),
-        ({"prompt_logprobs": 2, "stream": True}, "prompt_logprobs", "`prompt_logprobs` are not available when `stream=True`."),
+        (
+            {"prompt_logprobs": 65},
+            "prompt_logprobs",
+            "Requested prompt logprobs of 65, which is greater than max allowed: 64",
+        ),
+        (
+            {"logprobs": 100},
+            "logprobs",
+            "Requested sample logprobs of 100, which is greater than max allowed: 64",
+        ),
+        (
+            {"prompt_logprobs": 2, "stream": True},
+            "prompt_logprobs",
+            "`prompt_logprobs` are not available when `stream=True`.",
+        ),
         ({"prompt_logprobs": "3"}, "prompt_logprobs", "valid integer"),
         ({"prompt_logprobs": -2}, "prompt_logprobs", "positive value or -1"),
         ({"prompt": [1, 2, VOCAB]}, "prompt", "vocab_size"),
@@ -155,9 +181,14 @@ def test_bad_fields_are_400s_naming_them(teacher, body, param, message):
 
 def test_model_name_unknown_keys_and_text(teacher, tiny_teacher):
     assert post(teacher, {"prompt": [5, 6], "model": "other"}).status_code == 404
-    ok = post(teacher, {"prompt": "hello world", "model": NAME, "max_tokens": 0, "prompt_logprobs": 1, "foo": [1]})
+    ok = post(
+        teacher, {"prompt": "hello world", "model": NAME, "max_tokens": 0, "prompt_logprobs": 1, "foo": [1]}
+    )
     assert ok.status_code == 200, ok.text
-    assert httpx.post(teacher.http + "/v1/completions", content=b"{", timeout=10).json()["error"]["param"] == "body"
+    assert (
+        httpx.post(teacher.http + "/v1/completions", content=b"{", timeout=10).json()["error"]["param"]
+        == "body"
+    )
 
 
 def test_openai_sdk(teacher, tiny_teacher):

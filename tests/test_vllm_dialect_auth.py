@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from teacher_proc import Teacher
 
-A, B, C, SLOW = "tok-a-0123456789abcdef", "tok-b-0123456789abcdef", "tok-c-0123456789abcdef", "tok-s-0123456789ab"
+A, B, C, SLOW = (
+    "tok-a-0123456789abcdef",
+    "tok-b-0123456789abcdef",
+    "tok-c-0123456789abcdef",
+    "tok-s-0123456789ab",
+)
 BODY = {"prompt": [5, 6, 7, 8], "max_tokens": 1, "prompt_logprobs": 2}
 
 
@@ -19,9 +24,7 @@ BODY = {"prompt": [5, 6, 7, 8], "max_tokens": 1, "prompt_logprobs": 2}
 def teacher(tiny_teacher, redis_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dialect-auth")
     tokens = tmp / "tokens.txt"
-    tokens.write_text(
-        f"{A} team-a/ job=team-a/trl-1\n{B} team-b/\n{C}\n{SLOW} team-s/ tokens_per_s=20\n"
-    )
+    tokens.write_text(f"{A} team-a/ job=team-a/trl-1\n{B} team-b/\n{C}\n{SLOW} team-s/ tokens_per_s=20\n")
     with Teacher(tiny_teacher, redis_url, tmp, flags={"auth-tokens": str(tokens)}) as t:
         yield t
 
@@ -78,8 +81,11 @@ def test_two_jobs_are_batched_fairly(teacher):
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as c:
 
             async def call(token, seq, who):
-                r = await c.post(teacher.http + "/v1/completions", json={"prompt": seq, "max_tokens": 0,
-                                 "prompt_logprobs": 1}, headers={"authorization": f"Bearer {token}"})
+                r = await c.post(
+                    teacher.http + "/v1/completions",
+                    json={"prompt": seq, "max_tokens": 0, "prompt_logprobs": 1},
+                    headers={"authorization": f"Bearer {token}"},
+                )
                 assert r.status_code == 200, r.text
                 done[who].append(time.perf_counter())
 

@@ -44,7 +44,9 @@ def served(teacher) -> float:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("top", "temperature", "chunk"), [(1, 1.0, 0), (8, 1.0, 1), (8, 0.7, 2)])
-def test_get_sequence_logprobs_equals_a_plain_forward(teacher, tiny_teacher, vllm_client, top, temperature, chunk):
+def test_get_sequence_logprobs_equals_a_plain_forward(
+    teacher, tiny_teacher, vllm_client, top, temperature, chunk
+):
     client = vllm_client(base_url=teacher.http, connection_timeout=30)
     rng = np.random.default_rng(top + chunk)
     head = rng.integers(3, VOCAB, 20).tolist()
@@ -87,16 +89,16 @@ def _run_one_step(tmp_path, student, teacher, beta: float, loss_top_k: int) -> d
     tokenizer = AutoTokenizer.from_pretrained(student)
     model = AutoModelForCausalLM.from_pretrained(student)
     data = Dataset.from_list([{"prompt": "P770="}, {"prompt": "the sum of 3 and 4 is"}])
-    trainer = ServerDistillationTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    trainer = ServerDistillationTrainer(
+        model=model, args=config, train_dataset=data, processing_class=tokenizer
+    )
     trainer.train()
     return next(rec for rec in trainer.state.log_history if "grad_norm" in rec)
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("beta", "loss_top_k"), [(1.0, 1), (0.0, 4)])
-def test_server_distillation_trainer_one_step(
-    teacher, tiny_student, vllm_client, tmp_path, beta, loss_top_k
-):
+def test_server_distillation_trainer_one_step(teacher, tiny_student, vllm_client, tmp_path, beta, loss_top_k):
     before = served(teacher)
     record = _run_one_step(tmp_path, tiny_student, teacher, beta, loss_top_k)
     assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]), record

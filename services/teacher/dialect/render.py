@@ -39,6 +39,37 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self.marker = _space_marker(tokenizer)
         self.text = lru_cache(maxsize=1 << 17)(self._text)
+        self._corrected = lru_cache(maxsize=1 << 16)(self._correct)
+
+    def at(self, token_id: int, context: tuple[int, ...]) -> str:
+        """The text of `token_id` after the actual tokens `context` (at most 4, oldest first): a token that
+        decodes to an unfinished UTF-8 sequence ("...\ufffd") is corrected with them, as vLLM's
+        `LogprobsProcessor._correct_decoded_token` does ("" while the sequence is still unfinished)."""
+        text = self.text(token_id)
+        return self._corrected(token_id, context) if text.endswith("\ufffd") else text
+
+    def _correct(self, token_id: int, context: tuple[int, ...]) -> str:
+        decode = self.tokenizer.decode
+        for num in range(1, min(len(context), 4) + 1):
+            ctx = list(context[-num:])
+            full = decode(ctx + [token_id])
+            if full.endswith("\ufffd"):
+                continue
+            clean_end = len(ctx)
+            for j in range(len(ctx) - 1, -1, -1):
+                if not decode([ctx[j]]).endswith("\ufffd"):
+                    break
+                clean_end = j
+            prefix = decode(ctx[:clean_end]) if clean_end > 0 else ""
+            if full.startswith(prefix):
+                return full[len(prefix) :]
+            common = 0
+            for a, b in zip(prefix, full):  # noqa: B905 (a common prefix)
+                if a != b:
+                    break
+                common += 1
+            return full[common:]
+        return ""
 
     def _text(self, token_id: int) -> str:
         text = self.tokenizer.decode([token_id]) or ""
@@ -61,11 +92,14 @@ def _space_marker(tokenizer) -> str | None:
     return None
 
 
-def position_entry(texts: TokenTexts, actual: int, lp: float, rank: int, top_ids, top_lps) -> dict:
-    """One `prompt_logprobs` entry: the actual token first, then the top-k (ids and logprobs as lists)."""
-    entry = {str(actual): {"logprob": clamp(lp), "rank": rank, "decoded_token": texts.text(actual)}}
+def position_entry(
+    texts: TokenTexts, actual: int, lp: float, rank: int, top_ids, top_lps, context=()
+) -> dict:
+    """One `prompt_logprobs` entry: the actual token first, then the top-k (ids and logprobs as lists);
+    `context` the actual tokens before it (for vLLM's UTF-8 correction of decoded tokens)."""
+    entry = {str(actual): {"logprob": clamp(lp), "rank": rank, "decoded_token": texts.at(actual, context)}}
     for r, (i, v) in enumerate(zip(top_ids, top_lps, strict=True), 1):
-        entry[str(i)] = {"logprob": clamp(v), "rank": r, "decoded_token": texts.text(i)}
+        entry[str(i)] = {"logprob": clamp(v), "rank": r, "decoded_token": texts.at(i, context)}
     return entry
 
 
@@ -83,7 +117,8 @@ def prompt_logprobs(texts: TokenTexts, p: PromptWork, s: PromptScores, k: int) -
     lp, rank = s.lp_N.tolist(), s.rank_N.tolist()
     for i in range(p.start, len(p.ids)):
         ids, lps = _top_of_row(s, i, k)
-        out.append(position_entry(texts, p.ids[i], lp[i], rank[i], ids, lps))
+        context = tuple(p.ids[max(1, i - 4) : i])  # vLLM's: the last 4 scored positions' actual tokens
+        out.append(position_entry(texts, p.ids[i], lp[i], rank[i], ids, lps, context))
     return out
 
 
@@ -96,10 +131,9 @@ def candidate_logprobs(p: PromptWork, s: PromptScores) -> list[list[float | None
     ]
 
 
-def _gen_entry(texts: TokenTexts, g: Generated, k: int) -> dict:
-    return position_entry(
-        texts, g.token_id, g.logprob, g.rank, g.top_ids[:k].tolist(), g.top_lps[:k].tolist()
-    )
+def _gen_entry(texts: TokenTexts, g: Generated, k: int, context: tuple[int, ...]) -> dict:
+    top = g.top_ids[:k].tolist(), g.top_lps[:k].tolist()
+    return position_entry(texts, g.token_id, g.logprob, g.rank, *top, context)
 
 
 class _Legacy:
@@ -152,8 +186,9 @@ def legacy_logprobs(texts, plan: CallPlan, p: PromptWork, s: PromptScores, entri
     if plan.echo:
         for i, tid in enumerate(p.ids):
             out.add(tid, entries[i] if entries is not None else None)
-    for g in s.generated:
-        out.add(g.token_id, _gen_entry(texts, g, plan.sample_logprobs))
+    gen = [g.token_id for g in s.generated]
+    for j, g in enumerate(s.generated):  # context: the tokens generated before it
+        out.add(g.token_id, _gen_entry(texts, g, plan.sample_logprobs, tuple(gen[max(0, j - 4) : j])))
     return out.body()
 
 
@@ -173,6 +208,7 @@ def choice(index: int, texts: TokenTexts, plan: CallPlan, p: PromptWork, s: Prom
         "token_ids": gen_ids if plan.return_token_ids else None,
         "prompt_logprobs": entries,
         "prompt_token_ids": p.ids if plan.return_token_ids else None,
+        "routed_experts": None,
     }
     if p.candidates is not None:
         out["prompt_token_id_logprobs"] = candidate_logprobs(p, s)

@@ -130,10 +130,15 @@ class ModelNotFound(InvalidRequest):
     """`model` names another model than the served one (vLLM answers 404)."""
 
 
+def vllm_error(message: str, param: str, value=None) -> InvalidRequest:
+    """A refusal vLLM also makes, in its words with its `(parameter=..., value=...)` tail (clients match on it)."""
+    tail = f"parameter={param}" + ("" if value is None else f", value={value}")
+    return InvalidRequest(f"{message} ({tail})", param)
+
+
 def over_limit(kind: str, asked: int, allowed: int, param: str) -> InvalidRequest:
-    """vLLM's over-limit message, word for word (clients match on it)."""
-    return InvalidRequest(
-        f"Requested {kind} logprobs of {asked}, which is greater than max allowed: {allowed}", param
+    return vllm_error(
+        f"Requested {kind} logprobs of {asked}, which is greater than max allowed: {allowed}", param, asked
     )
 
 
@@ -182,7 +187,7 @@ def _top_k(body: CompletionBody, info: ModelInfo) -> int | None:
     if k is None:
         return None
     if k < -1:
-        raise InvalidRequest("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs")
+        raise vllm_error("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs", k)
     if k == -1 and not info.supports_full:
         raise over_limit("prompt", info.vocab_size, info.max_top_k, "prompt_logprobs")
     if k > info.max_top_k:
@@ -195,7 +200,7 @@ def _sample_logprobs(body: CompletionBody, info: ModelInfo) -> int | None:
     if n is None:
         return None
     if n < -1:
-        raise InvalidRequest("`logprobs` must be a positive value or -1.", "logprobs")
+        raise vllm_error("`logprobs` must be a positive value or -1.", "logprobs", n)
     asked = info.vocab_size if n == -1 else n
     if asked > info.max_top_k:
         raise over_limit("sample", asked, info.max_top_k, "logprobs")
@@ -208,7 +213,7 @@ def _check_call(body: CompletionBody, served: set[str]) -> int:
         raise ModelNotFound(f"The model `{body.model}` does not exist.", "model")
     if body.stream:
         if body.prompt_logprobs is not None:
-            raise InvalidRequest("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+            raise vllm_error("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
         raise InvalidRequest("`stream` is not supported by this teacher; send `stream: false`.", "stream")
     if body.n not in (None, 1):
         raise InvalidRequest(f"`n` must be 1 (one choice per prompt), got {body.n}.", "n")
@@ -220,7 +225,9 @@ def _check_call(body: CompletionBody, served: set[str]) -> int:
             "max_tokens",
         )
     if body.prompt_logprob_start is not None and body.prompt_logprob_start < 0:
-        raise InvalidRequest("`prompt_logprob_start` must be non-negative.", "prompt_logprob_start")
+        raise vllm_error(
+            "prompt_logprob_start must be non-negative.", "prompt_logprob_start", body.prompt_logprob_start
+        )
     return max_tokens
 
 
