@@ -66,7 +66,9 @@ def _parse_line(fields: list[str], where: str, defaults: dict) -> tuple[str, str
             quotas["job"] = _default_job(value, prefix, where)
             continue
         if key not in _QUOTA_KEYS:
-            raise ValueError(f"{where}: unknown option {key!r}; expected one of {sorted([*_QUOTA_KEYS, 'job'])}")
+            raise ValueError(
+                f"{where}: unknown option {key!r}; expected one of {sorted([*_QUOTA_KEYS, 'job'])}"
+            )
         try:
             quotas[key] = _QUOTA_KEYS[key](value)
         except ValueError:

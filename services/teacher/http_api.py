@@ -51,7 +51,9 @@ class LogprobsRequest(BaseModel):
     job_id: str = Field("http", description="Job the request is queued under (fairness, quotas).")
 
 
-OPEN_PATHS = frozenset({"/healthz", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui"})
+OPEN_PATHS = frozenset(
+    {"/healthz", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui"}
+)
 """Paths served without a token (health probes, the API's own description, the analysis page). `/health` is
 the vLLM dialect's probe: TRL's `check_server` sends no credentials (and polls forever on a 404)."""
 OPEN_PREFIXES = ("/ui/",)

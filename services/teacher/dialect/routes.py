@@ -54,17 +54,20 @@ def vllm_router(dispatcher, served_name: str) -> APIRouter:
     async def completions(request: Request) -> Response:
         """vLLM's completions with `prompt_logprobs` (scoring) and one-token generations; see docs/vllm.md."""
         principal = request.state.principal
-        try:
+        try:  # refusals before anything is queued are counted here; the dispatcher counts the rest
             body = parse_body(await request.body())
             plan = await asyncio.to_thread(plan_call, body, tokenizer, info, served)
             job = job_of(principal, request.headers.get(JOB_HEADER), body.user)
             principal.authorize(job)
-            scores = await scorer.score_call(plan, job, principal)
         except ModelNotFound as err:
             metrics.REQUESTS.labels(transport="vllm", code="NOT_FOUND").inc()
             return JSONResponse(status_code=404, content=error_body(404, err.param, err.message))
         except TeacherError as err:
             metrics.REQUESTS.labels(transport="vllm", code=err.code).inc()
+            return error_of(err)
+        try:
+            scores = await scorer.score_call(plan, job, principal)
+        except TeacherError as err:
             return error_of(err)
         out = await asyncio.to_thread(lambda: render(completion_body(served_name, texts, plan, scores)))
         return Response(out, media_type="application/json")

@@ -187,7 +187,9 @@ class HFEngine(Engine):
             if not unit_temps:
                 logits_CV.div_(temps_N[s:e, None])
             logprobs_CV = torch.log_softmax(logits_CV, dim=-1)
-            for n in (n for n in draws if s <= n < e):  # a one-token generation: the drawn token is the target
+            for n in (
+                n for n in draws if s <= n < e
+            ):  # a one-token generation: the drawn token is the target
                 targets_N[n] = _draw(logprobs_CV[n - s], draws[n])
             token_lp_N[s:e] = logprobs_CV.gather(1, targets_N[s:e, None]).squeeze(1)
             if want_ranks:  # 1 + ids strictly more likely than the token, as vLLM ranks prompt logprobs

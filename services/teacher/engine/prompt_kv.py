@@ -212,7 +212,9 @@ def plan(requests: Sequence[ScoreRequest], lru: PromptLRU) -> ReusePlan:
 
 def sequence_state(cache, hidden_BSH: torch.Tensor, b: int, n: int) -> PromptState:
     """The state of the first `n` tokens of row `b` of a `padded_pass` (a copy), as if they were a prompt."""
-    kv_L2hnd = torch.stack([torch.stack([layer.keys[b, :, :n], layer.values[b, :, :n]]) for layer in cache.layers])
+    kv_L2hnd = torch.stack(
+        [torch.stack([layer.keys[b, :, :n], layer.values[b, :, :n]]) for layer in cache.layers]
+    )
     return PromptState(kv_L2hnd.clone(), hidden_BSH[b, n - 1].clone())
 
 

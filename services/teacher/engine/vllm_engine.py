@@ -84,7 +84,8 @@ class VLLMEngine(Engine):
         for name in ("token_ranks", "sample_last"):  # what the vLLM dialect asks of the hf backend
             if getattr(request, name):
                 raise InvalidRequest(
-                    f"`{name}` is not supported by the {self.info.backend!r} backend; use the hf backend.", name
+                    f"`{name}` is not supported by the {self.info.backend!r} backend; use the hf backend.",
+                    name,
                 )
 
     def forward(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
