@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser proto vllm test-vllm bench-throughput test test-slow test-faults test-testbed soak test-all lint demo bench-paper bench-safety clean docker-tools test-compose
+.PHONY: install browser proto vllm test-vllm bench-throughput test test-slow test-faults test-testbed soak test-all lint demo bench-paper bench-tune bench-shortcuts clean docker-tools test-compose
 
 install: $(VENV)/.installed browser
 
@@ -100,14 +100,21 @@ lint: install
 demo: install
 	$(BIN)/prefix-distill demo
 
-# The paper's table on the testbed, both tasks, 3 seeds, through the teacher service (57 min on 2 busy cores):
-# docs/results/paper_table.{md,json,png}, rescue.{md,png}, kl_position.{md,png}.
+# The no-shortcut checks of the testbed tasks (forced / banned tokens, constant tags on the starting student;
+# ~5 min): docs/results/shortcuts.{md,json}. Run before any distillation result is believed.
+bench-shortcuts: install
+	$(BIN)/python bench/shortcuts.py
+
+# The learning-rate sweep of the paper table on the validation split (one seed, 3 rates per method; ~3 hours on
+# 2 cores): bench/paper_lr.json, which bench-paper reads.
+bench-tune: install
+	$(BIN)/python bench/paper_tune.py
+
+# The paper's table on the testbed: both decision tasks, every method at its tuned rate, 3 seeds, through the
+# teacher service, evaluated every 10 steps (~90 min on 2 cores): docs/results/paper_table.{md,json,png},
+# rescue.{md,png}, kl_position.{md,png}.
 bench-paper: install
 	$(BIN)/python bench/paper_table.py
-
-# Prefix length x safeguard on both tasks, 2 seeds (~40 min): docs/results/prefix_safety.{md,json,png}.
-bench-safety: install
-	$(BIN)/python bench/prefix_safety.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info

@@ -264,9 +264,10 @@ def test_prefix_costs_less_than_full_and_step_flops_sum():
     saved = 2 * t.layer_params * K + 4 * t.n_layer * t.d_attn * K * (K + 1) // 2
     assert F.teacher_flops(t, 30, 16, K) == F.teacher_flops(t, 30, 16) - saved
     reused = [F.RolloutTokens(p, sampled=16, scored=16, trained=16, teacher_reused=p) for p in P]
-    assert F.step_flops(reused, student=d, teacher=t, sampler=d).teacher == sum(
-        F.forward_flops(t, 16, p, 16) for p in P
-    )
+    got = F.step_flops(reused, student=d, teacher=t, sampler=d)
+    assert got.teacher == sum(F.teacher_flops(t, p, 16) for p in P), "charged in full whatever was reused"
+    assert got.teacher_saved == sum(F.teacher_flops(t, p, 16) - F.forward_flops(t, 16, p, 16) for p in P)
+    assert got.total == got.sampling + got.training + got.teacher
     # sampling = prefill + one forward per later token, by the definition
     assert F.sampling_flops(d, 10, 5) == F.forward_flops(d, 10, 0, 1) + sum(
         F.forward_flops(d, 1, 10 + j, 1) for j in range(4)

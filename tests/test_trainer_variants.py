@@ -338,3 +338,37 @@ def test_validation_split_evaluates_on_training_prompts_left_out_of_training(
         tok = run.tokenizer
         for ex in val.heldout + task.heldout:  # neither a validation nor a held-out prompt is trained on
             assert tuple(tok(ex.prompt, add_special_tokens=False)["input_ids"]) not in trained
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA
+def test_lora_trains_only_low_rank_adapters_and_writes_a_merged_final_model(tiny_student, tiny_teacher, tmp_path):
+    """lora.rank=4 on q/v: the base weights stay as they were, each adapted matrix moves by a rank <= 4 update,
+    final/ loads as a plain model (the merged weights) and final/lora holds the adapter; resuming continues."""
+    out = tmp_path / "lora"
+    cfg = config(tiny_student, tiny_teacher, out, "steps=3", "lr=1e-2", "lora.rank=4", "lora.alpha=8",
+                 "lora.target_modules=[q_proj,v_proj]", "save_every=2", "loss=reverse_kl_full")  # fmt: skip
+    with started(cfg) as run:
+        trained = [n for n, p in run.model.named_parameters() if p.requires_grad]
+        assert trained and all("lora_" in n for n in trained), trained
+    train(cfg)
+    before, after = load(tiny_student), load(out / "final")
+    assert (out / "final" / "lora" / "adapter_config.json").exists()
+    sb, sa = before.state_dict(), after.state_dict()
+    assert set(sb) == set(sa), "the merged model has the base model's parameters, no adapter left"
+    moved = 0
+    for name, w0 in sb.items():
+        delta = sa[name] - w0
+        if any(m in name for m in ("q_proj", "v_proj")):
+            assert torch.linalg.matrix_rank(delta).item() <= 4, name
+            moved += int(delta.abs().max() > 0)
+        else:
+            assert torch.equal(delta, torch.zeros_like(delta)), f"{name} is not adapted and must not move"
+    assert moved > 0
+    shutil.rmtree(out / "final")
+    summary = train(cfg, resume=True)
+    assert summary.steps == 3 and (out / "final" / "lora").exists()
+
+
+def test_lora_refuses_freeze():
+    with pytest.raises(ConfigError, match="`freeze` cannot be combined with lora.rank"):
+        load_config(None, ["student=s", "teacher=t", "lora.rank=4", "freeze=[model.layers]"])

@@ -25,6 +25,7 @@ __all__ = [
     "AnchorConfig",
     "ConfigError",
     "EvalConfig",
+    "LoraConfig",
     "PrefixConfig",
     "RolloutsConfig",
     "TrainConfig",
@@ -153,6 +154,32 @@ class AnchorConfig:
         return self.tail_fraction > 0 and self.tail_target == "reference"
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""Every linear layer of a Llama-family decoder layer (SmolLM2, Qwen, Mistral name them the same)."""
+
+
+@dataclass
+class LoraConfig:
+    """A low-rank update instead of training the weights (peft's LoRA): the restricted update that also works
+    where the output layer is tied to the embeddings (SmolLM2, small Qwen3), unlike `freeze`."""
+
+    rank: int = _f(0, "LoRA rank r (0: off, every parameter trains unless frozen).")
+    alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank (> 0).")
+    target_modules: list[str] = _f(LORA_TARGETS, "Module names that get a LoRA update (peft target_modules).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input ([0, 1)).")
+
+    def validate(self, freeze: list[str]) -> None:
+        check(self.rank >= 0, "lora.rank", f"must be >= 0, got {self.rank}.")
+        check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}.")
+        check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}.")
+        check(bool(self.target_modules), "lora.target_modules", "must name at least one module.")
+        check(
+            not (self.rank and freeze),
+            "freeze",
+            "cannot be combined with lora.rank > 0 (LoRA already trains only its adapters).",
+        )
+
+
 @dataclass
 class EvalConfig:
     """Held-out evaluation: greedy full-length answers, exact-match accuracy and per-token KL to the teacher."""
@@ -186,6 +213,11 @@ class EvalConfig:
         True, "Also evaluate before the first step (the 'before' figures of the run summary)."
     )
     samples: int = _f(3, "Sample answers kept in the run summary and in samples.jsonl (>= 0).")
+    execution: bool = _f(
+        True,
+        "On decision tasks (builtin:route, builtin:relay), also eval/execution: the accuracy of answers written "
+        "with the teacher's preferred decisions forced (one more greedy pass; eval/agreement is free).",
+    )
     top_k: int = _f(
         64,
         "Teacher top-k of the evaluation KL when full rows are not used (eval.full_rows false, or a teacher "
@@ -286,6 +318,9 @@ class TrainConfig:
         "Parameters whose name starts with one of these prefixes are not trained (e.g. [model.embed_tokens, "
         "model.layers.0]); each prefix must match a parameter.",
     )
+    lora: LoraConfig = _f(
+        LoraConfig, "LoRA adapters instead of full training (nested: lora: {rank: 8, ...})."
+    )
     eval: EvalConfig = _f(EvalConfig, "Evaluation (nested: eval: {every: ..., prompts: ...}).")
     output_dir: str = _f("runs/run", "Run folder: metrics.jsonl, TensorBoard events, checkpoints/, final/.")
     save_every: int = _f(0, "Checkpoint every this many steps (0: only at the end).")
@@ -349,6 +384,7 @@ class TrainConfig:
         self.rollouts.validate()
         self.anchor.validate()
         check(all(self.freeze), "freeze", f"must hold non-empty name prefixes, got {self.freeze!r}.")
+        self.lora.validate(self.freeze)
         self.eval.validate()
         check(bool(self.output_dir), "output_dir", "must be a folder path.")
         try:  # the teacher's own rule for job ids (a Redis key part and a metrics label)

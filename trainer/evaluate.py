@@ -1,5 +1,11 @@
 """Held-out evaluation: greedy full-length answers, exact-match accuracy and per-token reverse KL to the teacher.
 
+On the decision tasks (services.models.decisions) two more figures say *what* the student learned:
+eval/agreement, the share of decision points where the student's greedy answer writes the teacher's most
+likely token (after the student's own prefix: the teacher's greedy decision there), and eval/execution, the
+accuracy of answers written with the teacher's preferred decisions forced (did the rest of the answer survive
+the training?). Accuracy only says an answer is valid, and a shortcut can be valid.
+
 The KL is measured on the student's own greedy answers (the distribution it will actually produce), position by
 position: KL(p_S(. | prompt, a_<t) || p_T(. | prompt, a_<t)), with the loss table's reverse KL: exact over full
 vocabulary rows, or bucketed over the teacher's top-k with a tail when full rows are unavailable (then a lower
@@ -42,7 +48,30 @@ class _Tally:
     answered: int = 0
     eos_hits: int = 0
     tokens: int = 0
+    agreed: int = 0
+    decisions: int = 0
+    executed: int = 0
+    forced: int = 0
     samples: list[dict] = field(default_factory=list)
+
+    def add_agreement(self, ro: Rollouts, examples: list[Example], teacher_top_BT: torch.Tensor) -> None:
+        """Decision points of the batch's answers: whether the student wrote the teacher's greedy choice there
+        (teacher_top_BT (B, T): the teacher's most likely id after the student's own prefix); a point the
+        answer never reached counts as a disagreement."""
+        for j, ex in enumerate(examples):
+            task = ex.decisions
+            if task is None:
+                continue
+            n = ro.lengths[j]
+            for p in task.points:
+                self.decisions += 1
+                self.agreed += int(p < n and int(ro.ids_BT[j, p]) == int(teacher_top_BT[j, p]))
+
+    def add_execution(self, ro: Rollouts, examples: list[Example], tokenizer) -> None:
+        """Answers written with the teacher's preferred decisions forced: how many are correct."""
+        for j, ex in enumerate(examples):
+            self.forced += 1
+            self.executed += int(ex.is_correct(tokenizer.decode(ro.completion(j), skip_special_tokens=True)))
 
     def add_kl(self, kl_BT: torch.Tensor, mask_BT: torch.Tensor, head_tokens: int) -> None:
         """Per-token KL (B, T) of a batch, split at `head_tokens` into head and tail."""
@@ -83,6 +112,10 @@ class _Tally:
             out["eval/kl_tail"] = self.kl_sum["tail"] / self.kl_count["tail"]
         if self.answered:
             out["eval/accuracy"] = self.correct / self.answered
+        if self.decisions:
+            out["eval/agreement"] = self.agreed / self.decisions
+        if self.forced:
+            out["eval/execution"] = self.executed / self.forced
         return out
 
 
@@ -94,6 +127,27 @@ def _reverse_kl_BT(
     mask_BT = ro.mask_BT.to(s_lp_BTV.device)
     ids_BT = ro.ids_BT.to(s_lp_BTV.device)
     return compute_loss(EVAL_KL[need], s_lp_BTV, ids_BT, tb, mask_BT, reduction="none"), mask_BT
+
+
+def _execution(model, tokenizer, examples, prompt_ids, tally: _Tally, max_new_tokens, batch_size, autocast):
+    """eval/execution: greedy answers with the teacher's preferred decision forced at every decision point
+    (Example.forced_decisions), checked like any answer: does the student still carry a decision out?"""
+    rows = [i for i, ex in enumerate(examples) if ex.decisions is not None]
+    enc = tokenizer.convert_tokens_to_ids
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        forced = [{t: enc(tag) for t, tag in examples[i].forced_decisions().items()} for i in chunk]
+        ro = generate(
+            model,
+            [prompt_ids[i] for i in chunk],
+            max_new_tokens,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=pad_id_of(tokenizer),
+            temperature=0.0,
+            autocast_dtype=autocast,
+            forced=forced,
+        )
+        tally.add_execution(ro, [examples[i] for i in chunk], tokenizer)
 
 
 @torch.no_grad()
@@ -114,9 +168,12 @@ def evaluate(
     teacher_temperature: float = 1.0,
     n_samples: int = 3,
     autocast_dtype: torch.dtype | None = None,
+    execution: bool = True,
 ) -> EvalResult:
     """Evaluates `model` on `examples` (prompt ids already rendered) against `teacher`: answers of up to
-    `max_new_tokens` tokens, KL over full rows when `full_rows`, else over the teacher's `top_k` and a tail."""
+    `max_new_tokens` tokens, KL over full rows when `full_rows`, else over the teacher's `top_k` and a tail.
+    On decision tasks also the agreement with the teacher's greedy decisions and, with `execution`, the
+    accuracy of answers written with the teacher's preferred decisions forced."""
     t0 = time.perf_counter()
     need = Need.FULL if full_rows else Need.TOPK
     eos = tokenizer.eos_token_id
@@ -146,9 +203,13 @@ def evaluate(
             tb = to_teacher_batch(fut.result(), ro.ids_BT.shape[1], device, need, vocab)
             kl_BT, mask_BT = _reverse_kl_BT(model, ro, tb, need, autocast_dtype)
             tally.add_kl(kl_BT, mask_BT, head_tokens)
+            top_BT = tb.full_lp_BTV.argmax(-1) if need == Need.FULL else tb.topk_ids_BTK[..., 0]
+            tally.add_agreement(ro, [examples[i] for i in rows], top_BT.cpu())
             tally.add_answers(ro, [examples[i] for i in rows], tokenizer, n_samples)
         pending = current
 
+    if execution:
+        _execution(model, tokenizer, examples, prompt_ids, tally, max_new_tokens, batch_size, autocast_dtype)
     metrics = tally.metrics(len(examples))
     metrics["eval/seconds"] = time.perf_counter() - t0
     return EvalResult(metrics, tally.samples)

@@ -26,9 +26,13 @@ the reference policy, else 0):
     training  = 3 * F(P + C, 0, C)                forward + backward (backward = 2 x forward)
               + F(P + R, 0, R)                    the reference's forward (the starting student: student dims;
                                                   no backward), counted under training
-    teacher   = F_teacher(P + S - K, K, S)        one scoring forward pass over the scored positions, where K
-                                                  prompt tokens had their keys/values reused by the teacher
-                                                  (its prompt reuse; reported per request, 0 when computed)
+    teacher   = F_teacher(P + S, 0, S)            one scoring forward pass over the scored positions, charged in
+                                                  full whatever the teacher's cache did
+    teacher_saved = F_teacher(P + S, 0, S) - F_teacher(P + S - K, K, S)
+                                                  what the teacher's prompt reuse saved, K prompt tokens having had
+                                                  their keys/values reused (reported per request): a separate
+                                                  figure, never subtracted from the total, because it depends on
+                                                  what else the shared teacher served before (run order, other jobs)
 Frozen parameters (config `freeze`) are still counted at 3 x forward: their weight gradients are skipped, but
 the backward still propagates through them to earlier trained layers, so 3 x forward is an upper bound.
 
@@ -132,6 +136,9 @@ class StepFlops:
     sampling: int = 0
     training: int = 0
     teacher: int = 0
+    teacher_saved: int = 0
+    """What the teacher's prompt reuse saved of `teacher` (not subtracted: the ledger is the same whatever the
+    teacher served before)."""
 
     @property
     def total(self) -> int:
@@ -139,7 +146,10 @@ class StepFlops:
 
     def __add__(self, other: StepFlops) -> StepFlops:
         return StepFlops(
-            self.sampling + other.sampling, self.training + other.training, self.teacher + other.teacher
+            self.sampling + other.sampling,
+            self.training + other.training,
+            self.teacher + other.teacher,
+            self.teacher_saved + other.teacher_saved,
         )
 
     def as_metrics(self, namespace: str = "flops/") -> dict[str, float]:
@@ -148,6 +158,7 @@ class StepFlops:
             f"{namespace}sampling": float(self.sampling),
             f"{namespace}training": float(self.training),
             f"{namespace}teacher": float(self.teacher),
+            f"{namespace}teacher_saved": float(self.teacher_saved),
             f"{namespace}total": float(self.total),
         }
 
@@ -160,8 +171,11 @@ def rollout_flops(
     training = training_flops(student, r.prompt, r.trained)
     if r.reference:
         training += forward_flops(student, r.prompt + r.reference, 0, r.reference)
-    scoring = 0 if teacher is None else teacher_flops(teacher, r.prompt, r.scored, r.teacher_reused)
-    return StepFlops(sampling, training, scoring)
+    if teacher is None:
+        return StepFlops(sampling, training)
+    scoring = teacher_flops(teacher, r.prompt, r.scored)
+    saved = scoring - teacher_flops(teacher, r.prompt, r.scored, r.teacher_reused)
+    return StepFlops(sampling, training, scoring, saved)
 
 
 def step_flops(

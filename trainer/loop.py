@@ -14,7 +14,8 @@
                      trained tokens; then the L2 anchor's gradient, clip, set the learning rate, AdamW step;
   log_step           progress/ loss/ teacher/ flops/ time/ metrics (sums across ranks);
   evaluate_now       every eval.every steps and at both ends (rank 0);
-  save               a checkpoint every save_every steps; `finish` writes the final model.
+  save               a checkpoint every save_every steps; `finish` writes the final model (with `lora`, the
+                     adapter in final/lora and the merged model in final/).
 """
 
 from __future__ import annotations
@@ -142,10 +143,13 @@ def _step_sums(run: Run, mb: Minibatch, res: StepResult) -> dict[str, float]:
         "sampling": float(sf.sampling),
         "training": float(sf.training),
         "teacher": float(sf.teacher),
+        "teacher_saved": float(sf.teacher_saved),
         "teacher_reused": float(sum(r.teacher_reused for c in counts for r in c)),
     }
     sums = dict(zip(local, run.dd.sum(list(local.values())), strict=True))
-    sf = StepFlops(int(sums["sampling"]), int(sums["training"]), int(sums["teacher"]))
+    sf = StepFlops(
+        int(sums["sampling"]), int(sums["training"]), int(sums["teacher"]), int(sums["teacher_saved"])
+    )
     run.cum = run.cum + sf
     return {**sums, "flops": sf}
 
@@ -219,6 +223,7 @@ def evaluate_now(run: Run, step: int) -> None:
             teacher_temperature=cfg.teacher_temperature,
             n_samples=ev.samples,
             autocast_dtype=run.autocast,
+            execution=ev.execution,
         )
         run.writer.log(step, {"progress/step": step, **result.metrics, **run.cum.as_metrics("flops/cum_")})
         run.teacher.stats.take()  # eval traffic is not training traffic
@@ -240,7 +245,12 @@ def save(run: Run, done: int) -> None:
         tokenizer=run.tokenizer,
         optimizer=run.optimizer,
         extra={
-            "cumulative_flops": {"sampling": cum.sampling, "training": cum.training, "teacher": cum.teacher},
+            "cumulative_flops": {
+                "sampling": cum.sampling,
+                "training": cum.training,
+                "teacher": cum.teacher,
+                "teacher_saved": cum.teacher_saved,
+            },
             "config": run.cfg.to_dict(),
         },
         rng=ckpt_mod.rng_state(run.data_rng, run.sampler),
@@ -260,7 +270,11 @@ def finish(run: Run) -> None:
     if run.dd.on:
         (out / f"weights_digest.rank{run.dd.rank}.txt").write_text(weights_digest(run.model) + "\n")
     if run.dd.main:
-        run.model.save_pretrained(out / "final")
+        final = run.model
+        if run.cfg.lora.rank:  # the adapter as trained, then the merged model any loader reads
+            final.save_pretrained(out / "final" / "lora")
+            final = final.merge_and_unload()
+        final.save_pretrained(out / "final")
         run.tokenizer.save_pretrained(out / "final")
     run.dd.barrier()
 

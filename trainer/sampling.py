@@ -72,7 +72,8 @@ def from_completions(
 
 def _cache_kwarg(model) -> str:
     """transformers 5 names the KV cache argument `cache`; 4.x named it `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's LoRA wrapper
+    params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -116,9 +117,14 @@ def generate(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     candidates: int = 0,
+    forced: Sequence[dict[int, int]] | None = None,
+    banned: Sequence[int] = (),
 ) -> Rollouts:
     """Samples up to `max_tokens` tokens per prompt (stopping a row at `eos_id`); temperature 0 = greedy.
     With `candidates` = C > 0 it also records the model's top-C ids at every position (`cand_ids_BTC`).
+    `forced[i]` = {offset t: id} writes those ids at row i's completion offsets instead of drawing (their
+    recorded log-probability is the model's own for that id); `banned` ids are never drawn (their logits are
+    -inf before the softmax). Both serve the shortcut baselines and the execution metric.
 
     `max_tokens` is how far this call runs, one number for every row or one per row: the step's prefix length L
     in training (L <= the config's `max_new_tokens`, the full response length), `eval.max_new_tokens` in
@@ -157,12 +163,16 @@ def generate(
             )
         cache = _output_cache(out)
         logits_BV = out.logits[:, -1].float().cpu()
+        if banned:
+            logits_BV[:, list(banned)] = float("-inf")
         if temperature > 0:
             lp_BV = torch.log_softmax(logits_BV / temperature, dim=-1)
             tok_B = torch.multinomial(lp_BV.exp(), 1, generator=generator).squeeze(1)
         else:
             lp_BV = torch.log_softmax(logits_BV, dim=-1)
             tok_B = lp_BV.argmax(-1)
+        if forced is not None:
+            tok_B = _force(tok_B, forced, t)
         live = ~done
         out_ids[live, t] = tok_B[live]
         out_lp[live, t] = lp_BV.gather(1, tok_B[:, None]).squeeze(1)[live]
@@ -181,6 +191,15 @@ def generate(
     model.train(was_training)
     cand = out_cand[:, :T] if candidates else None
     return Rollouts([list(p) for p in prompts], out_ids[:, :T], out_lp[:, :T], out_mask[:, :T], pad_id, cand)
+
+
+def _force(tok_B: torch.Tensor, forced: Sequence[dict[int, int]], t: int) -> torch.Tensor:
+    """The draws (B,) with row i's id replaced by forced[i][t] where it names one."""
+    out = tok_B.clone()
+    for i, row in enumerate(forced):
+        if t in row:
+            out[i] = row[t]
+    return out
 
 
 def student_logprobs(model, rollouts: Rollouts, *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -161,12 +161,28 @@ def _resume(cfg: TrainConfig, dd: Dist, resume: bool) -> tuple[Path, Path | None
 
 
 def _student(cfg: TrainConfig, ckpt: Path | None, device: torch.device):
-    """(tokenizer, model) of the student: its weights from the checkpoint when resuming."""
+    """(tokenizer, model) of the student: its weights from the checkpoint when resuming; with `lora`, the
+    starting student wrapped in peft's LoRA (its adapters from the checkpoint when resuming)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt) if ckpt else cfg.student, dtype=torch.float32)
-    return tokenizer, model.to(device)
+    if not cfg.lora.rank:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt) if ckpt else cfg.student, dtype=torch.float32)
+        return tokenizer, model.to(device)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+    if ckpt is not None:
+        return tokenizer, PeftModel.from_pretrained(base, str(ckpt), is_trainable=True).to(device)
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        target_modules=list(cfg.lora.target_modules),
+        lora_dropout=cfg.lora.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return tokenizer, get_peft_model(base, lora).to(device)
 
 
 def _optimizer(cfg: TrainConfig, params, ckpt: Path | None, dd: Dist, data_rng, sampler):

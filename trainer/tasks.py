@@ -1,8 +1,11 @@
 """Prompt sets: built-in tasks (`builtin:NAME`) and JSONL files, split into training and held-out prompts.
 
-`builtin:plan` and `builtin:chain` are the testbed's rule tasks (services.models.rules): answers of ~100
-characters where the first token decides the answer (plan) or a decision recurs every 15 characters (chain);
-any valid answer counts. `builtin:arith` is a CPU-sized reasoning task: one- and two-step arithmetic word problems with small numbers and
+`builtin:route` and `builtin:relay` are the testbed's decision tasks (services.models.decisions): answers of
+~100 characters whose decisions (a tag) are computed from several digits of the prompt, taken first (route) or
+once per block (relay), with compositional validation and held-out splits; any valid answer counts, and the
+teacher prefers one. `builtin:plan` and `builtin:chain` are the withdrawn first testbed (services.models.rules),
+kept to reproduce its negative finding: a prompt-independent answer is valid there. `builtin:arith` is a
+CPU-sized reasoning task: one- and two-step arithmetic word problems with small numbers and
 an exact integer answer, asking for step-by-step reasoning that ends with "Answer: N". SmolLM2-135M-Instruct
 answers about one in five correctly with greedy 48-token answers (most of its answers need more tokens), its
 6-layer student none: distillation has room to move the student.
@@ -24,6 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.models.decisions import DECISION_TASKS, DecisionTask
 from services.models.rules import RULE_TASKS
 
 ARITH_INSTRUCTION = " Think step by step, then end with 'Answer: N'."
@@ -38,15 +42,34 @@ class Example:
     prompt: str
     answer: str | None = None
     rule: str | None = None
-    """The rule task (services.models.rules) that checks answers to this prompt; None: exact final answer."""
+    """The rule task (services.models.rules or .decisions) that checks answers to this prompt; None: exact
+    final answer."""
 
     def is_correct(self, response: str) -> bool:
         """Whether `response` answers the prompt: checked by the rule task, else by its final answer."""
         if self.rule is not None:
-            return RULE_TASKS[self.rule].is_correct(self.prompt, response)
+            return _RULES[self.rule].is_correct(self.prompt, response)
         assert self.answer is not None, "a prompt without an answer cannot be checked"
         return is_correct(response, self.answer)
 
+    @property
+    def decisions(self) -> DecisionTask | None:
+        """The decision task of this prompt (where its answers take decisions, which one the teacher prefers),
+        or None for tasks without marked decisions."""
+        task = DECISION_TASKS.get(self.rule or "")
+        return task
+
+    def forced_decisions(self) -> dict[int, str]:
+        """{answer offset: tag} of the teacher's preferred decisions (a decision task's rule; else empty): what
+        the execution metric forces."""
+        task = self.decisions
+        if task is None:
+            return {}
+        return dict(zip(task.points, task.teacher_tags(task.parse(self.prompt)), strict=True))
+
+
+_RULES = {**RULE_TASKS, **DECISION_TASKS}
+"""Every rule task by name: the testbed's decision tasks and the withdrawn `plan` / `chain`."""
 
 SPLITS = ("heldout", "validation")
 """What a run evaluates on (eval.split): the held-out split, or the validation part of the training prompts."""
@@ -59,10 +82,16 @@ class Task:
     name: str
     train: list[Example]
     heldout: list[Example]
+    validation_split: list[Example] | None = None
+    """A validation split of its own (decision tasks: compositional, like the held-out split); None: carved
+    from the training prompts by `validation`."""
 
     def validation(self, n: int = VALIDATION_PROMPTS) -> Task:
-        """This task with a fixed `n` of its training prompts as the evaluation split, left out of training, and
-        the held-out split gone: settings chosen on it never saw a held-out prompt."""
+        """This task with its validation prompts as the evaluation split and the held-out split gone: settings
+        chosen on it never saw a held-out prompt. Without a split of its own, a fixed `n` of its training
+        prompts, then left out of training."""
+        if self.validation_split is not None:
+            return Task(self.name, train=self.train, heldout=self.validation_split)
         if len(self.train) < 2 * n:
             raise ValueError(
                 f"{self.name}: {len(self.train)} training prompts are too few for a validation split."
@@ -131,7 +160,25 @@ def rule_task(name: str) -> Task:
     return Task(f"builtin:{name}", train=examples(train), heldout=examples(heldout))
 
 
-BUILTIN = {"arith": arith_task, "plan": lambda: rule_task("plan"), "chain": lambda: rule_task("chain")}
+def decision_task(name: str) -> Task:
+    """A decision task of services.models.decisions: its fixed compositional splits, gold answers drawn
+    without the teacher's preference, each prompt checked by the task's rule."""
+    task = DECISION_TASKS[name]
+    splits = task.split()
+
+    def examples(key: str) -> list[Example]:
+        return [Example(task.prompt(x), task.gold(x), rule=name) for x in splits[key]]
+
+    return Task(f"builtin:{name}", examples("train"), examples("heldout"), examples("validation"))
+
+
+BUILTIN = {
+    "arith": arith_task,
+    "route": lambda: decision_task("route"),
+    "relay": lambda: decision_task("relay"),
+    "plan": lambda: rule_task("plan"),
+    "chain": lambda: rule_task("chain"),
+}
 
 
 def load_task(source: str) -> Task:

@@ -1,4 +1,9 @@
-"""The testbed's two tasks: long answers written by a rule, where the answer's first tokens do or do not decide it.
+"""The first testbed's two tasks, withdrawn: a prompt-independent answer is valid on both (tag `a` on every `plan`
+prompt; "never write `a`" fixes every `chain` block of the student), so a student that learns one output bias
+scores 100% (docs/results/prefix_opd.md, correction). Kept to reproduce that finding; the testbed is now
+services.models.decisions.
+
+Long answers written by a rule, where the answer's first tokens do or do not decide it.
 
 Both tasks write numbers by one skill, adding a step k to a 3-digit number modulo 1000, over ~100 characters;
 they differ in *where the decisions sit*, the difference the paper's prefix method depends on:
@@ -131,6 +136,10 @@ class RuleTask:
     """A gold answer drawn from the teacher's preferred distribution."""
     check: Callable[[int, str], bool]
     """Whether a response (text after the prompt, special tokens dropped) is a correct answer to n."""
+    points: tuple[int, ...] = (0,)
+    """Answer offsets of the tags (where an answer takes a decision)."""
+    options: str = "".join(STEPS)
+    """The tags a decision chooses from."""
 
     def prompt(self, n: int) -> str:
         return f"{self.marker}{n:03d}="
@@ -154,5 +163,15 @@ class RuleTask:
 
 
 PLAN = RuleTask("plan", "P", 100, 900, 7, 250, plan_sample, plan_check)
-CHAIN = RuleTask("chain", "C", 0, 1000, 8, 250, chain_sample, chain_check)
+CHAIN = RuleTask(
+    "chain",
+    "C",
+    0,
+    1000,
+    8,
+    250,
+    chain_sample,
+    chain_check,
+    points=tuple(16 * j for j in range(CHAIN_BLOCKS)),
+)
 RULE_TASKS = {t.name: t for t in (PLAN, CHAIN)}

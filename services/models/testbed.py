@@ -45,12 +45,12 @@ MAX_ANSWER_TOKENS = 128
 """Longer than any answer of the rule tasks (98 and 110 characters, plus EOS)."""
 
 
-def build_tokenizer():
-    """One token per character of `ALPHABET`, plus pad, EOS and unk: a `PreTrainedTokenizerFast`."""
+def build_tokenizer(alphabet: str = ALPHABET):
+    """One token per character of `alphabet`, plus pad, EOS and unk: a `PreTrainedTokenizerFast`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate([*SPECIAL.values(), *ALPHABET])}
+    vocab = {t: i for i, t in enumerate([*SPECIAL.values(), *alphabet])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -254,13 +254,21 @@ def build_pair(name: str, out: Path, say=print) -> PairPaths:
 
 
 def prepare_pair(name: str, out: Path | None = None, rebuild: bool = False, say=print) -> PairPaths:
-    """The pair `name`: the shipped copy (copied to `out` when given), or built from its seeds with `rebuild`."""
-    if name not in PAIRS:
-        raise ValueError(f"`name` must be one of {sorted(PAIRS)}, got {name!r}.")
+    """The pair `name` (a decision task, or a withdrawn rule task): the shipped copy (copied to `out` when
+    given), or built from its seeds with `rebuild`."""
+    from services.models.decisions import DECISION_TASKS
+
+    if name not in PAIRS and name not in DECISION_TASKS:
+        raise ValueError(f"`name` must be one of {sorted([*DECISION_TASKS, *PAIRS])}, got {name!r}.")
     if rebuild:
         from services.models.smollm2 import default_cache
 
-        return build_pair(name, out or default_cache() / "testbed" / name, say)
+        target = out or default_cache() / "testbed" / name
+        if name in DECISION_TASKS:
+            from services.models.decision_pairs import build_pair as build_decision_pair
+
+            return PairPaths(*build_decision_pair(name, target, say))
+        return build_pair(name, target, say)
     shipped = SHIPPED / name
     if not (shipped / "teacher" / "config.json").exists():
         raise FileNotFoundError(f"no shipped {name} pair under {shipped}; build it with --rebuild.")
