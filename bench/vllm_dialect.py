@@ -131,7 +131,8 @@ def run(args) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     rows = {}
     with RedisProcess(workdir=str(logs)) as redis, VllmServe(model, free_port(), logs / "vllm.log") as ref:
-        flags = {"torch-threads": "2", "dtype": "float32"}
+        # a 64-sequence call on 2 busy cores can take minutes: the default 120 s deadline would expire it
+        flags = {"torch-threads": "2", "dtype": "float32", "request-timeout-s": "1800"}
         ours = TeacherProcess(model, redis.url, logs / "teacher.log", workers=1, flags=flags)
         ours.wait_healthy(180)
         try:
