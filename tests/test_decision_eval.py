@@ -31,7 +31,9 @@ def test_forced_and_banned_tokens_in_generation_match_transformers_generate(char
     ids = [render(ex, tok) for ex in examples]
     enc = tok.convert_tokens_to_ids
     forced = [{t: enc(c) for t, c in ex.forced_decisions().items()} for ex in examples]
-    ro = generate(model, ids, 112, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0, forced=forced)
+    ro = generate(
+        model, ids, 112, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0, forced=forced
+    )
     ours = [tok.decode(ro.completion(i), skip_special_tokens=True) for i in range(len(examples))]
     theirs = greedy_answers(
         model, tok, RELAY, [RELAY.parse(ex.prompt) for ex in examples],
@@ -64,7 +66,9 @@ def test_agreement_is_one_when_the_teacher_is_the_student_and_execution_matches_
     finally:
         teacher.close()
     m = result.metrics
-    assert m["eval/agreement"] == 1.0, "the teacher's argmax after the student's own prefix is the student's choice"
+    assert m["eval/agreement"] == 1.0, (
+        "the teacher's argmax after the student's own prefix is the student's choice"
+    )
     forced = greedy_answers(model, tok, ROUTE, [ROUTE.parse(ex.prompt) for ex in examples],
                             forced=lambda x: {0: ROUTE.teacher_tags(x)[0]})  # fmt: skip
     expected = sum(ROUTE.check(ROUTE.parse(ex.prompt), t) for ex, t in zip(examples, forced, strict=True)) / 8

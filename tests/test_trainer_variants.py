@@ -341,7 +341,9 @@ def test_validation_split_evaluates_on_training_prompts_left_out_of_training(
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA
-def test_lora_trains_only_low_rank_adapters_and_writes_a_merged_final_model(tiny_student, tiny_teacher, tmp_path):
+def test_lora_trains_only_low_rank_adapters_and_writes_a_merged_final_model(
+    tiny_student, tiny_teacher, tmp_path
+):
     """lora.rank=4 on q/v: the base weights stay as they were, each adapted matrix moves by a rank <= 4 update,
     final/ loads as a plain model (the merged weights) and final/lora holds the adapter; resuming continues."""
     out = tmp_path / "lora"

@@ -109,7 +109,10 @@ class DecisionTask:
     def valid_tags(self, x: Digits) -> list[str]:
         """Per decision point, the valid tags in `options` order: those whose index has the parity of the
         decision group's digit sum."""
-        return ["".join(t for i, t in enumerate(self.options) if i % 2 == self._sum(x, j) % 2) for j in range(self.blocks)]
+        return [
+            "".join(t for i, t in enumerate(self.options) if i % 2 == self._sum(x, j) % 2)
+            for j in range(self.blocks)
+        ]
 
     def teacher_tags(self, x: Digits) -> list[str]:
         """Per decision point, the tag the teacher prefers (a valid one): the (sum mod 4)-th."""
