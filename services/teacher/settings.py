@@ -40,6 +40,11 @@ class TeacherSettings(BaseSettings):
         description="Redis key namespace (keys are pd:<namespace>:...); default derived from the model so one "
         "Redis serves several teachers.",
     )
+    served_model_name: str = Field(
+        "",
+        description="The model's name in the vLLM dialect (`GET /v1/models` ids, the `model` a "
+        "`/v1/completions` call may name; vLLM's --served-model-name); default: `model`.",
+    )
     grpc_host: str = Field("0.0.0.0", description="gRPC bind address.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one).")
     http_host: str = Field("0.0.0.0", description="HTTP bind address.")

@@ -103,6 +103,17 @@ class ScoreRequest:
     """Client deadline in ms (0: server default); expired requests are dropped, not scored."""
     candidate_ids: np.ndarray | None = None
     """(T, C) int64 ids whose logprobs to return per position (e.g. the student's top-C); None for none."""
+    token_ranks: bool = False
+    """Also return the 1-based rank of each completion token in the teacher's row (`ScoreResult.token_ranks`)."""
+    sample_last: bool = False
+    """The last completion token is a placeholder: the teacher draws the token there itself (a one-token
+    generation) and scores that one (`ScoreResult.sampled_token_id`)."""
+    greedy: bool = False
+    """With `sample_last`: the most likely token instead of a draw at `temperature`."""
+    seed: int | None = None
+    """With `sample_last`: seed of the draw, in [0, 2^63); None for a random one."""
+    keep_sequence: bool = False
+    """Keep prompt + completion in the worker's prompt cache for requests whose prompt is exactly this sequence."""
 
     def __post_init__(self) -> None:
         check_id(self.request_id, "request_id", required=False)
@@ -139,6 +150,23 @@ class ScoreRequest:
         if self.timeout_ms < 0:
             raise InvalidRequest(f"`timeout_ms` must be >= 0, got {self.timeout_ms}.", "timeout_ms")
         self.candidate_ids = _as_candidates(self.candidate_ids, int(self.completion_token_ids.size))
+        self._check_dialect_fields()
+
+    def _check_dialect_fields(self) -> None:
+        """The fields the vLLM dialect uses: booleans, a seed in range, no kept sequence with a placeholder."""
+        for name in ("token_ranks", "sample_last", "greedy", "keep_sequence"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise InvalidRequest(f"`{name}` must be true or false, got {getattr(self, name)!r}.", name)
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+                raise InvalidRequest(f"`seed` must be an integer, got {self.seed!r}.", "seed")
+            if not 0 <= self.seed < 2**63:
+                raise InvalidRequest(f"`seed` must be in [0, 2^63), got {self.seed}.", "seed")
+        if self.sample_last and self.keep_sequence:
+            raise InvalidRequest(
+                "`keep_sequence` cannot be combined with `sample_last` (its last token is a placeholder).",
+                "keep_sequence",
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -191,6 +219,11 @@ class ScoreRequest:
             full_dtype=full_dtype,
             timeout_ms=m.timeout_ms,
             candidate_ids=cls._candidates_of(m),
+            token_ranks=m.token_ranks,
+            sample_last=m.sample_last,
+            greedy=m.greedy,
+            seed=m.seed if m.HasField("seed") else None,
+            keep_sequence=m.keep_sequence,
         )
 
     def to_pb(self) -> pb.ScoreRequest:
@@ -207,6 +240,11 @@ class ScoreRequest:
             timeout_ms=self.timeout_ms,
             candidate_ids=[] if self.candidate_ids is None else self.candidate_ids.ravel().tolist(),
             num_candidates=self.num_candidates,
+            token_ranks=self.token_ranks,
+            sample_last=self.sample_last,
+            greedy=self.greedy,
+            seed=self.seed,
+            keep_sequence=self.keep_sequence,
         )
 
 
@@ -232,6 +270,10 @@ class ScoreResult:
     worker_id: str = ""
     prompt_tokens_reused: int = 0
     """Prompt tokens whose keys/values were reused rather than computed for this request (prompt reuse)."""
+    token_ranks: np.ndarray | None = None
+    """(T,) int32 1-based rank of each completion token in the teacher's row; None unless asked."""
+    sampled_token_id: int | None = None
+    """The token drawn at the last position (`ScoreRequest.sample_last`); None otherwise."""
 
     def full_float32(self) -> np.ndarray | None:
         """The full rows widened to float32 (exact for every storage dtype)."""
@@ -250,8 +292,11 @@ class ScoreResult:
             batch_size=self.batch_size,
             worker_id=self.worker_id,
             prompt_tokens_reused=self.prompt_tokens_reused,
+            sampled_token_id=self.sampled_token_id,
         )
         codec.encode(self.token_logprobs, "float32", out=m.token_logprobs)
+        if self.token_ranks is not None:
+            codec.encode(self.token_ranks, "int32", out=m.token_ranks)
         if self.top_k_ids is not None:
             codec.encode(self.top_k_ids, "int32", out=m.top_k_ids)
             codec.encode(self.top_k_logprobs, "float32", out=m.top_k_logprobs)
@@ -289,6 +334,8 @@ class ScoreResult:
             batch_size=m.batch_size,
             worker_id=m.worker_id,
             prompt_tokens_reused=m.prompt_tokens_reused,
+            token_ranks=codec.decode(m.token_ranks) if m.HasField("token_ranks") else None,
+            sampled_token_id=m.sampled_token_id if m.HasField("sampled_token_id") else None,
         )
 
 

@@ -170,6 +170,8 @@ class HFEngine(Engine):
         # (N,) on the host: no device sync a chunk
         want_full_N = np.repeat(np.array([r.full for r in requests]), T)
         cand_ids_NM = _candidate_ids(requests).to(dev)  # (N, M), M the batch's largest num_candidates
+        want_ranks = any(r.token_ranks for r in requests)
+        draws = _draws(requests, T)  # position in the flat (N,) order -> the request drawing its token there
 
         N, V = hidden_NH.shape[0], self.info.vocab_size
         chunk = logit_chunk_rows(dev, V)
@@ -177,6 +179,7 @@ class HFEngine(Engine):
         topk_ids_NK = torch.empty((N, k_max), dtype=torch.int32, device=dev)
         topk_lp_NK = torch.empty((N, k_max), dtype=torch.float32, device=dev)
         cand_lp_NM = torch.empty(cand_ids_NM.shape, dtype=torch.float32, device=dev)
+        ranks_N = torch.zeros(N if want_ranks else 0, dtype=torch.int32, device=dev)
         full_rows: dict[int, torch.Tensor] = {}  # start offset -> (C, V) float32 rows of that chunk
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
@@ -184,7 +187,13 @@ class HFEngine(Engine):
             if not unit_temps:
                 logits_CV.div_(temps_N[s:e, None])
             logprobs_CV = torch.log_softmax(logits_CV, dim=-1)
+            for n in (
+                n for n in draws if s <= n < e
+            ):  # a one-token generation: the drawn token is the target
+                targets_N[n] = _draw(logprobs_CV[n - s], draws[n])
             token_lp_N[s:e] = logprobs_CV.gather(1, targets_N[s:e, None]).squeeze(1)
+            if want_ranks:  # 1 + ids strictly more likely than the token, as vLLM ranks prompt logprobs
+                ranks_N[s:e] = (logprobs_CV > token_lp_N[s:e, None]).sum(1).to(torch.int32) + 1
             if k_max:
                 vals, idx = cpu_topk.topk(logprobs_CV, k_max)
                 topk_lp_NK[s:e], topk_ids_NK[s:e] = vals, idx.to(torch.int32)
@@ -199,6 +208,8 @@ class HFEngine(Engine):
             cand_lp_NM.cpu().numpy(),
             full_rows,
             chunk,
+            ranks_N.cpu().numpy(),
+            targets_N.cpu().numpy(),
         )
 
     def _results(self, requests: Sequence[ScoreRequest], scores: _Scores) -> list[ScoreResult]:
@@ -231,6 +242,8 @@ class HFEngine(Engine):
                     compute_ms=0.0,
                     batch_size=len(requests),
                     worker_id=self.worker_id,
+                    token_ranks=scores.ranks_N[sl].copy() if r.token_ranks else None,
+                    sampled_token_id=int(scores.targets_N[offset + t - 1]) if r.sample_last else None,
                 )
             )
             offset += t
@@ -250,6 +263,25 @@ def _candidate_ids(requests: Sequence[ScoreRequest]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(rows))
 
 
+def _draws(requests: Sequence[ScoreRequest], T: Sequence[int]) -> dict[int, ScoreRequest]:
+    """The flat positions where a request draws its own last token (`sample_last`), with that request."""
+    ends = np.cumsum(T) - 1
+    return {int(ends[i]): r for i, r in enumerate(requests) if r.sample_last}
+
+
+def _draw(logprobs_V: torch.Tensor, req: ScoreRequest) -> int:
+    """The token a `sample_last` request generates from its row (V,) of logprobs at its temperature: the most
+    likely one with `greedy`, else a draw (seeded by `seed` when given)."""
+    if req.greedy:
+        return int(torch.argmax(logprobs_V))
+    gen = torch.Generator(device=logprobs_V.device)
+    if req.seed is not None:
+        gen.manual_seed(req.seed)
+    else:
+        gen.seed()
+    return int(torch.multinomial(logprobs_V.exp(), 1, generator=gen))
+
+
 class _Scores(NamedTuple):
     """The scores of all N positions of a batch, flat in request order."""
 
@@ -265,3 +297,7 @@ class _Scores(NamedTuple):
     """Chunk start offset -> (C, V) float32 logprob rows, only for chunks holding a full-row request."""
     chunk: int
     """Positions per logit chunk."""
+    ranks_N: np.ndarray
+    """(N,) int32 1-based rank of each scored token (empty when no request asked for ranks)."""
+    targets_N: np.ndarray
+    """(N,) int64 the token scored at each position (a drawn one where a request generates its last token)."""

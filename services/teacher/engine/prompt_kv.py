@@ -188,15 +188,34 @@ class ReusePlan:
     """The states found in the LRU (held here: the batch's own puts may evict them)."""
 
 
+def sequence_key(r: ScoreRequest) -> bytes:
+    """The prompt key of a request's whole sequence (prompt + completion): what `keep_sequence` keeps it under."""
+    return prompt_key(np.concatenate([r.prompt_token_ids, r.completion_token_ids]))
+
+
 def plan(requests: Sequence[ScoreRequest], lru: PromptLRU) -> ReusePlan:
+    """Requests with `keep_sequence` always run the plain pass (their whole sequence's keys/values are kept), and
+    a request whose prompt is such a sequence of this batch reuses it, as it would a prompt of the batch."""
     keys = [prompt_key(r.prompt_token_ids) for r in requests]
+    kept_here = {sequence_key(r) for r in requests if r.keep_sequence}
     fresh, reuse, kept, seen = [], [], {}, set()
     for i, key in enumerate(keys):
-        if key not in seen and (state := lru.get(key)) is not None:
+        if requests[i].keep_sequence:
+            fresh.append(i)
+            continue
+        if key not in seen and key not in kept_here and (state := lru.get(key)) is not None:
             kept[key] = state
-        (reuse if key in seen or key in kept else fresh).append(i)
+        (reuse if key in seen or key in kept or key in kept_here else fresh).append(i)
         seen.add(key)
     return ReusePlan(keys, fresh, reuse, kept)
+
+
+def sequence_state(cache, hidden_BSH: torch.Tensor, b: int, n: int) -> PromptState:
+    """The state of the first `n` tokens of row `b` of a `padded_pass` (a copy), as if they were a prompt."""
+    kv_L2hnd = torch.stack(
+        [torch.stack([layer.keys[b, :, :n], layer.values[b, :, :n]]) for layer in cache.layers]
+    )
+    return PromptState(kv_L2hnd.clone(), hidden_BSH[b, n - 1].clone())
 
 
 def length_groups(items: Sequence[int], lengths: Sequence[int], max_groups: int = 4) -> list[list[int]]:
@@ -257,8 +276,12 @@ def scored_hidden_with_reuse(
         for j, (i, state) in enumerate(zip(p.fresh, prompt_states(cache, hidden_BSH, fresh), strict=True)):
             r = requests[i]
             per_request[i] = hidden_BSH[j, r.prompt_token_ids.size - 1 : r.num_tokens - 1]
-            batch_states[p.keys[i]] = state
+            batch_states.setdefault(p.keys[i], state)
             lru.put(p.keys[i], state)
+            if r.keep_sequence:
+                whole = sequence_state(cache, hidden_BSH, j, r.num_tokens)
+                batch_states[sequence_key(r)] = whole
+                lru.put(sequence_key(r), whole)
         del cache
     states = {i: batch_states[p.keys[i]] for i in p.reuse}
     longer = {i: s for i, s in states.items() if requests[i].completion_token_ids.size > 1}

@@ -81,6 +81,12 @@ class VLLMEngine(Engine):
                 f"on the raw logits), got {request.temperature}; use the hf backend for other temperatures.",
                 "temperature",
             )
+        for name in ("token_ranks", "sample_last"):  # what the vLLM dialect asks of the hf backend
+            if getattr(request, name):
+                raise InvalidRequest(
+                    f"`{name}` is not supported by the {self.info.backend!r} backend; use the hf backend.",
+                    name,
+                )
 
     def forward(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         from vllm import SamplingParams

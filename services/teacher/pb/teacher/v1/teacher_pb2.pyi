@@ -31,7 +31,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "job_id", "prompt_token_ids", "completion_token_ids", "top_k", "full", "temperature", "full_dtype", "timeout_ms", "candidate_ids", "num_candidates")
+    __slots__ = ("request_id", "job_id", "prompt_token_ids", "completion_token_ids", "top_k", "full", "temperature", "full_dtype", "timeout_ms", "candidate_ids", "num_candidates", "token_ranks", "sample_last", "greedy", "seed", "keep_sequence")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,11 @@ class ScoreRequest(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_RANKS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LAST_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     job_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -54,10 +59,15 @@ class ScoreRequest(_message.Message):
     timeout_ms: int
     candidate_ids: _containers.RepeatedScalarFieldContainer[int]
     num_candidates: int
-    def __init__(self, request_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., temperature: _Optional[float] = ..., full_dtype: _Optional[_Union[DType, str]] = ..., timeout_ms: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., num_candidates: _Optional[int] = ...) -> None: ...
+    token_ranks: bool
+    sample_last: bool
+    greedy: bool
+    seed: int
+    keep_sequence: bool
+    def __init__(self, request_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., temperature: _Optional[float] = ..., full_dtype: _Optional[_Union[DType, str]] = ..., timeout_ms: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., num_candidates: _Optional[int] = ..., token_ranks: _Optional[bool] = ..., sample_last: _Optional[bool] = ..., greedy: _Optional[bool] = ..., seed: _Optional[int] = ..., keep_sequence: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "token_logprobs", "top_k_ids", "top_k_logprobs", "full_logprobs", "queue_ms", "compute_ms", "batch_size", "error", "worker_id", "candidate_logprobs", "prompt_tokens_reused")
+    __slots__ = ("request_id", "token_logprobs", "top_k_ids", "top_k_logprobs", "full_logprobs", "queue_ms", "compute_ms", "batch_size", "error", "worker_id", "candidate_logprobs", "prompt_tokens_reused", "token_ranks", "sampled_token_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +80,8 @@ class ScoreResponse(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_RANKS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_logprobs: Tensor
     top_k_ids: Tensor
@@ -82,7 +94,9 @@ class ScoreResponse(_message.Message):
     worker_id: str
     candidate_logprobs: Tensor
     prompt_tokens_reused: int
-    def __init__(self, request_id: _Optional[str] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., worker_id: _Optional[str] = ..., candidate_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_tokens_reused: _Optional[int] = ...) -> None: ...
+    token_ranks: Tensor
+    sampled_token_id: int
+    def __init__(self, request_id: _Optional[str] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_k_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., worker_id: _Optional[str] = ..., candidate_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_tokens_reused: _Optional[int] = ..., token_ranks: _Optional[_Union[Tensor, _Mapping]] = ..., sampled_token_id: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "param", "message", "retry_after_ms")
