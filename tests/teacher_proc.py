@@ -38,19 +38,27 @@ class Teacher:
     ) -> None:
         self.tmp, self.redis_url = tmp, redis_url
         flags = {**TEST_FLAGS, **(flags or {})}
-        self.grpc_port, self.http_port = free_port(), free_port()
         self.front = TeacherProcess(
-            model,
-            redis_url,
-            tmp / f"{mode}-{self.grpc_port}.log",
-            mode=mode,
-            workers=workers,
-            flags=flags,
-            grpc_port=self.grpc_port,
-            http_port=self.http_port,
+            model, redis_url, tmp / f"{mode}-{free_port()}.log", mode=mode, workers=workers, flags=flags
         )
-        self.target, self.http = self.front.target, self.front.http
         self.workers: list[ChildProcess] = []
+
+    # the front-end may move to new ports when one it was given is taken before it binds (launch.py)
+    @property
+    def grpc_port(self) -> int:
+        return self.front.grpc_port
+
+    @property
+    def http_port(self) -> int:
+        return self.front.http_port
+
+    @property
+    def target(self) -> str:
+        return self.front.target
+
+    @property
+    def http(self) -> str:
+        return self.front.http
 
     def add_worker(self) -> ChildProcess:
         w = ChildProcess(

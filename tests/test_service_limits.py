@@ -48,3 +48,29 @@ def test_large_full_rows_and_two_teachers_on_one_redis(wide_vocab, tiny_teacher,
     finally:
         big.stop()
         small.stop()
+
+
+def test_a_teacher_whose_picked_port_was_taken_restarts_on_new_ports(
+    tiny_teacher, redis_url, tmp_path, monkeypatch
+):
+    """The race CI hit: a port picked free is taken by another process before the teacher binds it."""
+    import socket
+
+    import httpx
+
+    import services.teacher.launch as launch
+    from services.util.net import free_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(launch, "free_port", lambda: next(ports, None) or free_port())
+    t = launch.TeacherProcess(tiny_teacher, redis_url, tmp_path / "t.log")
+    try:
+        t.wait_healthy(120)
+        assert t.grpc_port != taken.getsockname()[1]
+        assert httpx.get(t.http + "/healthz").status_code == 200
+    finally:
+        t.stop()
+        taken.close()

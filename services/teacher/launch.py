@@ -112,14 +112,21 @@ class TeacherProcess(ChildProcess):
     ) -> None:
         assert mode in ("serve", "frontend"), mode
         self.model, self.redis_url, self.flags = str(model), redis_url, dict(flags or {})
+        self.mode, self.workers = mode, workers
+        self._pick_ports = grpc_port is None and http_port is None
+        """Ports picked here may be taken by another process before the child binds them: then it restarts
+        on new ones (wait_healthy)."""
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
+        super().__init__(self._args(), log)
+
+    def _args(self) -> list[str]:
         args = [
             *CLI,
-            mode,
+            self.mode,
             "--model",
             self.model,
             "--redis-url",
-            redis_url,
+            self.redis_url,
             "--grpc-host",
             "127.0.0.1",
             "--grpc-port",
@@ -130,9 +137,18 @@ class TeacherProcess(ChildProcess):
             str(self.http_port),
             *flag_args(self.flags),
         ]
-        if mode == "serve":
-            args += ["--workers", str(workers)]
-        super().__init__(args, log)
+        if self.mode == "serve":
+            args += ["--workers", str(self.workers)]
+        return args
+
+    def _restart_on_new_ports(self) -> None:
+        self.stop()
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self.args = self._args()
+        self._fh = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.p = subprocess.Popen(
+            self.args, stdout=self._fh, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True
+        )
 
     @property
     def tls(self) -> bool:
@@ -163,8 +179,12 @@ class TeacherProcess(ChildProcess):
         (over TLS the certificate is not checked: this only waits for the process)."""
         import httpx
 
-        end = time.monotonic() + timeout_s
+        end, restarts = time.monotonic() + timeout_s, 0
         while time.monotonic() < end:
+            if not self.alive() and self._pick_ports and restarts < 3 and _bind_failed(self.text()):
+                self._restart_on_new_ports()
+                restarts += 1
+                continue
             if not self.alive():
                 raise RuntimeError(f"the teacher exited with {self.p.returncode}:\n{self.tail()}")
             with contextlib.suppress(httpx.HTTPError):
@@ -172,3 +192,8 @@ class TeacherProcess(ChildProcess):
                     return
             time.sleep(0.2)
         raise TimeoutError(f"the teacher was not healthy after {timeout_s:.0f} s:\n{self.tail()}")
+
+
+def _bind_failed(log: str) -> bool:
+    """Whether a teacher's log says one of its ports was taken (gRPC's or uvicorn's wording)."""
+    return "Failed to bind to address" in log or "address already in use" in log.lower()
