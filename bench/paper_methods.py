@@ -1,48 +1,63 @@
 """The methods of the paper table, as trainer config overrides: one place for what each name means.
 
-Every method starts from the same warmed-up student of the task, with the same prompts, optimizer and number of
-steps (COMMON); only the rollouts, the prefix schedule and the loss differ:
+Every method starts from the same warmed-up student of the task, with the same prompts, optimizer, batch and
+number of steps (COMMON); its learning rate comes from the validation sweep (bench/paper_tune.py, recorded in
+bench/paper_lr.json); only the rollouts, the prefix, the loss and the trained parameters differ:
 
-    full              on-policy distillation over the whole answer (exact reverse KL, full rows)
-    prefix-L<n>       the same on the first n tokens of each rollout only
-    prefix-L<n>+head  ... training only the final norm and output layer (the embeddings and decoder layers
-                      frozen): zero extra FLOPs
-    prefix-L<n>+l2    ... plus an L2 pull toward the starting weights (anchor.l2 = 20 / n): zero extra FLOPs
-    linear-<a>-<b>    a prefix growing linearly from a to b tokens over the run
-    offpolicy-L<n>    teacher-written prefixes of n tokens, same loss (the paper's ablation)
-    seqkd             supervised training on the teacher's own full answers (sampled at temperature 1)
-    sft-gold          supervised training on the task's gold answers (one valid answer per prompt)
+    full            on-policy distillation over the whole answer (exact reverse KL over full rows)
+    prefix-L<n>     the same on the first n tokens of each rollout only
+    linear          a prefix growing linearly from 2 tokens to the whole answer over the run
+    offpolicy-L8    teacher-written prefixes of 8 tokens, the same loss (the paper's ablation)
+    seqkd           supervised training on the teacher's own full answers (sampled at temperature 1)
+    sft-gold        supervised training on the gold answers (valid, drawn without the teacher's preference)
+    readout-L8      prefix-L8 training only the final norm and the output layer (the embeddings and decoder
+                    frozen): can a bias of the output layer learn the decision? (it must not)
+    tail-L8         prefix-L8 plus a quarter of each batch's rollouts run to full length and scored by the
+                    teacher on every position (tail rollouts: full OPD on a subset)
+    tailref-L8      prefix-L8 plus a quarter run to full length, their tail held to the starting student by a
+                    KL term (the tail anchor; the teacher scores only the prefix)
+    l2-L8           prefix-L8 plus an L2 pull toward the starting weights
+    lora-full       full OPD through a rank-8 LoRA on every linear layer of the decoder (peft)
+    lora-L8         prefix-L8 through the same LoRA
+
+The trivial baselines (forced or banned tokens, the best constant tags) are not trained: bench/shortcuts.py
+measures them and the report puts them in the same table.
 """
 
 from __future__ import annotations
 
 COMMON = [
-    "steps=150",
+    "steps=200",
     "batch_size=32",
     "samples_per_prompt=1",
     "micro_batch_size=32",
-    "lr=3e-4",
     "lr_schedule=constant",
     "warmup_steps=0",
     "weight_decay=0.0",
     "grad_clip=1.0",
     "loss=reverse_kl_full",
-    "max_new_tokens=120",
+    "max_new_tokens=112",
     "temperature=1.0",
-    "eval.every=50",
-    "eval.prompts=250",
-    "eval.max_new_tokens=120",
-    "eval.batch_size=125",
+    "eval.every=25",
+    "eval.light=true",
+    "eval.max_new_tokens=112",
+    "eval.batch_size=126",
     "eval.head_tokens=16",
     "eval.samples=2",
     "save_every=0",
     "tensorboard=false",
     "progress_bar=false",
 ]
-"""Settings every run shares: 150 steps of 32 rollouts, Adam at 3e-4, answers of up to 120 tokens."""
+"""Settings every run shares: 200 steps of 32 rollouts, AdamW at a constant rate, answers of up to 112 tokens
+(both tasks' answers and EOS fit), an evaluation every 25 steps (light ones between the first and the last)."""
+
+LR_GRID = (3e-4, 1e-3)
+"""The learning rates the validation sweep tries for every method (bench/paper_tune.py)."""
 
 FREEZE_TRUNK = "freeze=[model.embed_tokens,model.layers]"
-"""Train the final norm and the output layer only (the decoder layers and the embeddings stay as they were)."""
+"""Train the final norm and the output layer only (the testbed's models do not tie them to the embeddings)."""
+LORA = ["lora.rank=8", "lora.alpha=16"]
+TAIL = "anchor.tail_fraction=0.25"
 
 
 def prefix(n: int, *extra: str) -> list[str]:
@@ -53,21 +68,31 @@ METHODS: dict[str, list[str]] = {
     "full": ["prefix.schedule=full"],
     "prefix-L2": prefix(2),
     "prefix-L8": prefix(8),
-    "prefix-L16": prefix(16),
-    "prefix-L2+head": prefix(2, FREEZE_TRUNK),
-    "prefix-L8+head": prefix(8, FREEZE_TRUNK),
-    "prefix-L2+l2": prefix(2, "anchor.l2=10"),
-    "linear-4-120": ["prefix.schedule=linear", "prefix.start=4", "prefix.end=120"],
-    "offpolicy-L16": prefix(16, "rollouts.source=teacher"),
+    "prefix-L32": prefix(32),
+    "linear": ["prefix.schedule=linear", "prefix.start=2", "prefix.end=112"],
+    "offpolicy-L8": prefix(8, "rollouts.source=teacher"),
     "seqkd": ["prefix.schedule=full", "rollouts.source=teacher", "loss=nll"],
     "sft-gold": ["prefix.schedule=full", "rollouts.source=gold", "loss=nll"],
+    "readout-L8": prefix(8, FREEZE_TRUNK),
+    "tail-L8": prefix(8, TAIL, "anchor.tail_target=teacher"),
+    "tailref-L8": prefix(8, TAIL, "anchor.tail_target=reference"),
+    "l2-L8": prefix(8, "anchor.l2=2.5"),
+    "lora-full": ["prefix.schedule=full", *LORA],
+    "lora-L8": prefix(8, *LORA),
 }
-"""Method name -> its overrides of COMMON."""
+"""Method name -> its overrides of COMMON (the learning rate comes from the sweep)."""
 
-PREFIX_METHODS = [m for m in METHODS if m.startswith(("prefix-", "linear-"))]
-"""The methods that train on student prefixes (candidates for 'the best prefix method')."""
+PREFIX_METHODS = [m for m in METHODS if m not in ("full", "seqkd", "sft-gold", "lora-full")]
+"""The methods that train on student (or teacher) prefixes: candidates for 'the best prefix method'."""
+
+TASKS = ("route", "relay")
 
 
 def methods_for(task: str) -> dict[str, list[str]]:
     """The methods run on `task` (the same on both tasks, so the tables compare)."""
     return dict(METHODS)
+
+
+RUN = ("full", "prefix-L8", "prefix-L32", "tail-L8", "sft-gold", "readout-L8")
+"""The methods the committed table runs (bench/paper_table.py's default): what 2 cores allow in one session
+(about 45 minutes, sweep included); the others are defined and tested, not yet in the table."""

@@ -1,143 +1,151 @@
 """The paper table's report: tables (Markdown) and plots (PNG) from the benchmark's records. Pure of training.
 
-`write_report(results, meta, out)` writes paper_table.md/.png, rescue.md/.png and kl_position.md/.png, and
-returns the Markdown of the table. Every figure is a mean over seeds with its standard deviation; FLOP ratios
-are to `full` of the same task ("4.9x" = 4.9 times fewer total FLOPs than full OPD).
+`write_report(data, out)` writes paper_table.md/.png, rescue.md/.png and kl_position.md/.png, and returns the
+Markdown of paper_table.md. Every figure is a mean over seeds ± its standard deviation. The headline measure
+of compute is **compute to reach**: the cumulative FLOPs (sampling + teacher + training, one ledger for every
+method) at a run's first evaluation within 2 points of `full`'s final mean accuracy (or agreement), reported
+as a ratio to `full`'s own compute to reach that target; equal-step totals are a second column. What the
+teacher's prompt cache saved is its own column and never enters a ratio.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
-from collections import defaultdict
 from pathlib import Path
 
 from bench.paper_methods import METHODS, PREFIX_METHODS
+from trainer.reach import WITHIN, mean_std, reach, reach_stats, targets
+from trainer.reach import by_method as _by_method
 
-WITHIN = 0.02
-"""A prefix method 'matches' full OPD when its mean accuracy is within 2 points of full's."""
+__all__ = ["by_method", "reach", "reach_stats", "targets", "write_report"]
 
-
-def _by_method(records: list[dict], task: str) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        if r["task"] == task:
-            groups[r["method"]].append(r)
-    return {m: groups[m] for m in METHODS if m in groups}
+SHORTCUTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "shortcuts.json"
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def by_method(records: list[dict], task: str) -> dict[str, list[dict]]:
+    return _by_method(records, task, METHODS)
 
 
-def _mean(groups: dict[str, list[dict]], method: str, key: str) -> float:
-    """Mean over seeds of `key` for `method`."""
-    return _mean_std([r[key] for r in groups[method]])[0]
+def _pm(values, scale: float = 100.0) -> str:
+    m, s = mean_std([scale * v for v in values])
+    return "-" if math.isnan(m) else f"{m:.1f} ± {s:.1f}"
 
 
-def best_prefix_method(records, task: str) -> str:
-    """The prefix method with the fewest FLOPs among those within 2 points of full, else the most accurate."""
-    rows = [r if isinstance(r, dict) else r.__dict__ for r in records]
-    groups = _by_method(rows, task)
-    if not groups:
-        return "full"
-    full_acc = _mean_std([r["accuracy"] for r in groups.get("full", [])])[0]
-    stats = {
-        m: (_mean_std([r["accuracy"] for r in g])[0], _mean_std([r["flops_total"] for r in g])[0])
-        for m, g in groups.items()
-        if m in PREFIX_METHODS
-    }
-    if not stats:
-        return "full"
-    close = [m for m, (acc, _) in stats.items() if not math.isnan(full_acc) and acc >= full_acc - WITHIN]
-    if close:
-        return min(close, key=lambda m: stats[m][1])
-    return max(stats, key=lambda m: stats[m][0])
+def _reach_cell(runs, key, target, full_mean) -> str:
+    m, s, n = reach_stats(runs, key, target)
+    if n == 0:
+        return f"not reached (0/{len(runs)})"
+    ratio = full_mean / m if full_mean and not math.isnan(full_mean) else float("nan")
+    seeds = "" if n == len(runs) else f" ({n}/{len(runs)})"
+    return f"{m:.2g} ± {s:.1g}, **{ratio:.1f}x**{seeds}"
+
+
+def method_rows(groups, tg) -> list[str]:
+    full_acc = reach_stats(groups.get("full", []), "accuracy", tg["accuracy"])[0]
+    full_agr = reach_stats(groups.get("full", []), "agreement", tg["agreement"])[0]
+    full_total = mean_std([r["flops"]["total"] for r in groups.get("full", [])])[0]
+    rows = []
+    for method, runs in groups.items():
+        total = mean_std([r["flops"]["total"] for r in runs])[0]
+        saved = mean_std([r["flops"]["teacher_saved"] for r in runs])[0]
+        secs = {
+            k: mean_std([r["seconds"][k] for r in runs])[0]
+            for k in ("sampling", "teacher", "training", "wall")
+        }
+        rows.append(
+            f"| {method} | {runs[0]['lr']:g} | {_pm([r['accuracy'] for r in runs])} | "
+            f"{_pm([r['agreement'] for r in runs])} | {_pm([r['execution'] for r in runs])} | "
+            f"{_reach_cell(runs, 'accuracy', tg['accuracy'], full_acc)} | "
+            f"{_reach_cell(runs, 'agreement', tg['agreement'], full_agr)} | "
+            f"{total:.3g} ({full_total / total:.1f}x) | {saved:.2g} | "
+            f"{secs['sampling']:.0f} / {secs['teacher']:.0f} / {secs['training']:.0f} / {secs['wall']:.0f} |"
+        )
+    return rows
+
+
+def baseline_rows(task: str, path: Path = SHORTCUTS) -> list[str]:
+    """The untrained baselines of bench/shortcuts.py on the held-out split, as rows of the same table."""
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())["tasks"].get(task, {}).get("heldout")
+    if not r:
+        return []
+    ff = max(r["forced_first"], key=r["forced_first"].get)
+    bb = max(r["banned"], key=r["banned"].get)
+
+    def row(name, acc):
+        return f"| *{name}* | - | {100 * acc:.1f} | - | - | no training | - | 0 | - | - |"
+
+    return [
+        row("untrained student", r["student"]),
+        row(f"forced first tag, best (`{ff}`)", r["forced_first"][ff]),
+        row(f"banned token, best (`{bb}`)", r["banned"][bb]),
+        row(f"constant tags, best (`{r['best_constant']['tags']}`)", r["best_constant"]["accuracy"]),
+        row("untrained student told the teacher's decisions", r.get("told_the_decision", float("nan"))),
+        row("teacher", r["teacher"]),
+    ]
 
 
 def task_table(records: list[dict], task: str) -> str:
-    groups = _by_method(records, task)
-    full_flops = _mean_std([r["flops_total"] for r in groups.get("full", [])])[0]
-    start = _mean_std([r["accuracy_start"] for g in groups.values() for r in g])[0]
-    lines = [
-        f"### builtin:{task} (student starts at {100 * start:.1f}%)",
-        "",
-        "| method | held-out accuracy % | KL head | KL tail | FLOPs total | sampling / teacher / training "
-        "| fewer FLOPs than full | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for method, g in groups.items():
-        acc, sd = _mean_std([100 * r["accuracy"] for r in g])
-        head, tail = _mean_std([r["kl_head"] for r in g])[0], _mean_std([r["kl_tail"] for r in g])[0]
-        tot = _mean_std([r["flops_total"] for r in g])[0]
-        parts = [_mean_std([r[f"flops_{k}"] for r in g])[0] for k in ("sampling", "teacher", "training")]
-        ratio = full_flops / tot if tot else float("nan")
-        wall = _mean_std([r["wall_s"] for r in g])[0]
-        lines.append(
-            f"| {method} | {acc:.1f} ± {sd:.1f} | {head:.3f} | {tail:.3f} | {tot:.3g} | "
-            f"{' / '.join(f'{p:.2g}' for p in parts)} | {ratio:.1f}x | {wall:.0f} |"
-        )
-    return "\n".join(lines)
-
-
-def verdict(records: list[dict], task: str) -> str:
-    """The plain statement the issue asks for: did a prefix method come within 2 points of full, at what saving."""
-    groups = _by_method(records, task)
-    if "full" not in groups:
-        return f"builtin:{task}: no `full` run to compare with."
-    full_acc, full_flops = _mean(groups, "full", "accuracy"), _mean(groups, "full", "flops_total")
-    best = best_prefix_method(records, task)
-    acc, saving = _mean(groups, best, "accuracy"), full_flops / _mean(groups, best, "flops_total")
-    if acc >= full_acc - WITHIN:
-        return (
-            f"builtin:{task}: yes. `{best}` reached {100 * acc:.1f}% against full OPD's {100 * full_acc:.1f}% "
-            f"with {saving:.1f}x fewer total FLOPs (the cheapest prefix method within 2 points)."
-        )
-    return (
-        f"builtin:{task}: no. The best prefix method, `{best}`, reached {100 * acc:.1f}% against full OPD's "
-        f"{100 * full_acc:.1f}% ({saving:.1f}x fewer total FLOPs)."
+    groups = by_method(records, task)
+    tg = targets(groups)
+    start = {
+        k: mean_std([r["start"][k] for g in groups.values() for r in g])[0]
+        for k in ("accuracy", "agreement", "execution")
+    }
+    head = (
+        f"### builtin:{task}\n\nThe student starts at {100 * start['accuracy']:.1f}% accuracy, "
+        f"{100 * start['agreement']:.1f}% agreement and {100 * start['execution']:.1f}% execution. Targets: "
+        f"accuracy {100 * tg['accuracy']:.1f}%, agreement {100 * tg['agreement']:.1f}% (full's final mean - 2 "
+        "points).\n\n"
+        "| method | lr | accuracy % | agreement % | execution % | FLOPs to reach the accuracy target (x fewer "
+        "than full) | FLOPs to reach the agreement target | FLOPs at the last step (x fewer) | teacher cache "
+        "saved (FLOPs, apart) | seconds: sampling / teacher / training / wall |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
+    return "\n".join([head, *method_rows(groups, tg), *baseline_rows(task)])
 
 
-def accuracy_at(curve: list[tuple[float, float]], flops: float) -> float | None:
-    """Accuracy of one run's (cumulative FLOPs, accuracy) curve at `flops`, linear in log FLOPs between its
-    evaluations; None past its last evaluation (the run never spent that much)."""
-    points = [(math.log(x), y) for x, y in curve if x > 0]
-    if not points or flops <= 0 or math.log(flops) > points[-1][0] + 1e-9:
-        return None
-    x = math.log(flops)
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-        if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
-    return points[-1][1]
-
-
-def equal_compute(records: list[dict], task: str) -> str:
-    """OPD against supervised training on gold answers at sft-gold's whole budget: the issue's comparison."""
-    groups = _by_method(records, task)
-    if "sft-gold" not in groups:
-        return f"builtin:{task}: no `sft-gold` run."
-    gold_acc, budget = _mean(groups, "sft-gold", "accuracy"), _mean(groups, "sft-gold", "flops_total")
-    parts = []
-    for method in dict.fromkeys(["full", best_prefix_method(records, task)]):
-        if method not in groups:
+def best_prefix(groups, key: str, target: float) -> tuple[str, float] | None:
+    """The prefix method with the least compute to reach `target` on `key` (all seeds reaching), if any."""
+    best = None
+    for m in PREFIX_METHODS:
+        if m not in groups:
             continue
-        at = [accuracy_at(r["curve"], budget) for r in groups[method]]
-        if all(a is not None for a in at):
-            parts.append(f"`{method}` had {100 * statistics.fmean(at):.1f}% at the same FLOPs")
+        mean, _, n = reach_stats(groups[m], key, target)
+        if n == len(groups[m]) and (best is None or mean < best[1]):
+            best = (m, mean)
+    return best
+
+
+def verdict(records: list[dict], task: str) -> list[str]:
+    """The plain statements the issue asks for, computed from the records."""
+    groups = by_method(records, task)
+    if "full" not in groups:
+        return [f"builtin:{task}: no `full` run to compare with."]
+    tg = targets(groups)
+    out = []
+    for key in ("accuracy", "agreement"):
+        full_reach = reach_stats(groups["full"], key, tg[key])[0]
+        best = best_prefix(groups, key, tg[key])
+        final = {m: mean_std([r[key] for r in groups[m]])[0] for m in groups if m in PREFIX_METHODS}
+        if best is None:
+            top = max(final, key=final.get) if final else "-"
+            out.append(
+                f"builtin:{task}, {key}: **no** prefix method came within 2 points of full "
+                f"({100 * (tg[key] + WITHIN):.1f}%) on every seed; the best, `{top}`, ended at "
+                f"{100 * final.get(top, float('nan')):.1f}%."
+            )
         else:
-            acc, spent = _mean(groups, method, "accuracy"), _mean(groups, method, "flops_total")
-            parts.append(f"`{method}` ended at {100 * acc:.1f}% having spent {budget / spent:.1f}x less")
-    return (
-        f"builtin:{task}: `sft-gold` reached {100 * gold_acc:.1f}% with {budget:.3g} FLOPs; "
-        + "; ".join(parts)
-        + " (accuracy between evaluations interpolated in log FLOPs)."
-    )
+            m, flops = best
+            out.append(
+                f"builtin:{task}, {key}: **yes**, `{m}` came within 2 points of full on every seed, with "
+                f"{full_reach / flops:.1f}x less compute to reach the target than full (and ended at "
+                f"{100 * final[m]:.1f}% against full's {100 * (tg[key] + WITHIN):.1f}%)."
+            )
+    return out
 
 
 def _plt():
@@ -149,78 +157,71 @@ def _plt():
     return plt
 
 
-def plot_accuracy(records: list[dict], tasks: list[str], path: Path) -> None:
-    """Held-out accuracy against cumulative FLOPs, one curve per method, a band of +- one std over seeds."""
+def plot_curves(records: list[dict], tasks: list[str], path: Path) -> None:
+    """Accuracy and agreement against cumulative FLOPs, one curve per method, a band of ± one std over seeds."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for method, g in _by_method(records, task).items():
-            curves = [r["curve"] for r in g if r["curve"]]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            xs = [statistics.fmean(c[i][0] for c in curves) for i in range(n)]
-            ms = [_mean_std([100 * c[i][1] for c in curves]) for i in range(n)]
-            style = "-" if method in PREFIX_METHODS or method == "full" else "--"
-            (line,) = ax.plot(xs, [m for m, _ in ms], style, marker=".", label=method)
-            ax.fill_between(
-                xs, [m - s for m, s in ms], [m + s for m, s in ms], alpha=0.15, color=line.get_color()
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative training FLOPs (sampling + teacher + training)")
-        ax.set_ylabel("held-out accuracy %")
-        ax.set_title(f"builtin:{task}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(7.0 * len(tasks), 9.0), squeeze=False)
+    for col, task in enumerate(tasks):
+        for row, key in enumerate(("accuracy", "agreement")):
+            ax = axes[row][col]
+            for method, runs in by_method(records, task).items():
+                n = min(len(r["curve"]) for r in runs)
+                if n == 0:
+                    continue
+                xs = [statistics.fmean(r["curve"][i]["flops"] for r in runs) for i in range(n)]
+                ms = [mean_std([100 * r["curve"][i][key] for r in runs]) for i in range(n)]
+                style = "-" if method in PREFIX_METHODS or method == "full" else "--"
+                (line,) = ax.plot([max(x, 1e8) for x in xs], [m for m, _ in ms], style, label=method, lw=1.2)
+                ax.fill_between([max(x, 1e8) for x in xs], [m - s for m, s in ms], [m + s for m, s in ms],
+                                alpha=0.12, color=line.get_color())  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xlabel("cumulative FLOPs (sampling + teacher + training)")
+            ax.set_ylabel(f"held-out {key} %")
+            ax.set_title(f"builtin:{task}: {key}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def rescue_report(results: list[dict], out: Path) -> str:
+def rescue_report(analyses: dict, out: Path) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    lines = ["| task | " + " | ".join(f"L={L}" for L in results[0]["before"]["rescue"]) + " |"]
-    lines.append("| --- |" + " --- |" * len(results[0]["before"]["rescue"]))
-    for t in results:
-        curve = {int(k): v for k, v in t["before"]["rescue"].items()}
-        lines.append(
-            f"| builtin:{t['task']} | " + " | ".join(f"{100 * v:.1f}" for v in curve.values()) + " |"
-        )
-        ax.plot(list(curve), [100 * v for v in curve.values()], marker="o", label=f"builtin:{t['task']}")
+    lengths = list(next(iter(analyses.values()))["rescue"])
+    lines = ["| task | " + " | ".join(f"L={L}" for L in lengths) + " |", "| --- |" + " --- |" * len(lengths)]
+    for task, a in analyses.items():
+        curve = {int(k): v for k, v in a["rescue"].items()}
+        lines.append(f"| builtin:{task} | " + " | ".join(f"{100 * v:.1f}" for v in curve.values()) + " |")
+        ax.plot(list(curve), [100 * v for v in curve.values()], marker="o", label=f"builtin:{task}")
     ax.set_xscale("symlog", linthresh=2)
     _label(ax, "teacher-written prefix length L (tokens)", "student accuracy continuing it %",
            "teacher-prefix rescue (student before training)")  # fmt: skip
-    intro = (
-        "The student (before any distillation) continues a greedy teacher-written prefix of L tokens; held-out "
-        "accuracy in %."
-    )
+    intro = "The student (before any distillation) continues a greedy teacher-written prefix of L tokens; held-out accuracy in %."
     return _write(fig, lines, out, "rescue", "Teacher-prefix rescue", intro)
 
 
-def kl_report(results: list[dict], out: Path) -> str:
+def kl_report(analyses: dict, out: Path) -> str:
     plt = _plt()
-    fig, axes = plt.subplots(1, len(results), figsize=(6.4 * len(results), 4.2), squeeze=False)
-    lines = ["| task | model | share of KL in first 2 / 4 / 8 / 16 / 32 tokens | total KL per answer |"]
-    lines.append("| --- | --- | --- | --- |")
-    for ax, t in zip(axes[0], results, strict=True):
-        for label, a in [("start", t["before"]), *t.get("after", {}).items()]:
-            kl = a["kl_by_position"]
-            means, counts = kl["mean_by_position"], kl["count_by_position"]
-            reach = [i for i, c in enumerate(counts) if c > 0]
-            ax.plot(reach, [means[i] for i in reach], label=label if label == "start" else f"after {label}")
-            sums = [m * c for m, c in zip(means, counts, strict=True)]
-            total = sum(sums)
-            shares = " / ".join(
-                f"{100 * sum(sums[:L]) / total:.0f}%" if total else "-" for L in (2, 4, 8, 16, 32)
-            )
-            n = max(counts) if counts else 1
-            lines.append(f"| builtin:{t['task']} | {label} | {shares} | {total / max(1, n):.3f} |")
+    fig, axes = plt.subplots(1, len(analyses), figsize=(6.4 * len(analyses), 4.2), squeeze=False)
+    lines = [
+        "| task | share of KL in first 2 / 8 / 32 / 64 tokens | total KL per answer |",
+        "| --- | --- | --- |",
+    ]
+    for ax, (task, a) in zip(axes[0], analyses.items(), strict=True):
+        kl = a["kl_by_position"]
+        means, counts = kl["mean_by_position"], kl["count_by_position"]
+        reached = [i for i, c in enumerate(counts) if c > 0]
+        ax.plot(reached, [means[i] for i in reached], label="start")
+        sums = [m * c for m, c in zip(means, counts, strict=True)]
+        total = sum(sums)
+        shares = " / ".join(f"{100 * sum(sums[:L]) / total:.0f}%" if total else "-" for L in (2, 8, 32, 64))
+        lines.append(f"| builtin:{task} | {shares} | {total / max(1, max(counts)):.3f} |")
         ax.set_yscale("symlog", linthresh=1e-3)
-        _label(ax, "answer position", "mean KL(student || teacher), nats", f"builtin:{t['task']}")
+        _label(ax, "answer position", "mean KL(student || teacher), nats", f"builtin:{task}")
     intro = (
-        "Exact per-token KL(student || teacher) over full rows on the student's own sampled answers "
-        "(temperature 1), held-out prompts, before training and after `full` and the best prefix method."
+        "Exact per-token KL(student || teacher) over full rows on the student's own sampled answers (temperature "
+        "1), held-out prompts, before training."
     )
     return _write(
         fig, lines, out, "kl_position", "Where the signal sits: reverse KL by answer position", intro
@@ -248,46 +249,38 @@ def _write(fig, lines: list[str], out: Path, name: str, heading: str, intro: str
     return table
 
 
-def write_report(results: list[dict], meta: dict, out: Path) -> str:
+def write_report(data: dict, out: Path) -> str:
     """Writes the report files under `out`; returns the Markdown of paper_table.md."""
-    records = [r for t in results for r in t["records"]]
-    tasks = [t["task"] for t in results]
-    plot_accuracy(records, tasks, out / "paper_table.png")
-    rescue = rescue_report(results, out)
-    kl = kl_report(results, out)
+    meta, records = data["meta"], data["records"]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    plot_curves(records, tasks, out / "paper_table.png")
+    extra = []
+    if data.get("analyses"):
+        extra = ["## Teacher-prefix rescue (before training)", "", rescue_report(data["analyses"], out), "",
+                 "## KL by position (before training)", "", kl_report(data["analyses"], out), ""]  # fmt: skip
     seeds = ", ".join(str(s) for s in meta["seeds"])
     body = [
         "# The paper's table on the testbed",
         "",
-        f"Seeds {seeds}; held-out accuracy as mean ± std over seeds; {meta['wall_s'] / 60:.0f} minutes in all. "
-        "Every run trains the same warmed-up student through the real teacher service (embedded Redis, "
-        "`teacher serve`). Regenerate with `make bench-paper`"
+        f"Seeds {seeds}; held-out figures as mean ± std over seeds; {meta['wall_s'] / 60:.0f} minutes on "
+        f"{meta.get('cpu', 'this machine')} ({meta.get('date', '')}). Every run trains the same warmed-up student "
+        "through the real teacher service at the learning rate chosen on the validation split "
+        "(bench/paper_lr.json). Regenerate with `make bench-paper`"
         + (" (this is a `--quick` run)." if meta["quick"] else "."),
         "",
-        "## Verdict",
+        "## Verdict (computed from the records)",
         "",
-        *[f"- {verdict(records, t)}" for t in tasks],
+        *[f"- {line}" for t in tasks for line in verdict(records, t)],
         "",
-        "OPD against supervised training on the gold answers, at the compute that `sft-gold` used:",
-        "",
-        *[f"- {equal_compute(records, t)}" for t in tasks],
-        "",
-        "What the numbers mean, what makes a short prefix safe for these small students, and what else was "
-        "tried: [prefix_opd.md](prefix_opd.md).",
+        "What the numbers mean: [prefix_opd.md](prefix_opd.md). Rows in *italics* are untrained baselines "
+        "(docs/results/shortcuts.json).",
         "",
         "## Results",
         "",
         *[task_table(records, t) + "\n" for t in tasks],
-        "![accuracy against FLOPs](paper_table.png)",
+        "![accuracy and agreement against FLOPs](paper_table.png)",
         "",
-        "## Teacher-prefix rescue (before training)",
-        "",
-        rescue,
-        "",
-        "## KL by position",
-        "",
-        kl,
-        "",
+        *extra,
         "Settings: `" + " ".join(meta["common"]) + "`.",
         "",
     ]

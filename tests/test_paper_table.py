@@ -1,5 +1,6 @@
-"""`bench/paper_table.py --quick` runs the whole pipeline of the paper table (every method, both tasks, the
-analyses, the report) through a real teacher service: a smoke test of the pipeline, not of the claim."""
+"""`bench/paper_table.py --quick` runs the whole pipeline of the paper table (every method, both decision tasks,
+the analyses, the report) through a real teacher service: a smoke test of the pipeline, not of the claim; and
+the report's arithmetic (compute to reach, the learning-rate choice) on records written by hand."""
 
 from __future__ import annotations
 
@@ -8,46 +9,108 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.paper_methods import METHODS
+import pytest
+
+from bench.paper_methods import COMMON, METHODS, TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PLACES = ["student=student-dir", "teacher=grpc://127.0.0.1:50051"]
+"""Required by a job, not read here."""
+QUICK_METHODS = ("full", "prefix-L2", "prefix-L32", "seqkd", "sft-gold")
+"""The pipeline on the methods whose FLOP ledgers this test compares (every method's settings:
+test_every_method_is_a_valid_job)."""
+
+
+@pytest.mark.timeout(600)
 def test_quick_paper_table_writes_every_record_table_and_plot(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "paper_table.py"), "--quick", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "paper_table.py"),
+            "--quick",
+            "--methods",
+            ",".join(QUICK_METHODS),
+            "--out",
+            str(tmp_path),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "paper_table.json").read_text())
     records = data["records"]
-    assert {(r["task"], r["method"]) for r in records} == {(t, m) for t in ("plan", "chain") for m in METHODS}
+    assert {(r["task"], r["method"]) for r in records} == {(t, m) for t in TASKS for m in QUICK_METHODS}
     for r in records:
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["flops_total"] > 0 and r["wall_s"] > 0, r
-        assert r["flops_total"] == r["flops_sampling"] + r["flops_teacher"] + r["flops_training"]
+        f = r["flops"]
+        assert (
+            0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0 and 0.0 <= r["execution"] <= 1.0
+        ), r
+        assert f["total"] == f["sampling"] + f["teacher"] + f["training"] and f["total"] > 0
+        assert [p["step"] for p in r["curve"]] == [0, 2, 4], "an evaluation every 2 steps, the start included"
     by = {(r["task"], r["method"]): r for r in records}
-    for task in ("plan", "chain"):
+    for task in TASKS:
         # the FLOP ledger orders the methods as their rollouts do: shorter prefixes cost less than full answers
         assert (
-            by[task, "prefix-L2"]["flops_total"]
-            < by[task, "prefix-L16"]["flops_total"]
-            < by[task, "full"]["flops_total"]
+            by[task, "prefix-L2"]["flops"]["total"]
+            < by[task, "prefix-L32"]["flops"]["total"]
+            < by[task, "full"]["flops"]["total"]
         )
-        assert by[task, "seqkd"]["flops_teacher"] == 0 and by[task, "sft-gold"]["flops_sampling"] == 0
-    for t in data["tasks"]:
-        assert set(t["before"]["rescue"]) == {str(L) for L in (0, 2, 4, 8, 16, 32)}
+        assert by[task, "seqkd"]["flops"]["teacher"] == 0 and by[task, "sft-gold"]["flops"]["sampling"] == 0
+        assert set(data["analyses"][task]["rescue"]) == {"0", "1", "2", "8", "32", "64", "112"}
     text = (tmp_path / "paper_table.md").read_text()
-    assert "## Verdict" in text and "builtin:plan" in text and "builtin:chain" in text
+    assert "## Verdict" in text and "builtin:route" in text and "builtin:relay" in text
     for name in ("paper_table.png", "rescue.png", "kl_position.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_accuracy_at_interpolates_in_log_flops_and_never_extrapolates():
-    from bench.paper_report import accuracy_at
+def _run(method, seed, accs, flops, agreement=None):
+    curve = [
+        {"step": 10 * i, "flops": f, "accuracy": a, "agreement": (agreement or accs)[i], "execution": 1.0}
+        for i, (a, f) in enumerate(zip(accs, flops, strict=True))
+    ]
+    return {"task": "route", "method": method, "seed": seed, "accuracy": accs[-1], "agreement": (agreement or accs)[-1],
+            "curve": curve}  # fmt: skip
 
-    curve = [(0.0, 0.1), (1e9, 0.2), (1e10, 0.6), (1e11, 0.9)]
-    assert accuracy_at(curve, 1e10) == 0.6
-    assert abs(accuracy_at(curve, 10**9.5) - 0.4) < 1e-12  # halfway in log FLOPs
-    assert accuracy_at(curve, 2e11) is None  # the run never spent that much
+
+def test_compute_to_reach_is_the_first_evaluation_within_two_points_of_full():
+    from bench.paper_report import reach, reach_stats, targets
+
+    full = [_run("full", s, [0.3, 0.7, 0.9, 0.9], [0, 1e10, 2e10, 3e10]) for s in range(2)]
+    tg = targets({"full": full})
+    assert abs(tg["accuracy"] - 0.88) < 1e-12
+    assert reach(full[0]["curve"], "accuracy", tg["accuracy"]) == 2e10
+    fast = _run("prefix-L8", 0, [0.3, 0.89, 0.5], [0, 1e9, 2e9])
+    assert reach(fast["curve"], "accuracy", tg["accuracy"]) == 1e9, "reached once, even if it drops later"
+    never = _run("prefix-L2", 0, [0.3, 0.87, 0.8], [0, 1e9, 2e9])
+    assert reach_stats([never, fast], "accuracy", tg["accuracy"]) == (1e9, 0.0, 1)
+
+
+def test_learning_rate_choice_prefers_accuracy_then_agreement_then_the_smaller_rate():
+    from bench.paper_tune import choose
+
+    trials = [
+        {"lr": 3e-4, "accuracy": 0.50, "agreement": 0.9},
+        {"lr": 1e-3, "accuracy": 0.80, "agreement": 0.6},
+        {"lr": 3e-3, "accuracy": 0.795, "agreement": 0.7},
+    ]
+    assert choose(trials) == 3e-3, "within a point of the best accuracy, the better agreement wins"
+    trials[2]["agreement"] = 0.6
+    assert choose(trials) == 1e-3, "a tie: the smaller rate"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_is_a_valid_job(method):
+    """Each method's overrides of COMMON load as a trainer job (the config's own validation), and say what
+    the method's name says: its prefix, rollout source, loss and trained parameters."""
+    from trainer.config import load_config
+
+    cfg = load_config(None, [*COMMON, *METHODS[method], "prompts=builtin:route", "lr=1e-3", *PLACES])
+    if method.startswith(("prefix-L", "readout-L", "tail-L", "tailref-L", "l2-L", "lora-L", "offpolicy-L")):
+        assert cfg.prefix.schedule == "constant" and cfg.prefix.length == int(method.rsplit("L", 1)[1])
+    assert (cfg.loss == "nll") == (method in ("seqkd", "sft-gold"))
+    assert bool(cfg.freeze) == (method == "readout-L8")
+    assert bool(cfg.lora and cfg.lora.rank) == method.startswith("lora")
+    assert (cfg.anchor.tail_fraction > 0) == method.startswith("tail")

@@ -1,0 +1,92 @@
+"""The learning-rate sweep of the paper table, on the validation split only: its choices are committed and read.
+
+For every task and method, one seed (0) at each learning rate of LR_GRID, trained as the benchmark trains
+(bench/paper_methods.py COMMON) but evaluated on the task's validation split (compositional, disjoint from
+the held-out split, which this never reads). A method's rate is the one with the best final validation
+accuracy; within one point of it, the one with the best agreement with the teacher; then the smaller rate.
+Writes bench/paper_lr.json (the grid, every figure, the choice), which bench/paper_table.py reads.
+
+    .venv/bin/python bench/paper_tune.py                              # every task and method (~20 minutes on 2 cores)
+    .venv/bin/python bench/paper_tune.py --tasks route --methods full,prefix-L8   # merged into the file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.paper_methods import LR_GRID, RUN, TASKS  # noqa: E402
+from bench.paper_runs import Cell, run_cells  # noqa: E402
+
+CHOICES = ROOT / "bench" / "paper_lr.json"
+WITHIN = 0.01
+FINAL_ONLY = ("eval.every=0",)
+"""The sweep reads only the final evaluation."""
+
+
+def choose(trials: list[dict]) -> float:
+    """The chosen rate of one method's trials (each {lr, accuracy, agreement}), by the rule of the docstring."""
+    best = max(t["accuracy"] for t in trials)
+    close = [t for t in trials if t["accuracy"] >= best - WITHIN]
+    return max(close, key=lambda t: (t["agreement"], -t["lr"]))["lr"]
+
+
+def load_choices(path: Path = CHOICES) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"grid": list(LR_GRID), "tasks": {}}
+
+
+def chosen_lr(task: str, method: str, path: Path = CHOICES) -> float:
+    """The sweep's rate for one method; KeyError naming what to run when it has not been swept."""
+    try:
+        return load_choices(path)["tasks"][task][method]["lr"]
+    except KeyError:
+        raise KeyError(
+            f"no tuned learning rate for {task}/{method} in {path}: run bench/paper_tune.py --tasks {task} "
+            f"--methods {method}"
+        ) from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--methods", default=",".join(RUN))
+    parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one torch thread each).")
+    parser.add_argument("--out", type=Path, default=CHOICES)
+    args = parser.parse_args()
+
+    from rich.console import Console
+
+    from services.util.progress import quiet_progress_bars
+
+    quiet_progress_bars()
+    console = Console(stderr=True)
+    tasks, methods = args.tasks.split(","), args.methods.split(",")
+    cells = [Cell(t, m, lr, 0, "validation", FINAL_ONLY) for t in tasks for m in methods for lr in LR_GRID]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="paper-tune-") as tmp:
+        records = run_cells(cells, Path(tmp), args.jobs, console.print)
+    data = load_choices(args.out)
+    data["grid"] = list(LR_GRID)
+    data.setdefault("wall_s", {})[f"{args.tasks}:{args.methods}"] = round(time.perf_counter() - t0)
+    for task in tasks:
+        for method in methods:
+            trials = [
+                {k: r[k] for k in ("lr", "accuracy", "agreement", "execution")}
+                | {"flops": r["flops"]["total"]}
+                for r in records
+                if r["task"] == task and r["method"] == method
+            ]
+            data["tasks"].setdefault(task, {})[method] = {"lr": choose(trials), "trials": trials}
+            console.print(f"[{task}] {method}: lr {data['tasks'][task][method]['lr']:g}")
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
