@@ -203,7 +203,9 @@ def evaluate(
             temperature=0.0,
             autocast_dtype=autocast_dtype,
         )
-        scored = [_light_length(examples[i], n) for i, n in zip(rows, ro.lengths, strict=True)] if light else None
+        scored = (
+            [_light_length(examples[i], n) for i, n in zip(rows, ro.lengths, strict=True)] if light else None
+        )
         reqs = build_requests(
             ro, need=need, job_id=job_id, top_k=top_k, temperature=teacher_temperature, scored=scored
         )
