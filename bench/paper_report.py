@@ -33,6 +33,13 @@ def _pm(values, scale: float = 100.0) -> str:
     return "-" if math.isnan(m) else f"{m:.1f} ± {s:.1f}"
 
 
+def _saving(full_flops: float, flops: float) -> str:
+    """'3.1x less compute', or what it means when a run met the target at its start (0 FLOPs)."""
+    if flops <= 0:
+        return "no compute (the target was met before training)"
+    return f"{full_flops / flops:.1f}x less compute"
+
+
 def _reach_cell(runs, key, target, full_mean) -> str:
     m, s, n = reach_stats(runs, key, target)
     if n == 0:
@@ -142,7 +149,7 @@ def verdict(records: list[dict], task: str) -> list[str]:
             m, flops = best
             out.append(
                 f"builtin:{task}, {key}: **yes**, `{m}` came within 2 points of full on every seed, with "
-                f"{full_reach / flops:.1f}x less compute to reach the target than full (and ended at "
+                f"{_saving(full_reach, flops)} to reach the target than full (and ended at "
                 f"{100 * final[m]:.1f}% against full's {100 * (tg[key] + WITHIN):.1f}%)."
             )
     return out
