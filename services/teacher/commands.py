@@ -95,10 +95,11 @@ def _settings(flags: dict):
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        typer.echo(
-            f"error: {field}: {first['msg']} (flag --{field.replace('_', '-')} or TEACHER_{field.upper()})",
-            err=True,
-        )
+        if field:
+            hint = f" (flag --{field.replace('_', '-')} or TEACHER_{field.upper()})"
+            typer.echo(f"error: {field}: {first['msg']}{hint}", err=True)
+        else:  # a check across fields (its message names the flags)
+            typer.echo(f"error: {first['msg'].removeprefix('Value error, ')}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -11,7 +11,7 @@ import re
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.teacher.spec import EngineLimits, EngineSpec
@@ -233,10 +233,28 @@ class TeacherSettings(BaseSettings):
     def max_request_bytes(self) -> int:
         return self.max_request_mb * 1024 * 1024
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, url: str) -> str:
+        """A URL whose port is a number (else redis-py fails at connect with a traceback); the error never
+        echoes the URL, which may hold a password."""
+        host = urlsplit(url).netloc.rsplit("@", 1)[-1]
+        try:
+            _ = urlsplit(url).port
+        except ValueError:
+            raise ValueError(
+                f"the port of the Redis URL must be a number in [0, 65535], got {host.rpartition(':')[2]!r}"
+            ) from None
+        return url
+
     @model_validator(mode="after")
     def _tls_pair(self) -> TeacherSettings:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("tls_cert_file and tls_key_file must be given together.")
+            given, missing = ("cert", "key") if self.tls_cert_file else ("key", "cert")
+            raise ValueError(
+                f"--tls-cert-file and --tls-key-file (TEACHER_TLS_CERT_FILE, TEACHER_TLS_KEY_FILE) must be "
+                f"given together: got a {given} file without a {missing} file"
+            )
         return self
 
 

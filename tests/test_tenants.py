@@ -1,0 +1,162 @@
+"""One tenant against another, and the numeric edge inputs a hostile client found (issue 27), against one real
+teacher: `serve` with two tenants' tokens and the analysis routes (`--student`), the real Redis, HTTP and gRPC
+over loopback. Every bad value must get a 4xx (INVALID_ARGUMENT) naming its field, never a 500, a NaN or a
+silent change; nothing one tenant sends may be visible to the other."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from teacher_proc import Teacher
+
+from services.teacher import launch
+from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+
+TOKEN_A = "tok-a-0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # jobs team-a/*
+TOKEN_B = "tok-b-1a2b3c4d5e6f708192a3b4c5d6e7f801"  # jobs team-b/*
+TOKEN_SVC = "tok-svc-9f8e7d6c5b4a39281706f5e4d3c2b1a0"  # the analysis routes' own client (any job)
+TOKEN_HASH = "tok#with-a-hash-0123456789abcdef01"  # jobs team-h/*: a `#` inside a token is part of it
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher, tiny_student, redis_url, tmp_path_factory):
+    """`prefix-distill teacher serve` through the composition root (services.app), which adds `--student`."""
+    tmp = tmp_path_factory.mktemp("tenants")
+    tokens = tmp / "tokens.txt"
+    tokens.write_text(
+        f"# token  prefix\n{TOKEN_A} team-a/ job=team-a/http\n{TOKEN_B} team-b/ job=team-b/http  # team B\n"
+        f"{TOKEN_HASH} team-h/\n{TOKEN_SVC}\n"
+    )
+    flags = {"auth-tokens": str(tokens), "student": str(tiny_student), "max-request-mb": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFIX_DISTILL_TEACHER_TOKEN", TOKEN_SVC)
+        mp.setattr(launch, "CLI", [sys.executable, "-m", "services.app", "teacher"])
+        with Teacher(tiny_teacher, redis_url, tmp, flags=flags) as t:
+            yield t
+
+
+def post(teacher, path: str, body, token: str = TOKEN_A) -> httpx.Response:
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    headers = {"content-type": "application/json", "authorization": f"Bearer {token}"}
+    return httpx.post(teacher.http + path, content=content, headers=headers, timeout=120)
+
+
+def assert_refused(r: httpx.Response, param: str) -> None:
+    assert r.status_code in (400, 422), (r.status_code, r.text[:400])
+    err = r.json()["error"]
+    assert err["param"].split("[")[0].split(".")[0] == param, err
+
+
+LOGPROBS = {"prompt_token_ids": [5, 6, 7], "completion_token_ids": [8, 9], "job_id": "team-a/x"}
+
+
+# -- 4. numeric edge values ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [2**63, 2**63 + 5, 2**64 - 1, 2**31, 2**64])
+@pytest.mark.parametrize("field", ["prompt_token_ids", "completion_token_ids"])
+def test_huge_token_ids_are_refused_naming_the_field(teacher, field, value):
+    r = post(teacher, "/v1/logprobs", {**LOGPROBS, field: [5, value]})
+    assert_refused(r, field)
+    assert "-1" not in r.json()["error"]["message"]  # no wrapped value
+
+
+@pytest.mark.parametrize("value", [1e-40, 1.4e-45, 1e-320, 1e-7, 1e39, "NaN", "Infinity"])
+def test_temperatures_float32_cannot_compute_are_refused(teacher, value):
+    body = json.dumps({**LOGPROBS, "temperature": 0.5}).replace("0.5", str(value))
+    r = post(teacher, "/v1/logprobs", body)
+    assert_refused(r, "temperature")
+
+
+def test_the_smallest_accepted_temperature_gives_finite_logprobs(teacher):
+    r = post(teacher, "/v1/logprobs", {**LOGPROBS, "temperature": 1e-6, "top_k": 3})
+    assert r.status_code == 200, r.text
+    assert all(np.isfinite(t["logprob"]) for t in r.json()["tokens"])
+
+
+@pytest.mark.parametrize("value", [1e-40, 1.4e-45, 1e39])
+def test_grpc_temperatures_float32_cannot_compute_are_refused(teacher, value):
+    m = pb.ScoreRequest(
+        job_id="team-a/g", prompt_token_ids=[5, 6], completion_token_ids=[7], temperature=value
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{teacher.grpc_port}") as ch:
+        score = ch.unary_unary(
+            "/teacher.v1.Teacher/Score",
+            request_serializer=pb.ScoreRequest.SerializeToString,
+            response_deserializer=pb.ScoreResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            score(m, metadata=[("authorization", f"Bearer {TOKEN_A}")], timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "temperature" in err.value.details()
+
+
+@pytest.mark.parametrize("value", [1e-40, 1e-320, "NaN"])
+def test_vllm_dialect_temperatures_are_refused(teacher, value):
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 1, "prompt_logprobs": 2, "temperature": 0.5})
+    r = post(teacher, "/v1/completions", body.replace("0.5", str(value)))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "temperature"
+
+
+COMPARE = {"prompt_token_ids": [5, 6, 7], "completion_token_ids": [8, 9], "job_id": "team-a/cmp"}
+
+
+def test_deep_json_on_compare_is_a_400(teacher):
+    r = post(teacher, "/v1/compare", "[" * 100_000 + "]" * 100_000)
+    assert r.status_code in (400, 422), (r.status_code, r.text[:300])
+    assert r.json()["error"]["param"] == "body"
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, -1])
+def test_generate_seed_out_of_range_is_refused(teacher, seed):
+    body = {"prompt_token_ids": [5, 6], "generate": {"max_tokens": 2, "seed": seed}, "job_id": "team-a/cmp"}
+    assert_refused(post(teacher, "/v1/compare", body), "generate")
+
+
+@pytest.mark.parametrize("path", ["/v1/compare", "/v1/rescue"])
+def test_lone_surrogates_in_prompts_are_refused(teacher, path):
+    if path == "/v1/compare":
+        body = '{"prompts": ["ok", "\\ud800x"], "max_new_tokens": 2, "job_id": "team-a/cmp"}'
+    else:
+        body = '{"prompts": [{"prompt": "\\udfff", "answer": "1"}], "lengths": [0], "job_id": "team-a/cmp"}'
+    r = post(teacher, path, body)
+    assert_refused(r, "prompts")
+    assert "surrogate" in r.json()["error"]["message"]
+
+
+LOOSE = [
+    ({"top_k": "3"}, "top_k"),
+    ({"top_k": True}, "top_k"),
+    ({"top_k": 3.0}, "top_k"),
+    ({"prompt_token_ids": ["1"]}, "prompt_token_ids"),
+    ({"completion_token_ids": [True]}, "completion_token_ids"),
+    ({"prompt_token_ids": [2**63]}, "prompt_token_ids"),
+]
+
+
+@pytest.mark.parametrize(("change", "param"), LOOSE, ids=[str(c) for c, _ in LOOSE])
+def test_compare_is_as_strict_as_logprobs(teacher, change, param):
+    assert_refused(post(teacher, "/v1/compare", {**COMPARE, **change}), param)
+    assert_refused(post(teacher, "/v1/logprobs", {**LOGPROBS, **change}), param)
+
+
+def test_generate_nan_temperature_names_the_field_as_not_finite(teacher):
+    body = (
+        '{"prompt_token_ids": [5], "generate": {"max_tokens": 2, "temperature": NaN}, "job_id": "team-a/c"}'
+    )
+    r = post(teacher, "/v1/compare", body)
+    assert_refused(r, "generate")
+    assert "finite" in r.json()["error"]["message"]
+
+
+def test_the_service_is_healthy_after_the_edge_values(teacher):
+    assert httpx.get(teacher.http + "/healthz", timeout=10).status_code == 200
+    r = post(teacher, "/v1/logprobs", {**LOGPROBS, "top_k": 2})
+    assert r.status_code == 200
+    assert "Traceback" not in teacher.front.text()
