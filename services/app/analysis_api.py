@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.app.analysis_service import AnalysisService
+from services.teacher.errors import InvalidRequest
 from services.teacher.http_api import install_error_handlers
 from services.teacher.values import SamplingTemperature, Seed, Text, TokenIds, TopK, parse_json
 
@@ -145,7 +146,10 @@ _COMPARE_BODY = {
 
 async def _compare_body(request: Request) -> CompareRequest | CompareBatchRequest:
     """The body as the single or the batch form (`prompts` or `task` marks a batch), or a 422 naming the field."""
-    raw = parse_json(await request.body())  # a 400 naming `body`, also for JSON nested too deeply
+    try:  # also JSON nested too deeply for the parser (RecursionError)
+        raw = parse_json(await request.body())
+    except InvalidRequest as err:
+        raise _field_error((), err.message) from None
     if not isinstance(raw, dict):
         raise _field_error((), "the body must be a JSON object")
     model = CompareBatchRequest if ("prompts" in raw or "task" in raw) else CompareRequest

@@ -38,6 +38,8 @@ def check_temperature(value, param: str = "temperature", *, zero_ok: bool = Fals
     t = float(value)
     if zero_ok and t == 0.0:
         return t
+    if zero_ok and t < 0:
+        raise InvalidRequest(f"`{param}` must be >= 0 (0: greedy), got {value}.", param)
     if not math.isfinite(t):
         raise InvalidRequest(f"`{param}` must be a finite number, got {value}.", param)
     if not np.float32(MIN_TEMPERATURE) <= np.float32(t) <= np.float32(MAX_TEMPERATURE):  # as it travels
