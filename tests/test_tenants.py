@@ -19,6 +19,7 @@ from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 
 TOKEN_A = "tok-a-0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # jobs team-a/*
 TOKEN_B = "tok-b-1a2b3c4d5e6f708192a3b4c5d6e7f801"  # jobs team-b/*
+NAMESPACE = "tenants27"
 TOKEN_SVC = "tok-svc-9f8e7d6c5b4a39281706f5e4d3c2b1a0"  # the analysis routes' own client (any job)
 TOKEN_HASH = "tok#with-a-hash-0123456789abcdef01"  # jobs team-h/*: a `#` inside a token is part of it
 
@@ -32,7 +33,12 @@ def teacher(tiny_teacher, tiny_student, redis_url, tmp_path_factory):
         f"# token  prefix\n{TOKEN_A} team-a/ job=team-a/http\n{TOKEN_B} team-b/ job=team-b/http  # team B\n"
         f"{TOKEN_HASH} team-h/\n{TOKEN_SVC}\n"
     )
-    flags = {"auth-tokens": str(tokens), "student": str(tiny_student), "max-request-mb": "1"}
+    flags = {
+        "auth-tokens": str(tokens),
+        "student": str(tiny_student),
+        "max-request-mb": "1",
+        "namespace": NAMESPACE,
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFIX_DISTILL_TEACHER_TOKEN", TOKEN_SVC)
         mp.setattr(launch, "CLI", [sys.executable, "-m", "services.app", "teacher"])
@@ -160,3 +166,81 @@ def test_the_service_is_healthy_after_the_edge_values(teacher):
     r = post(teacher, "/v1/logprobs", {**LOGPROBS, "top_k": 2})
     assert r.status_code == 200
     assert "Traceback" not in teacher.front.text()
+
+
+# -- 3. nothing of one tenant is visible to another ------------------------------------------------------------
+
+
+def grpc_score(teacher, m: pb.ScoreRequest | bytes, token: str) -> pb.ScoreResponse:
+    """One Score call with raw request bytes (no client-side checks)."""
+    raw = m if isinstance(m, bytes) else m.SerializeToString()
+    with grpc.insecure_channel(f"127.0.0.1:{teacher.grpc_port}") as ch:
+        score = ch.unary_unary(
+            "/teacher.v1.Teacher/Score", request_serializer=None, response_deserializer=None
+        )
+        out = score(raw, metadata=[("authorization", f"Bearer {token}")], timeout=60)
+    return pb.ScoreResponse.FromString(out)
+
+
+def test_the_prompt_cache_is_no_membership_oracle_between_tenants(teacher):
+    """B's prompt, sent again by B, is reused (the cache works); the same prompt from A reports no reuse."""
+    prompt = [int(x) for x in np.random.default_rng(27).integers(3, 500, 15)]
+
+    def send(token: str, job: str, completion: int) -> int:
+        m = pb.ScoreRequest(job_id=job, prompt_token_ids=prompt, completion_token_ids=[completion, 9])
+        return grpc_score(teacher, m, token).prompt_tokens_reused
+
+    assert send(TOKEN_B, "team-b/p", 8) == 0
+    assert send(TOKEN_B, "team-b/p", 11) == len(prompt)  # B's own entry
+    assert send(TOKEN_A, "team-a/p", 12) == 0  # A learns nothing of what B sent
+    # nor by naming B's scope (token#3, B's line) itself: the front-end sets the scope
+    prompt = [int(x) for x in np.random.default_rng(28).integers(3, 500, 15)]
+    assert send(TOKEN_B, "team-b/p", 8) == 0
+    spoof = pb.ScoreRequest(
+        job_id="team-a/p", prompt_token_ids=prompt, completion_token_ids=[13], cache_scope="token#3"
+    )
+    assert grpc_score(teacher, spoof, TOKEN_A).prompt_tokens_reused == 0
+
+
+def test_a_hash_inside_a_token_is_part_of_it(teacher):
+    r = post(teacher, "/v1/logprobs", {**LOGPROBS, "job_id": "team-h/x"}, token=TOKEN_HASH)
+    assert r.status_code == 200, r.text
+    assert post(teacher, "/v1/logprobs", {**LOGPROBS, "job_id": "team-h/x"}, token="tok").status_code == 401
+
+
+# -- 1. one tenant must not exhaust what all share -------------------------------------------------------------
+
+
+def test_unknown_protobuf_fields_are_not_queued(teacher):
+    """A valid request padded with a 600 kB unknown field: what reaches Redis is the re-encoded request (tens of
+    bytes), seen by MONITOR on this teacher's own keys."""
+    base = pb.ScoreRequest(job_id="team-a/pad", prompt_token_ids=[5, 6, 7], completion_token_ids=[8])
+    pad = b"\xa2\x3e" + _varint(600_000) + b"x" * 600_000  # field 1000, length-delimited
+    red = teacher.redis()
+    seen: list[int] = []
+    with red.monitor() as mon:
+        import threading
+
+        def watch():
+            for cmd in mon.listen():
+                if NAMESPACE in cmd["command"]:
+                    seen.append(len(cmd["command"]))
+                if "stop-watching" in cmd["command"]:
+                    return
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        for _ in range(3):
+            out = grpc_score(teacher, base.SerializeToString() + pad, TOKEN_A)
+            assert len(out.token_logprobs.data) == 4
+        red.get("stop-watching")
+        t.join(30)
+    assert seen and max(seen) < 20_000, (len(seen), max(seen, default=0))
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n > 0x7F:
+        out += bytes([(n & 0x7F) | 0x80])
+        n >>= 7
+    return out + bytes([n])

@@ -1,6 +1,8 @@
 """Who may use the teacher: bearer tokens from a file, each scoped to a job-id prefix, with its own quotas.
 
-The token file (`--auth-tokens FILE`, `TEACHER_AUTH_TOKENS_FILE`) holds one token per line:
+The token file (`--auth-tokens FILE`, `TEACHER_AUTH_TOKENS_FILE`) holds one token per line, fields separated by
+whitespace; a `#` at the start of a line or after whitespace starts a comment, a `#` inside a field is part of it
+(so a token may hold `#`; it may not hold whitespace):
 
     # token                            job-id prefix   quotas (optional; defaults from the settings)
     s3cr3t-for-team-a-0123456789abcdef team-a/         max_pending=256 tokens_per_s=50000
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from services.teacher.errors import InvalidRequest, PermissionDenied, Unauthenti
 from services.teacher.types import check_id
 
 ANONYMOUS_NAME = "anonymous"
+_COMMENT = re.compile(r"(?:^|\s)#")
+"""Where a comment starts: a `#` at the start of a line or after whitespace; a `#` inside a token is part of it."""
 _QUOTA_KEYS = {"max_pending": int, "tokens_per_s": float}
 
 
@@ -130,7 +135,7 @@ class TokenTable:
         entries: list[tuple[bytes, Principal]] = []
         seen: set[bytes] = set()
         for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            fields = line.split("#", 1)[0].split()
+            fields = _COMMENT.split(line, maxsplit=1)[0].split()
             if not fields:
                 continue
             where = f"{path}:{n}"

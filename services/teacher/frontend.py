@@ -92,15 +92,17 @@ class Dispatcher:
         """Queues `req` and returns (ScoreResponse bytes, worker stats); raises a TeacherError on failure.
 
         `principal` is the authenticated caller (None: the anonymous caller, refused when auth is on);
-        `deadline_s` the seconds the transport still waits (a gRPC deadline), None for none. `wire` is the
-        ScoreRequest bytes `req` was parsed from, when the transport has them (gRPC): they are queued as they
-        are, since the worker parses them into the same request. Otherwise `req` is encoded.
+        `deadline_s` the seconds the transport still waits (a gRPC deadline), None for none. `wire` (the
+        bytes `req` was parsed from, when the transport has them) is never queued: what is queued is `req`
+        re-encoded, its known fields only (unknown fields padded into a message are dropped here), with the
+        caller's prompt-cache scope.
         """
         t0 = time.perf_counter()
         code = "OK"
         try:
             who = principal or self.authenticate(None)
             who.authorize(req.job_id)
+            req.cache_scope = "" if self.settings.share_prompt_cache else who.name
             with self.quotas.admit(who, req.num_tokens):
                 out = await self._submit(req, wire, deadline_s)
             metrics.TOKENS.inc(out[1].tokens)
@@ -140,7 +142,7 @@ class Dispatcher:
         self.pending[rid] = fut
         metrics.PENDING.set(len(self.pending))
         try:
-            payload = req.to_pb().SerializeToString() if wire is None else wire
+            payload = req.to_pb().SerializeToString()  # known fields only, whatever `wire` held
             enqueue = self.queue.enqueue(
                 rid,
                 payload,
@@ -149,7 +151,7 @@ class Dispatcher:
                 self.reply_key,
                 deadline_ms,
                 completion_tokens=req.completion_token_ids.size,
-                prompt_key=prompt_key(req.prompt_token_ids),
+                prompt_key=prompt_key(req.prompt_token_ids, req.cache_scope),
             )
             try:  # waits for a pooled connection under a burst: bounded by the request's own deadline
                 accepted = await asyncio.wait_for(enqueue, timeout_s)

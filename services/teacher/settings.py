@@ -59,6 +59,12 @@ class TeacherSettings(BaseSettings):
         "fit it alone.",
     )
     max_batch_size: int = Field(64, ge=1, description="Most requests in one batch.")
+    share_prompt_cache: bool = Field(
+        False,
+        description="Share the prompt cache across tenants (tokens). Off (the default), a request reuses only "
+        "prompts its own token sent, so `prompt_tokens_reused` never tells one tenant what another sent; on, equal "
+        "prompts of different tenants are computed once (less compute), at the price of that membership oracle.",
+    )
     prompt_cache_mb: int = Field(
         256,
         ge=0,
@@ -148,8 +154,8 @@ class TeacherSettings(BaseSettings):
     # -- security ----------------------------------------------------------------------------------------------
     auth_tokens_file: str = Field(
         "",
-        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X]` per line (# for "
-        "comments). When set, every call but /healthz (and /metrics, see metrics_need_token) needs a listed "
+        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X]` per line (a `#` at "
+        "the start of a line or after whitespace starts a comment; a `#` inside a token is part of it). When set, every call but /healthz (and /metrics, see metrics_need_token) needs a listed "
         "token, and a token serves only job ids starting with its prefix. Also --auth-tokens.",
         json_schema_extra={"flag_aliases": ["--auth-tokens"]},
     )

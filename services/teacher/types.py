@@ -112,6 +112,8 @@ class ScoreRequest:
     """With `sample_last`: seed of the draw, in [0, 2^63); None for a random one."""
     keep_sequence: bool = False
     """Keep prompt + completion in the worker's prompt cache for requests whose prompt is exactly this sequence."""
+    cache_scope: str = ""
+    """Prompt-cache partition (the caller's tenant, set by the front-end): reuse only within one scope."""
 
     def __post_init__(self) -> None:
         check_id(self.request_id, "request_id", required=False)
@@ -141,6 +143,10 @@ class ScoreRequest:
         if self.timeout_ms < 0:
             raise InvalidRequest(f"`timeout_ms` must be >= 0, got {self.timeout_ms}.", "timeout_ms")
         self.candidate_ids = _as_candidates(self.candidate_ids, int(self.completion_token_ids.size))
+        if not isinstance(self.cache_scope, str) or len(self.cache_scope) > MAX_ID_CHARS:
+            raise InvalidRequest(
+                f"`cache_scope` must be a string of at most {MAX_ID_CHARS} characters.", "cache_scope"
+            )
         self._check_dialect_fields()
 
     def _check_dialect_fields(self) -> None:
@@ -212,6 +218,7 @@ class ScoreRequest:
             greedy=m.greedy,
             seed=m.seed if m.HasField("seed") else None,
             keep_sequence=m.keep_sequence,
+            cache_scope=m.cache_scope,
         )
 
     def to_pb(self) -> pb.ScoreRequest:
@@ -233,6 +240,7 @@ class ScoreRequest:
             greedy=self.greedy,
             seed=self.seed,
             keep_sequence=self.keep_sequence,
+            cache_scope=self.cache_scope,
         )
 
 
