@@ -244,3 +244,46 @@ def _varint(n: int) -> bytes:
         out += bytes([(n & 0x7F) | 0x80])
         n >>= 7
     return out + bytes([n])
+
+
+def test_metrics_show_a_tenant_only_its_own_job_labels(teacher):
+    """B floods a job named like a secret; while it is queued, B's /metrics shows it, A's shows only `_other`."""
+    import asyncio
+
+    secret = "team-b/secret-project-x"
+    rng = np.random.default_rng(5)
+
+    async def run() -> tuple[set, set]:
+        seen_a, seen_b = set(), set()
+        hb = {"authorization": f"Bearer {TOKEN_B}"}
+        async with httpx.AsyncClient(base_url=teacher.http, timeout=120) as c:
+
+            async def flood():
+                async def one():
+                    body = {
+                        "prompt_token_ids": rng.integers(3, 500, 120).tolist(),
+                        "completion_token_ids": rng.integers(3, 500, 60).tolist(),
+                        "top_k": 5,
+                        "job_id": secret,
+                    }
+                    await c.post("/v1/logprobs", json=body, headers=hb)
+
+                await asyncio.gather(*(one() for _ in range(300)))
+
+            async def scrape():
+                for _ in range(60):
+                    for token, seen in ((TOKEN_A, seen_a), (TOKEN_B, seen_b)):
+                        r = await c.get("/metrics", headers={"authorization": f"Bearer {token}"})
+                        seen |= {
+                            line.split('job="')[1].split('"')[0]
+                            for line in r.text.splitlines()
+                            if line.startswith("teacher_queue_depth{")
+                        }
+                    await asyncio.sleep(0.1)
+
+            await asyncio.gather(flood(), scrape())
+        return seen_a, seen_b
+
+    seen_a, seen_b = asyncio.run(run())
+    assert secret in seen_b, seen_b  # the flood was queued while scraped
+    assert secret not in seen_a and seen_a <= {"_other"}, seen_a

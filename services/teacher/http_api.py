@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -251,8 +251,14 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
         return JSONResponse(status_code=200 if dispatcher.serving else 503, content=body)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
-        """Prometheus exposition: queue depth per job, batch sizes, tokens/s, latencies, errors by code."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(request: Request) -> Response:
+        """Prometheus exposition: queue depth per job (the jobs within the caller's scope; the rest summed as
+        job="_other"), batch sizes, tokens/s, latencies, errors by code."""
+        principal = getattr(request.state, "principal", None)
+        if principal is None:  # no token asked (metrics_need_token off): no job label unless auth is off
+            prefix = None if dispatcher.tokens.enabled else ""
+        else:
+            prefix = principal.job_prefix
+        return Response(metrics.exposition(prefix), media_type=CONTENT_TYPE_LATEST)
 
     return app
