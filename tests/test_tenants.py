@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from urllib.parse import urlsplit
 
 import grpc
 import httpx
@@ -16,6 +17,7 @@ from teacher_proc import Teacher
 
 from services.teacher import launch
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+from services.teacher.redis_server import RedisProcess
 
 TOKEN_A = "tok-a-0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # jobs team-a/*
 TOKEN_B = "tok-b-1a2b3c4d5e6f708192a3b4c5d6e7f801"  # jobs team-b/*
@@ -287,3 +289,28 @@ def test_metrics_show_a_tenant_only_its_own_job_labels(teacher):
     seen_a, seen_b = asyncio.run(run())
     assert secret in seen_b, seen_b  # the flood was queued while scraped
     assert secret not in seen_a and seen_a <= {"_other"}, seen_a
+
+
+def test_redis_passwords_never_reach_a_log_or_argv(tiny_teacher, tmp_path):
+    """`?password=` on the command line: redacted on the ready line, with a warning; a URL file keeps it out of
+    /proc/PID/cmdline altogether."""
+    password = "pw-27-" + "c0ffee" * 4
+    redis = RedisProcess(workdir=str(tmp_path), password=password).start()
+    try:
+        port = urlsplit(redis.url).port
+        url = f"redis://127.0.0.1:{port}/0?password={password}"
+        with Teacher(tiny_teacher, url, tmp_path) as t:
+            log = t.front.text()
+        assert "password=***" in log and "warning: --redis-url carries a password" in log
+        assert password not in log
+        url_file = tmp_path / "redis-url"
+        url_file.write_text(f"redis://:{password}@127.0.0.1:{port}/0\n")
+        url_file.chmod(0o600)
+        with Teacher(
+            tiny_teacher, "redis://127.0.0.1:1/0", tmp_path, flags={"redis-url-file": str(url_file)}
+        ) as t:
+            cmdline = open(f"/proc/{t.front.p.pid}/cmdline", "rb").read().decode()  # noqa: SIM115
+            log = t.front.text()
+        assert password not in cmdline and password not in log and ":***@" in log
+    finally:
+        redis.stop()

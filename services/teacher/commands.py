@@ -88,8 +88,15 @@ def register_score(app: typer.Typer) -> None:
 def _settings(flags: dict):
     from pydantic import ValidationError
 
-    from services.teacher.settings import TeacherSettings
+    from services.teacher.settings import TeacherSettings, redact_url
 
+    url = flags.get("redis_url") or ""
+    if redact_url(url) != url:  # given as a flag: in this process's argv, readable by every local user
+        typer.echo(
+            "warning: --redis-url carries a password, which every local user can read in /proc/PID/cmdline; "
+            "give it as TEACHER_REDIS_URL or --redis-url-file instead.",
+            err=True,
+        )
     try:
         return TeacherSettings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as err:

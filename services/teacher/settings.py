@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,7 +34,14 @@ class TeacherSettings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         description="Redis shared by front-ends and workers: redis://[[user]:password@]host:port/db, or "
-        "rediss://... for TLS (e.g. ?ssl_ca_certs=/path/ca.pem); the password is never logged.",
+        "rediss://... for TLS (e.g. ?ssl_ca_certs=/path/ca.pem); the password (in the URL or as ?password=) is "
+        "never logged. A URL with a password belongs in TEACHER_REDIS_URL or redis_url_file, not on the command "
+        "line, where every local user can read it (/proc/PID/cmdline).",
+    )
+    redis_url_file: str = Field(
+        "",
+        description="A file whose first line is redis_url (overrides it): keeps a Redis password out of the "
+        "command line and the environment (make it readable by the teacher's user only).",
     )
     namespace: str = Field(
         "",
@@ -220,13 +228,8 @@ class TeacherSettings(BaseSettings):
         return f"pd:{slug}-{digest}:"
 
     def redacted_redis_url(self) -> str:
-        """`redis_url` fit for a log line: a password in it is replaced by `***`."""
-        parts = urlsplit(self.redis_url)
-        if parts.password is None:
-            return self.redis_url
-        user = parts.username or ""
-        host = parts.netloc.rsplit("@", 1)[1]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        """`redis_url` fit for a log line (see `redact_url`)."""
+        return redact_url(self.redis_url)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Server channel options: large responses, small requests (an oversize one is refused unread)."""
@@ -254,6 +257,18 @@ class TeacherSettings(BaseSettings):
         return url
 
     @model_validator(mode="after")
+    def _url_from_file(self) -> TeacherSettings:
+        if self.redis_url_file:
+            try:
+                lines = Path(self.redis_url_file).read_text().splitlines()
+            except OSError as err:
+                raise ValueError(f"--redis-url-file {self.redis_url_file}: {err.strerror}") from None
+            if not lines or not lines[0].strip():
+                raise ValueError(f"--redis-url-file {self.redis_url_file}: the first line holds no URL")
+            self.redis_url = self._redis_url_parses(lines[0].strip())
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> TeacherSettings:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             given, missing = ("cert", "key") if self.tls_cert_file else ("key", "cert")
@@ -262,6 +277,20 @@ class TeacherSettings(BaseSettings):
                 f"given together: got a {given} file without a {missing} file"
             )
         return self
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for a log line: the password of its userinfo (`redis://user:pw@host`) and every query value
+    whose key holds "password" (`?password=pw`, `ssl_password=`) replaced by `***`."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if "password" in query.lower():
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if "password" in k.lower() else v) for k, v in pairs], safe="/*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def in_process_spec(model: str, **overrides) -> EngineSpec:
