@@ -30,7 +30,7 @@ from services.teacher.frontend import Dispatcher
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.textapi import TokenTexts, logprobs_body, render_json, resolve_ids
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
-from services.teacher.values import Temperature, TokenIds, TopK
+from services.teacher.values import StrictIds
 
 
 class LogprobsRequest(BaseModel):
@@ -39,12 +39,14 @@ class LogprobsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str | None = Field(None, description="Prompt text (tokenized without special tokens).")
-    prompt_token_ids: TokenIds | None = Field(None, description="Prompt as token ids.")
+    prompt_token_ids: StrictIds | None = Field(None, description="Prompt as token ids.")
     completion: str | None = Field(None, description="Completion text to score.")
-    completion_token_ids: TokenIds | None = Field(None, description="Completion as token ids.")
-    top_k: TopK = Field(0, description="Most likely next tokens to list per position.")
-    temperature: Temperature = Field(1.0, description="Softmax temperature (in [1e-6, 1e6]).")
-    candidate_ids: list[TokenIds] | None = Field(
+    completion_token_ids: StrictIds | None = Field(None, description="Completion as token ids.")
+    top_k: int = Field(0, description="Most likely next tokens to list per position.")
+    temperature: float = Field(
+        1.0, description="Softmax temperature, in [1e-6, 1e6] (values.MIN_TEMPERATURE)."
+    )
+    candidate_ids: list[StrictIds] | None = Field(
         None,
         description="Per completion position, C token ids whose logprobs to return under `candidates` (in the "
         "order given, normalized over the whole vocabulary), e.g. a student's own top-C; C <= max_candidates.",

@@ -40,6 +40,9 @@ def check_id(value, param: str, *, required: bool) -> str:
 
 def _as_ids(values, param: str) -> np.ndarray:
     """Token ids as a 1-D int64 array; InvalidRequest naming `param` for non-integers or negatives."""
+    if isinstance(values, (list, tuple)) and values and all(type(v) is int for v in values):
+        check_token_id_range(np.array([min(values), max(values)], dtype=object), param)  # before any cast
+        return np.array(values, dtype=np.int64)
     try:
         arr = np.asarray(values)
         if arr.size == 0:

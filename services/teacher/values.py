@@ -104,6 +104,9 @@ def _text(value: str) -> str:
     return value
 
 
+StrictIds = list[StrictInt]
+"""Token ids in a JSON body whose route answers out-of-range values with 400 (/v1/logprobs): the type here (a
+string or a bool is a 422), the range when the ScoreRequest is built (`check_token_id_range`)."""
 TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
 """A token id in a JSON body."""
 TokenIds = list[TokenId]
