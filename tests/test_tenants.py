@@ -314,3 +314,39 @@ def test_redis_passwords_never_reach_a_log_or_argv(tiny_teacher, tmp_path):
         assert password not in cmdline and password not in log and ":***@" in log
     finally:
         redis.stop()
+
+
+def _peak_rss_mb(teacher) -> float:
+    """VmHWM (peak resident memory) of the front-end process, in MB."""
+    status = open(f"/proc/{teacher.front.p.pid}/status").read()  # noqa: SIM115
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM")).split()[1]) / 1024
+
+
+def test_a_chunked_body_is_stopped_at_the_limit(teacher):
+    """No Content-Length: the bytes are counted as they arrive; at --max-request-mb (1 here) the front-end answers
+    413 instead of reading (and holding) the whole body."""
+    sent = 0
+
+    def body():
+        nonlocal sent
+        yield b'{"prompt": "'
+        for _ in range(200):  # 20 MB if read in full
+            sent += 100_000
+            yield b"a" * 100_000
+
+    headers = {"authorization": f"Bearer {TOKEN_A}", "content-type": "application/json"}
+    answered, peak0 = [], _peak_rss_mb(teacher)
+    for path in ("/v1/logprobs", "/v1/compare", "/v1/completions"):
+        sent = 0
+        try:
+            r = httpx.post(teacher.http + path, content=body(), headers=headers, timeout=60)
+        except httpx.HTTPError:  # the server may close the connection while the client still writes
+            answered.append((path, "closed", sent))
+            continue
+        answered.append((path, r.status_code, sent))
+        assert r.status_code == 413, (path, r.status_code, r.text[:200])
+        assert r.json()["error"]["param"] == "body"
+    grown = _peak_rss_mb(teacher) - peak0
+    print(answered, f"front-end peak RSS grew {grown:.1f} MB")
+    assert grown < 15, grown  # a 20 MB body read in full (and parsed) grows it by several times that
+    assert httpx.get(teacher.http + "/healthz", timeout=10).status_code == 200

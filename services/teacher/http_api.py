@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Sequence
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -121,6 +121,32 @@ def _install_guard(app: FastAPI, dispatcher: Dispatcher) -> None:
         return await call_next(request)
 
 
+class BodyLimit:
+    """ASGI middleware: counts a request body's bytes as they arrive (chunked bodies have no Content-Length) and
+    stops reading at `limit`, answering 413 (a route reading the body gets an HTTPException(413))."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(  # fastapi's: its body parsing passes it on (not a 400)
+                        413, f"the request body is over the limit of {self.limit} bytes (stopped reading)."
+                    )
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def _param_of(exc: RequestValidationError) -> tuple[str, str]:
     """(field, message) of a malformed body's first error: `top_k`, `prompt_token_ids[3]`, or `body`."""
     first = exc.errors()[0] if exc.errors() else {}
@@ -219,6 +245,8 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
     texts = TokenTexts(dispatcher.tokenizer)
     served_name, created = dispatcher.settings.served_model_name or info.model_id, int(time.time())
     install_error_handlers(app)
+    # inside the guard (added after it), so that the routes read the counted body directly
+    app.add_middleware(BodyLimit, limit=dispatcher.settings.max_request_bytes)
     _install_guard(app, dispatcher)
     app.include_router(vllm_router(dispatcher, served_name))
     for router in routers:
