@@ -22,6 +22,7 @@ from services.teacher.redis_server import RedisProcess
 TOKEN_A = "tok-a-0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # jobs team-a/*
 TOKEN_B = "tok-b-1a2b3c4d5e6f708192a3b4c5d6e7f801"  # jobs team-b/*
 NAMESPACE = "tenants27"
+TOKEN_SLOW = "tok-slow-27aa0b1c2d3e4f5061728394a5b6c7d8"  # jobs team-s/*, max_pending=2
 TOKEN_SVC = "tok-svc-9f8e7d6c5b4a39281706f5e4d3c2b1a0"  # the analysis routes' own client (any job)
 TOKEN_HASH = "tok#with-a-hash-0123456789abcdef01"  # jobs team-h/*: a `#` inside a token is part of it
 
@@ -33,7 +34,7 @@ def teacher(tiny_teacher, tiny_student, redis_url, tmp_path_factory):
     tokens = tmp / "tokens.txt"
     tokens.write_text(
         f"# token  prefix\n{TOKEN_A} team-a/ job=team-a/http\n{TOKEN_B} team-b/ job=team-b/http  # team B\n"
-        f"{TOKEN_HASH} team-h/\n{TOKEN_SVC}\n"
+        f"{TOKEN_HASH} team-h/\n{TOKEN_SVC}\n{TOKEN_SLOW} team-s/ max_pending=2\n"
     )
     flags = {
         "auth-tokens": str(tokens),
@@ -350,3 +351,21 @@ def test_a_chunked_body_is_stopped_at_the_limit(teacher):
     print(answered, f"front-end peak RSS grew {grown:.1f} MB")
     assert grown < 15, grown  # a 20 MB body read in full (and parsed) grows it by several times that
     assert httpx.get(teacher.http + "/healthz", timeout=10).status_code == 200
+
+
+def test_compare_counts_against_the_callers_quota(teacher):
+    """A token with max_pending=2: 20 concurrent /v1/compare calls are refused like 20 /v1/logprobs calls (429),
+    instead of all running on the analysis' own token."""
+    import asyncio
+
+    async def burst(path: str, body: dict) -> list[int]:
+        headers = {"authorization": f"Bearer {TOKEN_SLOW}"}
+        async with httpx.AsyncClient(base_url=teacher.http, timeout=120) as c:
+            rs = await asyncio.gather(*(c.post(path, json=body, headers=headers) for _ in range(20)))
+        return [r.status_code for r in rs]
+
+    compare = {"prompts": ["a b c d"] * 4, "max_new_tokens": 8, "job_id": "team-s/cmp"}
+    codes = asyncio.run(burst("/v1/compare", compare))
+    print("compare", sorted(codes))
+    assert set(codes) <= {200, 429} and codes.count(429) >= 10, codes
+    assert codes.count(200) >= 1

@@ -169,6 +169,30 @@ def _authorize(request: Request, job_id: str) -> None:
         principal.authorize(job_id)
 
 
+def _teacher_tokens(body) -> int:
+    """An upper estimate of the prompt + completion tokens an analysis makes the teacher score (text counted as
+    one token per character), charged to the caller's tokens-per-second quota before it starts."""
+    if isinstance(body, CompareRequest):
+        prompt = len(body.prompt or "") + len(body.prompt_token_ids or [])
+        answer = len(body.completion or "") + len(body.completion_token_ids or [])
+        return prompt + (body.generate.max_tokens if body.generate else answer)
+    n = len(body.prompts) if body.prompts else body.count
+    if isinstance(body, RescueRequest):
+        return n * body.max_new_tokens * len(body.lengths)
+    return n * body.max_new_tokens
+
+
+async def _charged(request: Request, body, run):
+    """`run(body)` in a thread, holding one in-flight slot of the caller's quota (and its estimated tokens), as
+    every request that makes the teacher work does; on the teacher's own front-end only (`app.state.quotas`),
+    since the analysis reaches the teacher with its own client's token."""
+    quotas, principal = getattr(request.app.state, "quotas", None), getattr(request.state, "principal", None)
+    if quotas is None or principal is None:
+        return await asyncio.to_thread(run, body)
+    with quotas.admit(principal, _teacher_tokens(body)):
+        return await asyncio.to_thread(run, body)
+
+
 def analysis_router(service: AnalysisService) -> APIRouter:
     """The analysis routes over `service` (the page, its data, and the two analyses)."""
     router = APIRouter(tags=["analysis"])
@@ -179,13 +203,13 @@ def analysis_router(service: AnalysisService) -> APIRouter:
         body = await _compare_body(request)
         _authorize(request, body.job_id)
         run = service.compare_batch if isinstance(body, CompareBatchRequest) else service.compare_one
-        return JSONResponse(await asyncio.to_thread(run, body))
+        return JSONResponse(await _charged(request, body, run))
 
     @router.post("/v1/rescue")
     async def rescue(body: RescueRequest, request: Request) -> JSONResponse:
         """Teacher-prefix rescue: the student's accuracy after a teacher-written prefix of each length."""
         _authorize(request, body.job_id)
-        return JSONResponse(await asyncio.to_thread(service.rescue, body))
+        return JSONResponse(await _charged(request, body, service.rescue))
 
     @router.get("/v1/analysis")
     async def describe() -> JSONResponse:

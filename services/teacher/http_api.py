@@ -249,6 +249,7 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
     app.add_middleware(BodyLimit, limit=dispatcher.settings.max_request_bytes)
     _install_guard(app, dispatcher)
     app.include_router(vllm_router(dispatcher, served_name))
+    app.state.quotas = dispatcher.quotas  # routes added by a composition root charge their callers here too
     for router in routers:
         app.include_router(router)
 
