@@ -22,6 +22,7 @@ from services.teacher.redis_server import RedisProcess
 TOKEN_A = "tok-a-0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # jobs team-a/*
 TOKEN_B = "tok-b-1a2b3c4d5e6f708192a3b4c5d6e7f801"  # jobs team-b/*
 NAMESPACE = "tenants27"
+TOKEN_BYTES = "tok-bytes-3c4d5e6f708192a3b4c5d6e7f8091a2b"  # jobs team-m/*, max_queued_bytes=3000
 TOKEN_SLOW = "tok-slow-27aa0b1c2d3e4f5061728394a5b6c7d8"  # jobs team-s/*, max_pending=2
 TOKEN_SVC = "tok-svc-9f8e7d6c5b4a39281706f5e4d3c2b1a0"  # the analysis routes' own client (any job)
 TOKEN_HASH = "tok#with-a-hash-0123456789abcdef01"  # jobs team-h/*: a `#` inside a token is part of it
@@ -35,6 +36,7 @@ def teacher(tiny_teacher, tiny_student, redis_url, tmp_path_factory):
     tokens.write_text(
         f"# token  prefix\n{TOKEN_A} team-a/ job=team-a/http\n{TOKEN_B} team-b/ job=team-b/http  # team B\n"
         f"{TOKEN_HASH} team-h/\n{TOKEN_SVC}\n{TOKEN_SLOW} team-s/ max_pending=2\n"
+        f"{TOKEN_BYTES} team-m/ max_queued_bytes=3000\n"
     )
     flags = {
         "auth-tokens": str(tokens),
@@ -369,3 +371,33 @@ def test_compare_counts_against_the_callers_quota(teacher):
     print("compare", sorted(codes))
     assert set(codes) <= {200, 429} and codes.count(429) >= 10, codes
     assert codes.count(200) >= 1
+
+
+def test_a_tenant_is_bounded_in_bytes_held_across_all_its_jobs(teacher):
+    """max_queued_bytes=3000: one ~1 kB request passes; 20 at once, each under its own job id, are mostly
+    refused (429 naming the quota) instead of being queued without bound."""
+    import asyncio
+
+    rng = np.random.default_rng(3)
+
+    def body(job: str) -> dict:
+        return {
+            "prompt_token_ids": rng.integers(200, 500, 200).tolist(),
+            "completion_token_ids": rng.integers(200, 500, 100).tolist(),
+            "job_id": job,
+        }
+
+    assert post(teacher, "/v1/logprobs", body("team-m/one"), token=TOKEN_BYTES).status_code == 200
+
+    async def burst() -> list[httpx.Response]:
+        headers = {"authorization": f"Bearer {TOKEN_BYTES}"}
+        async with httpx.AsyncClient(base_url=teacher.http, timeout=120) as c:
+            return await asyncio.gather(
+                *(c.post("/v1/logprobs", json=body(f"team-m/j{i}"), headers=headers) for i in range(20))
+            )
+
+    rs = asyncio.run(burst())
+    codes = [r.status_code for r in rs]
+    print("bytes", sorted(codes))
+    assert set(codes) <= {200, 429} and codes.count(429) >= 10, codes
+    assert any("max_queued_bytes" in r.json()["error"]["message"] for r in rs if r.status_code == 429)

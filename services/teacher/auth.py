@@ -30,7 +30,7 @@ from services.teacher.types import check_id
 ANONYMOUS_NAME = "anonymous"
 _COMMENT = re.compile(r"(?:^|\s)#")
 """Where a comment starts: a `#` at the start of a line or after whitespace; a `#` inside a token is part of it."""
-_QUOTA_KEYS = {"max_pending": int, "tokens_per_s": float}
+_QUOTA_KEYS = {"max_pending": int, "tokens_per_s": float, "max_queued_bytes": int}
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class Principal:
     """Requests in flight on one front-end (0: no quota)."""
     tokens_per_s: float
     """Prompt + completion tokens admitted per second on one front-end (0: no quota)."""
+    max_queued_bytes: int = 0
+    """Bytes of this caller's requests held in Redis at once, across all its jobs, from one front-end (0: none)."""
     job: str = ""
     """The job of this caller's requests that name none (the vLLM dialect's stock clients send no job id);
     "" for none. Must lie within `job_prefix`."""
@@ -124,7 +126,11 @@ class TokenTable:
 
     @classmethod
     def from_settings(cls, settings) -> TokenTable:
-        defaults = {"max_pending": settings.quota_max_pending, "tokens_per_s": settings.quota_tokens_per_s}
+        defaults = {
+            "max_pending": settings.quota_max_pending,
+            "tokens_per_s": settings.quota_tokens_per_s,
+            "max_queued_bytes": settings.quota_max_queued_mb * 1024 * 1024,
+        }
         if not settings.auth_tokens_file:
             return cls([], Principal(ANONYMOUS_NAME, "", **defaults))
         return cls.load(settings.auth_tokens_file, defaults)

@@ -103,8 +103,9 @@ class Dispatcher:
             who = principal or self.authenticate(None)
             who.authorize(req.job_id)
             req.cache_scope = "" if self.settings.share_prompt_cache else who.name
-            with self.quotas.admit(who, req.num_tokens):
-                out = await self._submit(req, wire, deadline_s)
+            payload = req.to_pb().SerializeToString()  # known fields only, whatever `wire` held
+            with self.quotas.admit(who, req.num_tokens, len(payload)):
+                out = await self._submit(req, payload, deadline_s)
             metrics.TOKENS.inc(out[1].tokens)
             self._rate.add(out[1].tokens)
             metrics.QUEUE_WAIT.observe(out[1].queue_ms / 1000.0)
@@ -128,7 +129,7 @@ class Dispatcher:
         return timeout_s
 
     async def _submit(
-        self, req: ScoreRequest, wire: bytes | None, deadline_s: float | None
+        self, req: ScoreRequest, payload: bytes, deadline_s: float | None
     ) -> tuple[bytes, ReplyStats]:
         validate_request(req, self.info)
         if not self.redis_ok:
@@ -142,7 +143,6 @@ class Dispatcher:
         self.pending[rid] = fut
         metrics.PENDING.set(len(self.pending))
         try:
-            payload = req.to_pb().SerializeToString()  # known fields only, whatever `wire` held
             enqueue = self.queue.enqueue(
                 rid,
                 payload,

@@ -162,7 +162,7 @@ class TeacherSettings(BaseSettings):
     # -- security ----------------------------------------------------------------------------------------------
     auth_tokens_file: str = Field(
         "",
-        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X]` per line (a `#` at "
+        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X] [max_queued_bytes=B]` per line (a `#` at "
         "the start of a line or after whitespace starts a comment; a `#` inside a token is part of it). When set, every call but /healthz (and /metrics, see metrics_need_token) needs a listed "
         "token, and a token serves only job ids starting with its prefix. Also --auth-tokens.",
         json_schema_extra={"flag_aliases": ["--auth-tokens"]},
@@ -172,6 +172,13 @@ class TeacherSettings(BaseSettings):
     )
     quota_max_pending: int = Field(
         0, ge=0, description="Default per-token quota: requests in flight on one front-end (0: no quota)."
+    )
+    quota_max_queued_mb: int = Field(
+        256,
+        ge=0,
+        description="Default per-token quota: MiB of requests (as queued, re-encoded) one token may hold in Redis "
+        "at once, across all its job ids, from one front-end; over it 429 (0: no bound). Without it one token "
+        "could fill Redis through many job ids.",
     )
     quota_tokens_per_s: float = Field(
         0.0,
