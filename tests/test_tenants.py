@@ -401,3 +401,44 @@ def test_a_tenant_is_bounded_in_bytes_held_across_all_its_jobs(teacher):
     print("bytes", sorted(codes))
     assert set(codes) <= {200, 429} and codes.count(429) >= 10, codes
     assert any("max_queued_bytes" in r.json()["error"]["message"] for r in rs if r.status_code == 429)
+
+
+# -- 5. processes ----------------------------------------------------------------------------------------------
+
+
+def _worker_pids(pid: int) -> list[int]:
+    """The worker processes `teacher serve` (pid) started (multiprocessing spawn children, not its tracker)."""
+    out = []
+    for child in open(f"/proc/{pid}/task/{pid}/children").read().split():  # noqa: SIM115
+        cmd = open(f"/proc/{child}/cmdline", "rb").read()  # noqa: SIM115
+        if b"spawn_main" in cmd:
+            out.append(int(child))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]  # noqa: SIM115
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_workers_die_with_their_supervisor(tiny_teacher, redis_url, tmp_path):
+    """kill -9 of `teacher serve`: its worker does not stay behind unsupervised (it used to, and a restarted
+    teacher then reported 2 workers)."""
+    import os
+    import signal
+    import time
+
+    with Teacher(tiny_teacher, redis_url, tmp_path, flags={"namespace": "pdeath27"}) as t:
+        workers = _worker_pids(t.front.p.pid)
+        assert len(workers) == 1, workers
+        os.kill(t.front.p.pid, signal.SIGKILL)
+        end = time.monotonic() + 20
+        while time.monotonic() < end and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        left = [w for w in workers if _alive(w)]
+        for w in left:
+            os.kill(w, signal.SIGKILL)  # leave nothing behind, whatever the outcome
+        assert not left, "the worker outlived its supervisor"
