@@ -240,6 +240,7 @@ def test_unknown_protobuf_fields_are_not_queued(teacher):
             assert len(out.token_logprobs.data) == 4
         red.get("stop-watching")
         t.join(30)
+    print(f"largest command on this teacher's keys: {max(seen, default=0)} characters")
     assert seen and max(seen) < 20_000, (len(seen), max(seen, default=0))
 
 
