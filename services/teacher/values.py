@@ -43,7 +43,7 @@ def check_temperature(value, param: str = "temperature", *, zero_ok: bool = Fals
     if not math.isfinite(t):
         raise InvalidRequest(f"`{param}` must be a finite number, got {value}.", param)
     if not np.float32(MIN_TEMPERATURE) <= np.float32(t) <= np.float32(MAX_TEMPERATURE):  # as it travels
-        zero = "0 (greedy) or " if zero_ok else ""
+        zero = "0 (greedy) or " if zero_ok else "> 0, "
         raise InvalidRequest(
             f"`{param}` must be {zero}in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (what float32 can compute), "
             f"got {value!r}.",
