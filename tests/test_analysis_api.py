@@ -184,7 +184,8 @@ BAD = [
     ("/v1/compare", {"prompt": "a", "completion": "b", "top_k": 1000}, 400, "top_k"),
     ("/v1/compare", {"prompt": "a", "completion": "b", "top_k": -1}, 422, "top_k"),
     ("/v1/compare", {"prompt_token_ids": [1, 99999], "completion": "b"}, 400, "prompt_token_ids"),
-    ("/v1/compare", {"prompt": "a", "completion_token_ids": [-1]}, 400, "completion_token_ids"),
+    # out of range for any model: refused with the body's shape (as on /v1/logprobs and like top_k -1)
+    ("/v1/compare", {"prompt": "a", "completion_token_ids": [-1]}, 422, "completion_token_ids[0]"),
     ("/v1/compare", {"prompt": "", "completion": "b"}, 400, "prompt"),
     ("/v1/compare", {"prompt": "a", "completion": "b", "job_id": "bad id!"}, 400, "job_id"),
     ("/v1/compare", {"task": "builtin:nope"}, 400, "task"),

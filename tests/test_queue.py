@@ -332,3 +332,26 @@ def test_a_large_reply_whose_body_expired_reads_as_unavailable(server):
     (env,) = read(server, c)
     rid, err = decode_reply(env)
     assert rid == "r0" and isinstance(err, Unavailable)
+
+
+def test_batching_is_fair_across_tenants_before_jobs(server):
+    """Tenant A spreads 40 requests over 20 job ids, tenant B queues 6 in one job: B gets every other place (one
+    request per tenant per round), not 1 in 21; A's jobs still take turns among themselves."""
+    c = cfg()
+
+    async def go():
+        q = FrontendQueue(server.url, c)
+        deadline = int(time.time() * 1000) + 60_000
+        for i in range(40):
+            await q.enqueue(
+                f"a{i}", b"p", f"team-a/j{i % 20}", 10, "pd:test:reply:fe", deadline, tenant="token#1"
+            )
+        for i in range(6):
+            await q.enqueue(f"b{i}", b"p", "team-b/one", 10, "pd:test:reply:fe", deadline, tenant="token#2")
+        await q.close()
+
+    asyncio.run(go())
+    w = WorkerQueue(server.url, c)
+    got = [it.rid for it in w.claim(budget_tokens=10_000, max_n=12)]
+    assert [r for r in got if r.startswith("b")] == [f"b{i}" for i in range(6)], got
+    assert got[:4] == ["a0", "b0", "a1", "b1"], got  # A's jobs j0, j1, ... in turn

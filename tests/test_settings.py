@@ -46,3 +46,22 @@ def test_cli_rejects_bad_flag_with_field_named():
     )
     assert r.returncode == 2
     assert "grpc_port" in r.stderr and "--grpc-port" in r.stderr
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "services.app", "teacher", "serve", "--model", "m", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_a_redis_url_with_a_bad_port_is_a_clear_error_not_a_traceback():
+    r = _serve("--redis-url", "redis://:hunter2-secret@127.0.0.1:notaport/0")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "redis_url" in r.stderr and "notaport" in r.stderr
+    assert "hunter2-secret" not in r.stderr + r.stdout
+
+
+def test_a_certificate_without_a_key_names_both_flags():
+    r = _serve("--tls-cert-file", "/tmp/cert.pem")
+    assert r.returncode == 2, r.stderr
+    assert "error: :" not in r.stderr and "(flag -- or" not in r.stderr
+    assert "--tls-key-file" in r.stderr and "--tls-cert-file" in r.stderr

@@ -11,7 +11,6 @@ services.app.analysis_service.
 from __future__ import annotations
 
 import asyncio
-import json
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,7 +21,9 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.app.analysis_service import AnalysisService
+from services.teacher.errors import InvalidRequest
 from services.teacher.http_api import install_error_handlers
+from services.teacher.values import SamplingTemperature, Seed, Text, TokenIds, TopK, parse_json
 
 UI_DIR = Path(__file__).resolve().parent / "analysis_ui"
 UI_FILES = {"app.js": "text/javascript", "charts.js": "text/javascript", "style.css": "text/css"}
@@ -35,7 +36,7 @@ _FORMAT_HELP = "How prompts are rendered for the student: its chat template when
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     student: str | None = Field(None, description="A served student (GET /v1/analysis); optional when one.")
     job_id: str = Field(
@@ -46,47 +47,49 @@ class _Body(BaseModel):
 class Generate(BaseModel):
     """Let the student write the completion."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_tokens: int = Field(
         description="Most tokens the student writes (it stops at EOS).", ge=1, le=MAX_NEW_TOKENS
     )
-    temperature: float = Field(1.0, description="Sampling temperature (0: greedy).", ge=0, le=100)
-    seed: int = Field(0, description="Seed of the sampler.", ge=0)
+    temperature: SamplingTemperature = Field(1.0, description="Sampling temperature (0: greedy).", le=100)
+    seed: Seed = Field(0, description="Seed of the sampler.")
 
 
 class CompareRequest(_Body):
     """POST /v1/compare, single form: exactly one of prompt / prompt_token_ids, and exactly one of completion /
     completion_token_ids / generate. Text is tokenized without special tokens, as in /v1/logprobs."""
 
-    prompt: str | None = Field(None, description="Prompt text.")
-    prompt_token_ids: list[int] | None = Field(None, description="Prompt as token ids.")
-    completion: str | None = Field(None, description="Completion text to compare on.")
-    completion_token_ids: list[int] | None = Field(None, description="Completion as token ids.")
+    prompt: Text | None = Field(None, description="Prompt text.")
+    prompt_token_ids: TokenIds | None = Field(None, description="Prompt as token ids.")
+    completion: Text | None = Field(None, description="Completion text to compare on.")
+    completion_token_ids: TokenIds | None = Field(None, description="Completion as token ids.")
     generate: Generate | None = Field(None, description="Compare on the student's own answer instead.")
-    top_k: int = Field(5, description="Teacher alternatives listed per position.", ge=0)
+    top_k: TopK = Field(5, description="Teacher alternatives listed per position.")
 
 
 class CompareBatchRequest(_Body):
     """POST /v1/compare, batch form (a body with `prompts` or `task`): the student answers every prompt; the
     result is the mean exact KL(student || teacher) by answer position and the share of it within the first L."""
 
-    prompts: list[str] | None = Field(None, description="Prompt texts.", min_length=1, max_length=MAX_PROMPTS)
+    prompts: list[Text] | None = Field(
+        None, description="Prompt texts.", min_length=1, max_length=MAX_PROMPTS
+    )
     task: str | None = Field(None, description="A built-in task (builtin:NAME): its held-out prompts.")
     count: int = Field(16, description="How many of the task's prompts.", ge=1, le=MAX_PROMPTS)
     prompt_format: Format = Field("auto", description=_FORMAT_HELP)
     max_new_tokens: int = Field(64, description="Answer length (positions).", ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(
-        1.0, description="The student's sampling temperature (0: greedy).", ge=0, le=100
+    temperature: SamplingTemperature = Field(
+        1.0, description="The student's sampling temperature (0: greedy).", le=100
     )
-    seed: int = Field(0, description="Seed of the sampler.", ge=0)
+    seed: Seed = Field(0, description="Seed of the sampler.")
 
 
 class RescueItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(description="Prompt text.")
-    answer: str = Field(description="The exact final answer (compared as in the trainer's evaluation).")
+    prompt: Text = Field(description="Prompt text.")
+    answer: Text = Field(description="The exact final answer (compared as in the trainer's evaluation).")
 
 
 class RescueRequest(_Body):
@@ -143,10 +146,10 @@ _COMPARE_BODY = {
 
 async def _compare_body(request: Request) -> CompareRequest | CompareBatchRequest:
     """The body as the single or the batch form (`prompts` or `task` marks a batch), or a 422 naming the field."""
-    try:
-        raw = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _field_error((), f"the body is not valid JSON ({err})") from None
+    try:  # also JSON nested too deeply for the parser (RecursionError)
+        raw = parse_json(await request.body())
+    except InvalidRequest as err:
+        raise _field_error((), err.message) from None
     if not isinstance(raw, dict):
         raise _field_error((), "the body must be a JSON object")
     model = CompareBatchRequest if ("prompts" in raw or "task" in raw) else CompareRequest
@@ -166,6 +169,30 @@ def _authorize(request: Request, job_id: str) -> None:
         principal.authorize(job_id)
 
 
+def _teacher_tokens(body) -> int:
+    """An upper estimate of the prompt + completion tokens an analysis makes the teacher score (text counted as
+    one token per character), charged to the caller's tokens-per-second quota before it starts."""
+    if isinstance(body, CompareRequest):
+        prompt = len(body.prompt or "") + len(body.prompt_token_ids or [])
+        answer = len(body.completion or "") + len(body.completion_token_ids or [])
+        return prompt + (body.generate.max_tokens if body.generate else answer)
+    n = len(body.prompts) if body.prompts else body.count
+    if isinstance(body, RescueRequest):
+        return n * body.max_new_tokens * len(body.lengths)
+    return n * body.max_new_tokens
+
+
+async def _charged(request: Request, body, run):
+    """`run(body)` in a thread, holding one in-flight slot of the caller's quota (and its estimated tokens), as
+    every request that makes the teacher work does; on the teacher's own front-end only (`app.state.quotas`),
+    since the analysis reaches the teacher with its own client's token."""
+    quotas, principal = getattr(request.app.state, "quotas", None), getattr(request.state, "principal", None)
+    if quotas is None or principal is None:
+        return await asyncio.to_thread(run, body)
+    with quotas.admit(principal, _teacher_tokens(body)):
+        return await asyncio.to_thread(run, body)
+
+
 def analysis_router(service: AnalysisService) -> APIRouter:
     """The analysis routes over `service` (the page, its data, and the two analyses)."""
     router = APIRouter(tags=["analysis"])
@@ -176,13 +203,13 @@ def analysis_router(service: AnalysisService) -> APIRouter:
         body = await _compare_body(request)
         _authorize(request, body.job_id)
         run = service.compare_batch if isinstance(body, CompareBatchRequest) else service.compare_one
-        return JSONResponse(await asyncio.to_thread(run, body))
+        return JSONResponse(await _charged(request, body, run))
 
     @router.post("/v1/rescue")
     async def rescue(body: RescueRequest, request: Request) -> JSONResponse:
         """Teacher-prefix rescue: the student's accuracy after a teacher-written prefix of each length."""
         _authorize(request, body.job_id)
-        return JSONResponse(await asyncio.to_thread(service.rescue, body))
+        return JSONResponse(await _charged(request, body, service.rescue))
 
     @router.get("/v1/analysis")
     async def describe() -> JSONResponse:

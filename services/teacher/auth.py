@@ -1,6 +1,8 @@
 """Who may use the teacher: bearer tokens from a file, each scoped to a job-id prefix, with its own quotas.
 
-The token file (`--auth-tokens FILE`, `TEACHER_AUTH_TOKENS_FILE`) holds one token per line:
+The token file (`--auth-tokens FILE`, `TEACHER_AUTH_TOKENS_FILE`) holds one token per line, fields separated by
+whitespace; a `#` at the start of a line or after whitespace starts a comment, a `#` inside a field is part of it
+(so a token may hold `#`; it may not hold whitespace):
 
     # token                            job-id prefix   quotas (optional; defaults from the settings)
     s3cr3t-for-team-a-0123456789abcdef team-a/         max_pending=256 tokens_per_s=50000
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,9 @@ from services.teacher.errors import InvalidRequest, PermissionDenied, Unauthenti
 from services.teacher.types import check_id
 
 ANONYMOUS_NAME = "anonymous"
-_QUOTA_KEYS = {"max_pending": int, "tokens_per_s": float}
+_COMMENT = re.compile(r"(?:^|\s)#")
+"""Where a comment starts: a `#` at the start of a line or after whitespace; a `#` inside a token is part of it."""
+_QUOTA_KEYS = {"max_pending": int, "tokens_per_s": float, "max_queued_bytes": int}
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class Principal:
     """Requests in flight on one front-end (0: no quota)."""
     tokens_per_s: float
     """Prompt + completion tokens admitted per second on one front-end (0: no quota)."""
+    max_queued_bytes: int = 0
+    """Bytes of this caller's requests held in Redis at once, across all its jobs, from one front-end (0: none)."""
     job: str = ""
     """The job of this caller's requests that name none (the vLLM dialect's stock clients send no job id);
     "" for none. Must lie within `job_prefix`."""
@@ -119,7 +126,11 @@ class TokenTable:
 
     @classmethod
     def from_settings(cls, settings) -> TokenTable:
-        defaults = {"max_pending": settings.quota_max_pending, "tokens_per_s": settings.quota_tokens_per_s}
+        defaults = {
+            "max_pending": settings.quota_max_pending,
+            "tokens_per_s": settings.quota_tokens_per_s,
+            "max_queued_bytes": settings.quota_max_queued_mb * 1024 * 1024,
+        }
         if not settings.auth_tokens_file:
             return cls([], Principal(ANONYMOUS_NAME, "", **defaults))
         return cls.load(settings.auth_tokens_file, defaults)
@@ -130,7 +141,7 @@ class TokenTable:
         entries: list[tuple[bytes, Principal]] = []
         seen: set[bytes] = set()
         for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            fields = line.split("#", 1)[0].split()
+            fields = _COMMENT.split(line, maxsplit=1)[0].split()
             if not fields:
                 continue
             where = f"{path}:{n}"

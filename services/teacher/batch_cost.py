@@ -20,11 +20,13 @@ import hashlib
 import numpy as np
 
 
-def prompt_key(prompt_ids: np.ndarray) -> bytes:
-    """A prompt's identity: a 128-bit digest of its token ids (length included). The prompt cache's key, and
-    what the queue compares (as hex) to see that two requests share a prompt."""
+def prompt_key(prompt_ids: np.ndarray, scope: str = "") -> bytes:
+    """A prompt's identity within a cache `scope` (a tenant; "" for the shared cache): a 128-bit digest of its
+    token ids (length included), keyed by the scope, so that equal prompts of two tenants never share an entry.
+    The prompt cache's key, and what the queue compares (as hex) to see that two requests share a prompt."""
     ids = np.ascontiguousarray(prompt_ids, dtype=np.int64)
-    return hashlib.blake2b(ids.tobytes(), digest_size=16, person=b"prompt-kv").digest()
+    key = hashlib.blake2b(scope.encode(), digest_size=32).digest() if scope else b""
+    return hashlib.blake2b(ids.tobytes(), digest_size=16, key=key, person=b"prompt-kv").digest()
 
 
 class BatchCost:

@@ -88,17 +88,25 @@ def register_score(app: typer.Typer) -> None:
 def _settings(flags: dict):
     from pydantic import ValidationError
 
-    from services.teacher.settings import TeacherSettings
+    from services.teacher.settings import TeacherSettings, redact_url
 
+    url = flags.get("redis_url") or ""
+    if redact_url(url) != url:  # given as a flag: in this process's argv, readable by every local user
+        typer.echo(
+            "warning: --redis-url carries a password, which every local user can read in /proc/PID/cmdline; "
+            "give it as TEACHER_REDIS_URL or --redis-url-file instead.",
+            err=True,
+        )
     try:
         return TeacherSettings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        typer.echo(
-            f"error: {field}: {first['msg']} (flag --{field.replace('_', '-')} or TEACHER_{field.upper()})",
-            err=True,
-        )
+        if field:
+            hint = f" (flag --{field.replace('_', '-')} or TEACHER_{field.upper()})"
+            typer.echo(f"error: {field}: {first['msg']}{hint}", err=True)
+        else:  # a check across fields (its message names the flags)
+            typer.echo(f"error: {first['msg'].removeprefix('Value error, ')}", err=True)
         raise typer.Exit(2) from None
 
 

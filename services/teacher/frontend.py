@@ -92,17 +92,20 @@ class Dispatcher:
         """Queues `req` and returns (ScoreResponse bytes, worker stats); raises a TeacherError on failure.
 
         `principal` is the authenticated caller (None: the anonymous caller, refused when auth is on);
-        `deadline_s` the seconds the transport still waits (a gRPC deadline), None for none. `wire` is the
-        ScoreRequest bytes `req` was parsed from, when the transport has them (gRPC): they are queued as they
-        are, since the worker parses them into the same request. Otherwise `req` is encoded.
+        `deadline_s` the seconds the transport still waits (a gRPC deadline), None for none. `wire` (the
+        bytes `req` was parsed from, when the transport has them) is never queued: what is queued is `req`
+        re-encoded, its known fields only (unknown fields padded into a message are dropped here), with the
+        caller's prompt-cache scope.
         """
         t0 = time.perf_counter()
         code = "OK"
         try:
             who = principal or self.authenticate(None)
             who.authorize(req.job_id)
-            with self.quotas.admit(who, req.num_tokens):
-                out = await self._submit(req, wire, deadline_s)
+            req.cache_scope = "" if self.settings.share_prompt_cache else who.name
+            payload = req.to_pb().SerializeToString()  # known fields only, whatever `wire` held
+            with self.quotas.admit(who, req.num_tokens, len(payload)):
+                out = await self._submit(req, payload, deadline_s, who.name)
             metrics.TOKENS.inc(out[1].tokens)
             self._rate.add(out[1].tokens)
             metrics.QUEUE_WAIT.observe(out[1].queue_ms / 1000.0)
@@ -126,7 +129,7 @@ class Dispatcher:
         return timeout_s
 
     async def _submit(
-        self, req: ScoreRequest, wire: bytes | None, deadline_s: float | None
+        self, req: ScoreRequest, payload: bytes, deadline_s: float | None, tenant: str = ""
     ) -> tuple[bytes, ReplyStats]:
         validate_request(req, self.info)
         if not self.redis_ok:
@@ -140,7 +143,6 @@ class Dispatcher:
         self.pending[rid] = fut
         metrics.PENDING.set(len(self.pending))
         try:
-            payload = req.to_pb().SerializeToString() if wire is None else wire
             enqueue = self.queue.enqueue(
                 rid,
                 payload,
@@ -149,7 +151,8 @@ class Dispatcher:
                 self.reply_key,
                 deadline_ms,
                 completion_tokens=req.completion_token_ids.size,
-                prompt_key=prompt_key(req.prompt_token_ids),
+                prompt_key=prompt_key(req.prompt_token_ids, req.cache_scope),
+                tenant=tenant,
             )
             try:  # waits for a pooled connection under a burst: bounded by the request's own deadline
                 accepted = await asyncio.wait_for(enqueue, timeout_s)

@@ -16,10 +16,10 @@ import math
 import time
 from collections.abc import Sequence
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,6 +30,7 @@ from services.teacher.frontend import Dispatcher
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.textapi import TokenTexts, logprobs_body, render_json, resolve_ids
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
+from services.teacher.values import StrictIds
 
 
 class LogprobsRequest(BaseModel):
@@ -38,12 +39,14 @@ class LogprobsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str | None = Field(None, description="Prompt text (tokenized without special tokens).")
-    prompt_token_ids: list[int] | None = Field(None, description="Prompt as token ids.")
+    prompt_token_ids: StrictIds | None = Field(None, description="Prompt as token ids.")
     completion: str | None = Field(None, description="Completion text to score.")
-    completion_token_ids: list[int] | None = Field(None, description="Completion as token ids.")
+    completion_token_ids: StrictIds | None = Field(None, description="Completion as token ids.")
     top_k: int = Field(0, description="Most likely next tokens to list per position.")
-    temperature: float = Field(1.0, description="Softmax temperature (> 0).")
-    candidate_ids: list[list[int]] | None = Field(
+    temperature: float = Field(
+        1.0, description="Softmax temperature, in [1e-6, 1e6] (values.MIN_TEMPERATURE)."
+    )
+    candidate_ids: list[StrictIds] | None = Field(
         None,
         description="Per completion position, C token ids whose logprobs to return under `candidates` (in the "
         "order given, normalized over the whole vocabulary), e.g. a student's own top-C; C <= max_candidates.",
@@ -116,6 +119,32 @@ def _install_guard(app: FastAPI, dispatcher: Dispatcher) -> None:
                 metrics.REQUESTS.labels(transport="http", code=err.code).inc()
                 return error_of(err)
         return await call_next(request)
+
+
+class BodyLimit:
+    """ASGI middleware: counts a request body's bytes as they arrive (chunked bodies have no Content-Length) and
+    stops reading at `limit`, answering 413 (a route reading the body gets an HTTPException(413))."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(  # fastapi's: its body parsing passes it on (not a 400)
+                        413, f"the request body is over the limit of {self.limit} bytes (stopped reading)."
+                    )
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _param_of(exc: RequestValidationError) -> tuple[str, str]:
@@ -216,8 +245,11 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
     texts = TokenTexts(dispatcher.tokenizer)
     served_name, created = dispatcher.settings.served_model_name or info.model_id, int(time.time())
     install_error_handlers(app)
+    # inside the guard (added after it), so that the routes read the counted body directly
+    app.add_middleware(BodyLimit, limit=dispatcher.settings.max_request_bytes)
     _install_guard(app, dispatcher)
     app.include_router(vllm_router(dispatcher, served_name))
+    app.state.quotas = dispatcher.quotas  # routes added by a composition root charge their callers here too
     for router in routers:
         app.include_router(router)
 
@@ -250,8 +282,14 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
         return JSONResponse(status_code=200 if dispatcher.serving else 503, content=body)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
-        """Prometheus exposition: queue depth per job, batch sizes, tokens/s, latencies, errors by code."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(request: Request) -> Response:
+        """Prometheus exposition: queue depth per job (the jobs within the caller's scope; the rest summed as
+        job="_other"), batch sizes, tokens/s, latencies, errors by code."""
+        principal = getattr(request.state, "principal", None)
+        if principal is None:  # no token asked (metrics_need_token off): no job label unless auth is off
+            prefix = None if dispatcher.tokens.enabled else ""
+        else:
+            prefix = principal.job_prefix
+        return Response(metrics.exposition(prefix), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -1,5 +1,8 @@
 """Prometheus metrics of a teacher front-end (served at GET /metrics).
 
+Per-job labels go only to a caller whose scope covers the job (`exposition`): a tenant sees its own jobs and
+the rest summed under job="_other"; a token scoped to every job (no prefix: an operator's) sees them all.
+
 Worker-side figures (batch size, compute time, tokens) arrive in each reply's header, so one front-end's
 /metrics describes the whole pipeline it uses without scraping the workers.
 """
@@ -9,7 +12,8 @@ from __future__ import annotations
 import collections
 import time
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.samples import Sample
 
 REQUESTS = Counter(
     "teacher_requests_total", "Requests answered, by transport and status code.", ["transport", "code"]
@@ -86,3 +90,37 @@ def set_depths(depths: dict[str, int], known: set[str], max_jobs: int) -> set[st
     for job, n in shown.items():
         QUEUE_DEPTH.labels(job=job).set(n)
     return set(shown)
+
+
+class _Scoped:
+    """The default registry with every `job` label outside `prefix` summed into job="_other" (a collector view
+    for `generate_latest`)."""
+
+    def __init__(self, prefix: str | None) -> None:
+        self.prefix = prefix
+
+    def collect(self):
+        for family in REGISTRY.collect():
+            if not any("job" in s.labels for s in family.samples):
+                yield family
+                continue
+            kept, hidden = [], {}
+            for s in family.samples:
+                job = s.labels.get("job")
+                if job is None or (
+                    self.prefix is not None and job != OTHER_JOBS and job.startswith(self.prefix)
+                ):
+                    kept.append(s)
+                else:
+                    hidden[s.name] = hidden.get(s.name, 0.0) + s.value
+            kept += [Sample(name, {"job": OTHER_JOBS}, value) for name, value in hidden.items()]
+            family.samples = kept
+            yield family
+
+
+def exposition(job_prefix: str | None) -> bytes:
+    """The Prometheus text for a caller whose jobs start with `job_prefix` ("" for every job; None for a caller
+    with no scope, e.g. an unauthenticated scrape with metrics_need_token off, which sees no job label)."""
+    if job_prefix == "":
+        return generate_latest()
+    return generate_latest(_Scoped(job_prefix))

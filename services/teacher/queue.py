@@ -265,11 +265,12 @@ class FrontendQueue:
         deadline_ms: int,
         completion_tokens: int | None = None,
         prompt_key: bytes = b"",
+        tenant: str = "",
     ) -> bool:
         """Queues a request of `tokens` (prompt + completion); False when the job already has
         max_pending_per_job queued. `completion_tokens` and `prompt_key` (batch_cost.prompt_key) let a worker that
         reuses prompts claim more requests of one prompt (without them the request counts as one with a prompt of
-        its own)."""
+        its own). `tenant` (the caller's token) is what batching is fair across first; "" makes the job its own."""
         c = self.cfg
         ttl = max(1, deadline_ms - int(time.time() * 1000)) + c.reply_ttl_ms
         ctok = tokens if completion_tokens is None else completion_tokens
@@ -286,6 +287,7 @@ class FrontendQueue:
                 ttl,
                 ctok,
                 prompt_key.hex(),
+                tenant,
             ]
         )
         return bool(ok)

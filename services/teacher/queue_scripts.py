@@ -35,14 +35,15 @@ end
 """
 
 # ARGV: namespace, rid, payload, job, tokens, reply, deadline_ms, max_pending, hash_ttl_ms, completion tokens,
-# prompt key (hex; batch_cost.prompt_key)
+# prompt key (hex; batch_cost.prompt_key), tenant (the caller's token; '' for none: the job is its own tenant)
 _ENQUEUE = """
 local rid, job = ARGV[2], ARGV[4]
 local q = NS .. 'q:' .. job
 if redis.call('LLEN', q) >= tonumber(ARGV[8]) then return 0 end
 local key = NS .. 'req:' .. rid
 redis.call('HSET', key, 'payload', ARGV[3], 'job', job, 'tokens', ARGV[5], 'reply', ARGV[6],
-           'deadline', ARGV[7], 'attempts', 0, 'enq', now_ms(), 'ctok', ARGV[10], 'pkey', ARGV[11])
+           'deadline', ARGV[7], 'attempts', 0, 'enq', now_ms(), 'ctok', ARGV[10], 'pkey', ARGV[11],
+           'tenant', ARGV[12] or '')
 redis.call('PEXPIRE', key, tonumber(ARGV[9]))
 redis.call('RPUSH', q, rid)
 activate(job)
@@ -71,21 +72,31 @@ for _, rid in ipairs(expired) do
     activate(job)
   end
 end
--- 2. Round-robin across jobs, one request per job per round, within the token budget: the fresh requests (the
--- first of each prompt; all of them without reuse) cost their count x the longest of them, the others their
--- completion tokens.
+-- 2. Round-robin across tenants, then across each tenant's jobs: one request per tenant per round (the first of
+-- its jobs in the ring; that job then goes to the back, so the tenant's next job has the next turn), so that
+-- a tenant's share does not grow with its number of job ids. A request's tenant is the token that queued it
+-- (its job when none was given). Within the token budget: the fresh requests (the first of each prompt; all of
+-- them without reuse) cost their count x the longest of them, the others their completion tokens.
 local out, n, full = {}, 0, false
 local fresh, longest, packed, prompts = 0, 0, 0, {}
 while n < max_n and not full do
   local jobs = redis.call('ZRANGE', NS .. 'jobs', 0, -1)
   if #jobs == 0 then break end
   local progressed = false
+  local served = {}
   for _, job in ipairs(jobs) do
     if n >= max_n then break end
     local q = NS .. 'q:' .. job
     local rid = redis.call('LINDEX', q, 0)
+    local tenant = job
+    if rid then
+      local t = redis.call('HGET', NS .. 'req:' .. rid, 'tenant')
+      if t and t ~= '' then tenant = t end
+    end
     if not rid then
       redis.call('ZREM', NS .. 'jobs', job)
+    elseif served[tenant] then
+      progressed = true  -- this tenant had its turn in this round: its job waits for the next one
     else
       local key = NS .. 'req:' .. rid
       local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error', 'enq',
@@ -99,6 +110,7 @@ while n < max_n and not full do
         redis.call('HINCRBY', NS .. 'stats', 'expired', 1)
         progressed = true
       else
+        served[tenant] = true
         local tok = tonumber(h[2])
         local ctok, pkey = tonumber(h[8] or h[2]), h[9]
         local shares = reuse and pkey and pkey ~= '' and prompts[pkey]

@@ -44,19 +44,29 @@ class Quotas:
 
     def __init__(self) -> None:
         self._pending: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
 
     def pending(self, who: Principal) -> int:
         return self._pending.get(who.name, 0)
 
     @contextmanager
-    def admit(self, who: Principal, tokens: int):
-        """Holds one in-flight slot of `who` for the block; QueueFull with a retry-after hint when the
-        pending or the tokens-per-second quota is spent."""
+    def admit(self, who: Principal, tokens: int, nbytes: int = 0):
+        """Holds one in-flight slot of `who` and `nbytes` of its queued bytes for the block; QueueFull with a
+        retry-after hint when the pending, the queued-bytes or the tokens-per-second quota is spent."""
         if who.max_pending and self.pending(who) >= who.max_pending:
             raise QueueFull(
                 f"this token already has {who.max_pending} requests in flight (its max_pending quota); "
                 "retry when some are answered.",
+                "authorization",
+                retry_after_s=0.1,
+            )
+        held = self._bytes.get(who.name, 0)
+        if who.max_queued_bytes and held + nbytes > who.max_queued_bytes:
+            raise QueueFull(
+                f"this token already holds {held} bytes of requests in the queue, and this one is {nbytes} bytes: "
+                f"over its max_queued_bytes quota of {who.max_queued_bytes} (across all its jobs); retry when "
+                "some are answered.",
                 "authorization",
                 retry_after_s=0.1,
             )
@@ -71,6 +81,8 @@ class Quotas:
                     retry_after_s=wait,
                 )
         self._pending[who.name] = self.pending(who) + 1
+        if nbytes:
+            self._bytes[who.name] = held + nbytes
         try:
             yield
         finally:
@@ -79,3 +91,6 @@ class Quotas:
                 self._pending[who.name] = left
             else:
                 del self._pending[who.name]
+            held = self._bytes.pop(who.name, 0) - nbytes
+            if held:
+                self._bytes[who.name] = held

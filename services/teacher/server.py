@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -57,7 +58,9 @@ class WorkerPool:
     def _spawn(self) -> mp.Process:
         from services.teacher.worker import run_worker
 
-        p = self.ctx.Process(target=run_worker, args=(self.settings,), daemon=False, name="teacher-worker")
+        p = self.ctx.Process(
+            target=run_worker, args=(self.settings, os.getpid()), daemon=False, name="teacher-worker"
+        )
         p.start()
         return p
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.teacher.spec import EngineLimits, EngineSpec
@@ -33,7 +34,14 @@ class TeacherSettings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         description="Redis shared by front-ends and workers: redis://[[user]:password@]host:port/db, or "
-        "rediss://... for TLS (e.g. ?ssl_ca_certs=/path/ca.pem); the password is never logged.",
+        "rediss://... for TLS (e.g. ?ssl_ca_certs=/path/ca.pem); the password (in the URL or as ?password=) is "
+        "never logged. A URL with a password belongs in TEACHER_REDIS_URL or redis_url_file, not on the command "
+        "line, where every local user can read it (/proc/PID/cmdline).",
+    )
+    redis_url_file: str = Field(
+        "",
+        description="A file whose first line is redis_url (overrides it): keeps a Redis password out of the "
+        "command line and the environment (make it readable by the teacher's user only).",
     )
     namespace: str = Field(
         "",
@@ -59,6 +67,12 @@ class TeacherSettings(BaseSettings):
         "fit it alone.",
     )
     max_batch_size: int = Field(64, ge=1, description="Most requests in one batch.")
+    share_prompt_cache: bool = Field(
+        False,
+        description="Share the prompt cache across tenants (tokens). Off (the default), a request reuses only "
+        "prompts its own token sent, so `prompt_tokens_reused` never tells one tenant what another sent; on, equal "
+        "prompts of different tenants are computed once (less compute), at the price of that membership oracle.",
+    )
     prompt_cache_mb: int = Field(
         256,
         ge=0,
@@ -148,8 +162,8 @@ class TeacherSettings(BaseSettings):
     # -- security ----------------------------------------------------------------------------------------------
     auth_tokens_file: str = Field(
         "",
-        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X]` per line (# for "
-        "comments). When set, every call but /healthz (and /metrics, see metrics_need_token) needs a listed "
+        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X] [max_queued_bytes=B]` per line (a `#` at "
+        "the start of a line or after whitespace starts a comment; a `#` inside a token is part of it). When set, every call but /healthz (and /metrics, see metrics_need_token) needs a listed "
         "token, and a token serves only job ids starting with its prefix. Also --auth-tokens.",
         json_schema_extra={"flag_aliases": ["--auth-tokens"]},
     )
@@ -158,6 +172,13 @@ class TeacherSettings(BaseSettings):
     )
     quota_max_pending: int = Field(
         0, ge=0, description="Default per-token quota: requests in flight on one front-end (0: no quota)."
+    )
+    quota_max_queued_mb: int = Field(
+        256,
+        ge=0,
+        description="Default per-token quota: MiB of requests (as queued, re-encoded) one token may hold in Redis "
+        "at once, across all its job ids, from one front-end; over it 429 (0: no bound). Without it one token "
+        "could fill Redis through many job ids.",
     )
     quota_tokens_per_s: float = Field(
         0.0,
@@ -214,13 +235,8 @@ class TeacherSettings(BaseSettings):
         return f"pd:{slug}-{digest}:"
 
     def redacted_redis_url(self) -> str:
-        """`redis_url` fit for a log line: a password in it is replaced by `***`."""
-        parts = urlsplit(self.redis_url)
-        if parts.password is None:
-            return self.redis_url
-        user = parts.username or ""
-        host = parts.netloc.rsplit("@", 1)[1]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        """`redis_url` fit for a log line (see `redact_url`)."""
+        return redact_url(self.redis_url)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Server channel options: large responses, small requests (an oversize one is refused unread)."""
@@ -233,11 +249,55 @@ class TeacherSettings(BaseSettings):
     def max_request_bytes(self) -> int:
         return self.max_request_mb * 1024 * 1024
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, url: str) -> str:
+        """A URL whose port is a number (else redis-py fails at connect with a traceback); the error never
+        echoes the URL, which may hold a password."""
+        host = urlsplit(url).netloc.rsplit("@", 1)[-1]
+        try:
+            _ = urlsplit(url).port
+        except ValueError:
+            raise ValueError(
+                f"the port of the Redis URL must be a number in [0, 65535], got {host.rpartition(':')[2]!r}"
+            ) from None
+        return url
+
+    @model_validator(mode="after")
+    def _url_from_file(self) -> TeacherSettings:
+        if self.redis_url_file:
+            try:
+                lines = Path(self.redis_url_file).read_text().splitlines()
+            except OSError as err:
+                raise ValueError(f"--redis-url-file {self.redis_url_file}: {err.strerror}") from None
+            if not lines or not lines[0].strip():
+                raise ValueError(f"--redis-url-file {self.redis_url_file}: the first line holds no URL")
+            self.redis_url = self._redis_url_parses(lines[0].strip())
+        return self
+
     @model_validator(mode="after")
     def _tls_pair(self) -> TeacherSettings:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("tls_cert_file and tls_key_file must be given together.")
+            given, missing = ("cert", "key") if self.tls_cert_file else ("key", "cert")
+            raise ValueError(
+                f"--tls-cert-file and --tls-key-file (TEACHER_TLS_CERT_FILE, TEACHER_TLS_KEY_FILE) must be "
+                f"given together: got a {given} file without a {missing} file"
+            )
         return self
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for a log line: the password of its userinfo (`redis://user:pw@host`) and every query value
+    whose key holds "password" (`?password=pw`, `ssl_password=`) replaced by `***`."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if "password" in query.lower():
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if "password" in k.lower() else v) for k, v in pairs], safe="/*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def in_process_spec(model: str, **overrides) -> EngineSpec:

@@ -13,6 +13,7 @@ import numpy as np
 
 from services.teacher.errors import InvalidRequest
 from services.teacher.types import ScoreResult
+from services.teacher.values import check_text
 
 
 def resolve_ids(
@@ -26,13 +27,7 @@ def resolve_ids(
         if text is not None:
             if not isinstance(text, str):
                 raise InvalidRequest(f"`{text_name}` must be a string.", text_name)
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:  # a lone surrogate ("\ud800") is not text a tokenizer can read
-                raise InvalidRequest(
-                    f"`{text_name}` must be valid Unicode: it holds a lone surrogate at character {err.start}.",
-                    text_name,
-                ) from None
+            check_text(text, text_name)
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
             if not ids:
                 raise InvalidRequest(

@@ -7,7 +7,6 @@ never reach a queue; model-dependent checks live in `validation.py`.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -16,6 +15,7 @@ import numpy as np
 from services.teacher import codec
 from services.teacher.errors import InvalidRequest
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
+from services.teacher.values import check_seed, check_temperature, check_token_id_range
 
 MAX_ID_CHARS = 128
 """Longest `job_id` / `request_id`: a job id becomes part of Redis keys and a Prometheus label."""
@@ -40,6 +40,9 @@ def check_id(value, param: str, *, required: bool) -> str:
 
 def _as_ids(values, param: str) -> np.ndarray:
     """Token ids as a 1-D int64 array; InvalidRequest naming `param` for non-integers or negatives."""
+    if isinstance(values, (list, tuple)) and values and all(type(v) is int for v in values):
+        check_token_id_range(np.array([min(values), max(values)], dtype=object), param)  # before any cast
+        return np.array(values, dtype=np.int64)
     try:
         arr = np.asarray(values)
         if arr.size == 0:
@@ -48,8 +51,7 @@ def _as_ids(values, param: str) -> np.ndarray:
             raise TypeError
     except (TypeError, ValueError):
         raise InvalidRequest(f"`{param}` must be a list of integer token ids.", param) from None
-    if arr.min() < 0:
-        raise InvalidRequest(f"`{param}` must be >= 0, got {int(arr.min())}.", param)
+    check_token_id_range(arr, param)
     return arr.astype(np.int64, copy=False)
 
 
@@ -74,8 +76,7 @@ def _as_candidates(values, positions: int) -> np.ndarray | None:
             f"`candidate_ids` must have one row per completion position ({positions}), got {arr.shape[0]}.",
             "candidate_ids",
         )
-    if arr.min() < 0:
-        raise InvalidRequest(f"`candidate_ids` must be >= 0, got {int(arr.min())}.", "candidate_ids")
+    check_token_id_range(arr, "candidate_ids")
     return arr.astype(np.int64, copy=False)
 
 
@@ -96,7 +97,7 @@ class ScoreRequest:
     full: bool = False
     """Return full vocabulary rows (bounded by the engine's memory guard)."""
     temperature: float = 1.0
-    """Divides the logits before log_softmax; finite and > 0."""
+    """Divides the logits before log_softmax; in [values.MIN_TEMPERATURE, values.MAX_TEMPERATURE]."""
     full_dtype: str = "float32"
     """Element type of full rows: float32, float16 or bfloat16."""
     timeout_ms: int = 0
@@ -114,6 +115,8 @@ class ScoreRequest:
     """With `sample_last`: seed of the draw, in [0, 2^63); None for a random one."""
     keep_sequence: bool = False
     """Keep prompt + completion in the worker's prompt cache for requests whose prompt is exactly this sequence."""
+    cache_scope: str = ""
+    """Prompt-cache partition (the caller's tenant, set by the front-end): reuse only within one scope."""
 
     def __post_init__(self) -> None:
         check_id(self.request_id, "request_id", required=False)
@@ -130,14 +133,7 @@ class ScoreRequest:
             raise InvalidRequest(f"`top_k` must be an integer, got {self.top_k!r}.", "top_k")
         if self.top_k < 0:
             raise InvalidRequest(f"`top_k` must be >= 0, got {self.top_k}.", "top_k")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float, np.number)):
-            raise InvalidRequest(f"`temperature` must be a number, got {self.temperature!r}.", "temperature")
-        temperature = float(self.temperature)
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise InvalidRequest(
-                f"`temperature` must be finite and > 0, got {self.temperature}.", "temperature"
-            )
-        self.temperature = temperature
+        self.temperature = check_temperature(self.temperature)
         if not isinstance(self.full, (bool, np.bool_)):
             raise InvalidRequest(f"`full` must be true or false, got {self.full!r}.", "full")
         if not isinstance(self.full_dtype, str) or self.full_dtype not in codec.FLOAT_DTYPES:
@@ -150,6 +146,10 @@ class ScoreRequest:
         if self.timeout_ms < 0:
             raise InvalidRequest(f"`timeout_ms` must be >= 0, got {self.timeout_ms}.", "timeout_ms")
         self.candidate_ids = _as_candidates(self.candidate_ids, int(self.completion_token_ids.size))
+        if not isinstance(self.cache_scope, str) or len(self.cache_scope) > MAX_ID_CHARS:
+            raise InvalidRequest(
+                f"`cache_scope` must be a string of at most {MAX_ID_CHARS} characters.", "cache_scope"
+            )
         self._check_dialect_fields()
 
     def _check_dialect_fields(self) -> None:
@@ -158,10 +158,7 @@ class ScoreRequest:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise InvalidRequest(f"`{name}` must be true or false, got {getattr(self, name)!r}.", name)
         if self.seed is not None:
-            if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-                raise InvalidRequest(f"`seed` must be an integer, got {self.seed!r}.", "seed")
-            if not 0 <= self.seed < 2**63:
-                raise InvalidRequest(f"`seed` must be in [0, 2^63), got {self.seed}.", "seed")
+            self.seed = check_seed(self.seed)
         if self.sample_last and self.keep_sequence:
             raise InvalidRequest(
                 "`keep_sequence` cannot be combined with `sample_last` (its last token is a placeholder).",
@@ -224,6 +221,7 @@ class ScoreRequest:
             greedy=m.greedy,
             seed=m.seed if m.HasField("seed") else None,
             keep_sequence=m.keep_sequence,
+            cache_scope=m.cache_scope,
         )
 
     def to_pb(self) -> pb.ScoreRequest:
@@ -245,6 +243,7 @@ class ScoreRequest:
             greedy=self.greedy,
             seed=self.seed,
             keep_sequence=self.keep_sequence,
+            cache_scope=self.cache_scope,
         )
 
 

@@ -14,6 +14,7 @@ after the whole batch (bench/teacher_throughput.py, "service full rows").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -195,9 +196,33 @@ class Worker:
         return out
 
 
-def run_worker(settings: TeacherSettings) -> None:
-    """Entry point of one worker process: loads the engine, then serves until SIGTERM/SIGINT."""
+def die_with_parent(parent_pid: int) -> None:
+    """SIGTERM to this process when `parent_pid` (its supervisor) dies, even by kill -9: the kernel's parent-death
+    signal (Linux prctl PR_SET_PDEATHSIG) and, everywhere, a thread that watches the parent id (also covering a
+    parent that died before the prctl). SIGTERM lets the worker finish its batch; what it holds is re-claimed."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        log.warning("the supervisor (pid %s) is gone; stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_worker(settings: TeacherSettings, parent_pid: int | None = None) -> None:
+    """Entry point of one worker process: loads the engine, then serves until SIGTERM/SIGINT (or, when it was
+    started by a supervisor `parent_pid`, until that one dies)."""
     import torch
+
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
 
     from services.teacher.engine import build_engine
 

@@ -9,7 +9,6 @@ field. Model-dependent limits are checked here against `ModelInfo` before anythi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.teacher.errors import InvalidRequest
 from services.teacher.types import ModelInfo, check_id
+from services.teacher.values import TokenIds, check_temperature, parse_json
 
 DEFAULT_MAX_TOKENS = 16
 """vLLM's default `max_tokens` for completions."""
@@ -30,7 +30,7 @@ class CompletionBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    prompt: list[int] | list[list[int]] | str | list[str] = Field(
+    prompt: TokenIds | list[TokenIds] | str | list[str] = Field(
         description="Token ids, a list of token-id lists, a string or a list of strings: one choice each."
     )
     model: str | None = Field(None, description="Absent, or the served model's name.")
@@ -67,10 +67,9 @@ class CompletionBody(BaseModel):
 
 def parse_body(raw: bytes) -> CompletionBody:
     """The body of a call; InvalidRequest naming the first bad field (or `body` for malformed JSON)."""
-    try:  # the standard parser keeps a lone surrogate, so that the check of `prompt` can name it
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise InvalidRequest(f"`body` is not valid JSON: {str(err)[:200]}.", "body") from None
+    data = parse_json(
+        raw
+    )  # the standard parser keeps a lone surrogate, so that the check of `prompt` can name it
     if not isinstance(data, dict):
         raise InvalidRequest("`body` must be a JSON object.", "body")
     try:
@@ -233,11 +232,9 @@ def _check_call(body: CompletionBody, served: set[str]) -> int:
 
 def _temperature(body: CompletionBody) -> tuple[float, bool]:
     """(temperature applied to the logits, greedy): vLLM's 0 is greedy, its logprobs on the raw logits."""
-    t = 1.0 if body.temperature is None else float(body.temperature)
+    t = 1.0 if body.temperature is None else check_temperature(body.temperature, zero_ok=True)
     if t == 0.0:
         return 1.0, True
-    if not (np.isfinite(t) and t > 0):
-        raise InvalidRequest(f"`temperature` must be finite and >= 0, got {body.temperature}.", "temperature")
     return t, False
 
 

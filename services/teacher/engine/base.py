@@ -73,7 +73,7 @@ def split_by_tokens(
     cost = BatchCost(reuse)
     for req, i in zip(requests, index, strict=True):
         n, t = req.num_tokens, req.completion_token_ids.size
-        key = prompt_key(req.prompt_token_ids) if reuse else None
+        key = prompt_key(req.prompt_token_ids, req.cache_scope) if reuse else None
         if not cost.fits(budget, n, t, key):
             chunks.append(cur)
             cur, cost = [], BatchCost(reuse)

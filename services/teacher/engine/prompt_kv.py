@@ -190,13 +190,13 @@ class ReusePlan:
 
 def sequence_key(r: ScoreRequest) -> bytes:
     """The prompt key of a request's whole sequence (prompt + completion): what `keep_sequence` keeps it under."""
-    return prompt_key(np.concatenate([r.prompt_token_ids, r.completion_token_ids]))
+    return prompt_key(np.concatenate([r.prompt_token_ids, r.completion_token_ids]), r.cache_scope)
 
 
 def plan(requests: Sequence[ScoreRequest], lru: PromptLRU) -> ReusePlan:
     """Requests with `keep_sequence` always run the plain pass (their whole sequence's keys/values are kept), and
     a request whose prompt is such a sequence of this batch reuses it, as it would a prompt of the batch."""
-    keys = [prompt_key(r.prompt_token_ids) for r in requests]
+    keys = [prompt_key(r.prompt_token_ids, r.cache_scope) for r in requests]
     kept_here = {sequence_key(r) for r in requests if r.keep_sequence}
     fresh, reuse, kept, seen = [], [], {}, set()
     for i, key in enumerate(keys):

@@ -31,7 +31,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "job_id", "prompt_token_ids", "completion_token_ids", "top_k", "full", "temperature", "full_dtype", "timeout_ms", "candidate_ids", "num_candidates", "token_ranks", "sample_last", "greedy", "seed", "keep_sequence")
+    __slots__ = ("request_id", "job_id", "prompt_token_ids", "completion_token_ids", "top_k", "full", "temperature", "full_dtype", "timeout_ms", "candidate_ids", "num_candidates", "token_ranks", "sample_last", "greedy", "seed", "keep_sequence", "cache_scope")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class ScoreRequest(_message.Message):
     GREEDY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     KEEP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     job_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -64,7 +65,8 @@ class ScoreRequest(_message.Message):
     greedy: bool
     seed: int
     keep_sequence: bool
-    def __init__(self, request_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., temperature: _Optional[float] = ..., full_dtype: _Optional[_Union[DType, str]] = ..., timeout_ms: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., num_candidates: _Optional[int] = ..., token_ranks: _Optional[bool] = ..., sample_last: _Optional[bool] = ..., greedy: _Optional[bool] = ..., seed: _Optional[int] = ..., keep_sequence: _Optional[bool] = ...) -> None: ...
+    cache_scope: str
+    def __init__(self, request_id: _Optional[str] = ..., job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., temperature: _Optional[float] = ..., full_dtype: _Optional[_Union[DType, str]] = ..., timeout_ms: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., num_candidates: _Optional[int] = ..., token_ranks: _Optional[bool] = ..., sample_last: _Optional[bool] = ..., greedy: _Optional[bool] = ..., seed: _Optional[int] = ..., keep_sequence: _Optional[bool] = ..., cache_scope: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("request_id", "token_logprobs", "top_k_ids", "top_k_logprobs", "full_logprobs", "queue_ms", "compute_ms", "batch_size", "error", "worker_id", "candidate_logprobs", "prompt_tokens_reused", "token_ranks", "sampled_token_id")
