@@ -44,7 +44,20 @@ def test_route_answer_by_hand():
 
 
 def test_relay_answer_by_hand():
-    x = (3, 7, 1, 0, 0, 0, 9, 9, 8, 4, 1, 6)  # group sums 11, 0, 26: in the band, out, out; first digits 3, 0, 9
+    x = (
+        3,
+        7,
+        1,
+        0,
+        0,
+        0,
+        9,
+        9,
+        8,
+        4,
+        1,
+        6,
+    )  # group sums 11, 0, 26: in the band, out, out; first digits 3, 0, 9
     assert RELAY.prompt(x) == "L 371 000 998 : 416 ="
     assert RELAY.valid_tags(x) == ["ac", "bd", "bd"]
     assert RELAY.teacher_tags(x) == ["a", "b", "d"]
