@@ -46,11 +46,14 @@ class ChildProcess:
     """A command in its own process group with its output in `log`; `stop()` takes the whole group down."""
 
     def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
-        self.args = args
-        self.log = Path(log)
+        self.args, self.log, self.env = args, Path(log), env or child_env()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Starts `self.args` with its output in `self.log` (truncated)."""
         self._fh = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.p = subprocess.Popen(
-            args, stdout=self._fh, stderr=subprocess.STDOUT, env=env or child_env(), start_new_session=True
+            self.args, stdout=self._fh, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
 
     @property
@@ -145,10 +148,7 @@ class TeacherProcess(ChildProcess):
         self.stop()
         self.grpc_port, self.http_port = free_port(), free_port()
         self.args = self._args()
-        self._fh = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen(
-            self.args, stdout=self._fh, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True
-        )
+        self._spawn()
 
     @property
     def tls(self) -> bool:
