@@ -31,7 +31,8 @@ def by_method(records: list[dict], task: str, order: Iterable[str] = ()) -> dict
     for r in records:
         if r["task"] == task:
             groups[r["method"]].append(r)
-    names = [m for m in order if m in groups] + [m for m in groups if m not in set(order)]
+    first = [m for m in order if m in groups]
+    names = first + [m for m in groups if m not in first]
     return {m: groups[m] for m in names}
 
 
