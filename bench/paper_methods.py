@@ -27,7 +27,7 @@ measures them and the report puts them in the same table.
 from __future__ import annotations
 
 COMMON = [
-    "steps=200",
+    "steps=600",
     "batch_size=32",
     "samples_per_prompt=1",
     "micro_batch_size=32",
@@ -38,7 +38,7 @@ COMMON = [
     "loss=reverse_kl_full",
     "max_new_tokens=112",
     "temperature=1.0",
-    "eval.every=25",
+    "eval.every=50",
     "eval.light=true",
     "eval.max_new_tokens=112",
     "eval.batch_size=126",
@@ -48,10 +48,15 @@ COMMON = [
     "tensorboard=false",
     "progress_bar=false",
 ]
-"""Settings every run shares: 200 steps of 32 rollouts, AdamW at a constant rate, answers of up to 112 tokens
-(both tasks' answers and EOS fit), an evaluation every 25 steps (light ones between the first and the last)."""
+"""Settings every run shares: 600 steps of 32 rollouts, AdamW at a constant rate, answers of up to 112 tokens
+(both tasks' answers and EOS fit), an evaluation every 50 steps (light ones between the first and the last).
 
-LR_GRID = (3e-4, 1e-3)
+600, not 200: at 200 steps no method, full OPD included, moved route's agreement off chance on validation
+(docs/results/prefix_opd.md); at 600 full OPD gains 16 points of agreement (docs/results/paper_budget.md).
+Every 50, not every 10: a light evaluation costs ~6 s, so every 10 steps would double a run's cost on 2 cores;
+compute to reach is read on this grid of 13 points."""
+
+LR_GRID = (3e-4, 1e-3, 3e-3)
 """The learning rates the validation sweep tries for every method (bench/paper_tune.py)."""
 
 FREEZE_TRUNK = "freeze=[model.embed_tokens,model.layers]"
@@ -93,6 +98,7 @@ def methods_for(task: str) -> dict[str, list[str]]:
     return dict(METHODS)
 
 
-RUN = ("full", "prefix-L8", "prefix-L32", "tail-L8", "sft-gold", "readout-L8")
-"""The methods the committed table runs (bench/paper_table.py's default): what 2 cores allow in one session
-(about 45 minutes, sweep included); the others are defined and tested, not yet in the table."""
+RUN = ("full", "tail-L8", "prefix-L2", "prefix-L8", "prefix-L32", "lora-L8", "sft-gold", "readout-L8")
+"""The methods the committed table runs (bench/paper_table.py's default), the expensive ones (full-length
+rollouts) first: what 2 cores allow in one session at 600 steps; the others are defined and tested, not yet
+in the table (each full-length method costs ~6.5 minutes of 2 cores a run)."""

@@ -6,8 +6,13 @@ the held-out split, which this never reads). A method's rate is the one with the
 accuracy; within one point of it, the one with the best agreement with the teacher; then the smaller rate.
 Writes bench/paper_lr.json (the grid, every figure, the choice), which bench/paper_table.py reads.
 
-    .venv/bin/python bench/paper_tune.py                              # every task and method (~20 minutes on 2 cores)
+    .venv/bin/python bench/paper_tune.py                              # every task and method (~50 minutes a task on 2 cores)
     .venv/bin/python bench/paper_tune.py --tasks route --methods full,prefix-L8   # merged into the file
+    .venv/bin/python bench/paper_tune.py --reuse docs/results/paper_budget.json   # its matching runs not rerun
+
+`--reuse` takes runs already recorded with the same training (validation split, seed 0, the same number of
+steps; how often a run was evaluated does not change its training: evaluation is greedy and draws nothing)
+instead of training them again; each reused trial names its source.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.paper_methods import LR_GRID, RUN, TASKS  # noqa: E402
+from bench.paper_methods import COMMON, LR_GRID, RUN, TASKS  # noqa: E402
 from bench.paper_runs import Cell, run_cells  # noqa: E402
 
 CHOICES = ROOT / "bench" / "paper_lr.json"
@@ -53,12 +58,35 @@ def chosen_lr(task: str, method: str, path: Path = CHOICES) -> float:
         ) from None
 
 
+def steps_of(overrides) -> int:
+    return int(dict(s.split("=", 1) for s in overrides)["steps"])
+
+
+def reusable(paths: list[Path]) -> dict[tuple, dict]:
+    """(task, method, lr) -> a recorded validation run of seed 0 trained for COMMON's steps, from `paths`."""
+    out = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        if data.get("steps") != steps_of(COMMON):
+            continue
+        for r in data["records"]:
+            if r["split"] == "validation" and r["seed"] == 0:
+                out[(r["task"], r["method"], r["lr"])] = r | {"source": str(path.relative_to(ROOT))}
+    return out
+
+
+def trial(r: dict) -> dict:
+    out = {k: r[k] for k in ("lr", "accuracy", "agreement", "execution")} | {"flops": r["flops"]["total"]}
+    return out | ({"source": r["source"]} if "source" in r else {})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default=",".join(RUN))
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one torch thread each).")
     parser.add_argument("--out", type=Path, default=CHOICES)
+    parser.add_argument("--reuse", type=Path, action="append", default=[], help="Recorded runs to reuse.")
     args = parser.parse_args()
 
     from rich.console import Console
@@ -68,21 +96,21 @@ def main() -> None:
     quiet_progress_bars()
     console = Console(stderr=True)
     tasks, methods = args.tasks.split(","), args.methods.split(",")
-    cells = [Cell(t, m, lr, 0, "validation", FINAL_ONLY) for t in tasks for m in methods for lr in LR_GRID]
+    known = reusable([p.resolve() for p in args.reuse])
+    wanted = [(t, m, lr) for t in tasks for m in methods for lr in LR_GRID]
+    cells = [Cell(t, m, lr, 0, "validation", FINAL_ONLY) for t, m, lr in wanted if (t, m, lr) not in known]
+    console.print(f"{len(cells)} runs to train, {len(wanted) - len(cells)} reused")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="paper-tune-") as tmp:
         records = run_cells(cells, Path(tmp), args.jobs, console.print)
+    records += [known[w] for w in wanted if w in known]
     data = load_choices(args.out)
     data["grid"] = list(LR_GRID)
     data.setdefault("wall_s", {})[f"{args.tasks}:{args.methods}"] = round(time.perf_counter() - t0)
     for task in tasks:
         for method in methods:
-            trials = [
-                {k: r[k] for k in ("lr", "accuracy", "agreement", "execution")}
-                | {"flops": r["flops"]["total"]}
-                for r in records
-                if r["task"] == task and r["method"] == method
-            ]
+            mine = [r for r in records if r["task"] == task and r["method"] == method]
+            trials = [trial(r) for r in sorted(mine, key=lambda r: r["lr"])]
             data["tasks"].setdefault(task, {})[method] = {"lr": choose(trials), "trials": trials}
             console.print(f"[{task}] {method}: lr {data['tasks'][task][method]['lr']:g}")
     args.out.write_text(json.dumps(data, indent=1) + "\n")
