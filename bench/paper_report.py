@@ -152,7 +152,57 @@ def verdict(records: list[dict], task: str) -> list[str]:
                 f"{_saving(full_reach, flops)} to reach the target than full (and ended at "
                 f"{100 * final[m]:.1f}% against full's {100 * (tg[key] + WITHIN):.1f}%)."
             )
-    return out
+    return out + safety(groups, tg, task) + [line for m in WHY if (line := moved(groups, m, task))]
+
+
+WHY = ("readout-L8", "lora-L8", "lora-full", "sft-gold")
+"""The rows that say why: a bias of the output layer, a restricted update, no teacher at all."""
+
+
+def _final(runs, key: str) -> float:
+    return mean_std([r[key] for r in runs])[0]
+
+
+def safety(groups, tg, task: str) -> list[str]:
+    """Which prefix methods reached full's agreement while keeping execution within 2 points of full's."""
+    full_exe = _final(groups["full"], "execution")
+    reached = [
+        m
+        for m in PREFIX_METHODS
+        if m in groups and reach_stats(groups[m], "agreement", tg["agreement"])[2] == len(groups[m])
+    ]
+    if not reached:
+        return []
+    safe = [m for m in reached if _final(groups[m], "execution") >= full_exe - WITHIN]
+    broken = [f"`{m}` {100 * _final(groups[m], 'execution'):.1f}%" for m in reached if m not in safe]
+    line = (
+        f"builtin:{task}, safety: of the prefix methods that reached full's agreement, "
+        + (
+            f"{', '.join(f'`{m}`' for m in safe)} kept execution within 2 points of full's "
+            if safe
+            else "none kept execution within 2 points of full's "
+        )
+        + f"{100 * full_exe:.1f}%"
+        + (f"; execution fell to {', '.join(broken)}" if broken else "")
+        + "."
+    )
+    return [line]
+
+
+def moved(groups, method: str, task: str) -> str | None:
+    """'`method` moved agreement from S to E (full: F), accuracy ..., execution ...' when it was run."""
+    if method not in groups:
+        return None
+    runs, full = groups[method], groups["full"]
+    start = mean_std([r["start"]["agreement"] for r in runs])[0]
+    parts = ", ".join(
+        f"{key} {100 * _final(runs, key):.1f}% (full {100 * _final(full, key):.1f}%)"
+        for key in ("accuracy", "execution")
+    )
+    return (
+        f"builtin:{task}, `{method}`: agreement {100 * start:.1f}% -> {100 * _final(runs, 'agreement'):.1f}% "
+        f"(full {100 * _final(full, 'agreement'):.1f}%), {parts}."
+    )
 
 
 def _plt():

@@ -88,6 +88,22 @@ def test_compute_to_reach_is_the_first_evaluation_within_two_points_of_full():
     assert reach_stats([never, fast], "accuracy", tg["accuracy"]) == (1e9, 0.0, 1)
 
 
+def test_the_verdict_separates_a_prefix_that_kept_execution_from_one_that_broke_it():
+    from bench.paper_report import verdict
+
+    def run(method, agreement, execution):
+        r = _run(method, 0, [0.5, 0.6], [0, 1e10], agreement=[0.25, agreement])
+        return r | {"execution": execution, "start": {"agreement": 0.25}}
+
+    records = [run("full", 0.40, 1.0), run("tail-L8", 0.45, 0.99), run("prefix-L8", 0.41, 0.20),
+               run("readout-L8", 0.25, 1.0)]  # fmt: skip
+    lines = verdict(records, "route")
+    (safety,) = [line for line in lines if "safety" in line]
+    assert "`tail-L8` kept execution" in safety and "`prefix-L8` 20.0%" in safety, safety
+    (readout,) = [line for line in lines if "`readout-L8`" in line]
+    assert "agreement 25.0% -> 25.0% (full 40.0%)" in readout, readout
+
+
 def test_learning_rate_choice_prefers_accuracy_then_agreement_then_the_smaller_rate():
     from bench.paper_tune import choose
 
