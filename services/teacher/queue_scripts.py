@@ -35,7 +35,8 @@ end
 """
 
 # ARGV: namespace, rid, payload, job, tokens, reply, deadline_ms, max_pending, hash_ttl_ms, completion tokens,
-# prompt key (hex; batch_cost.prompt_key), tenant (the caller's token; '' for none: the job is its own tenant)
+# prompt key (hex; batch_cost.prompt_key), tenant (the caller's token; '' for none: the job is its own tenant),
+# weight (the tenant's claims per round; absent from an older front-end: 1)
 _ENQUEUE = """
 local rid, job = ARGV[2], ARGV[4]
 local q = NS .. 'q:' .. job
@@ -43,7 +44,7 @@ if redis.call('LLEN', q) >= tonumber(ARGV[8]) then return 0 end
 local key = NS .. 'req:' .. rid
 redis.call('HSET', key, 'payload', ARGV[3], 'job', job, 'tokens', ARGV[5], 'reply', ARGV[6],
            'deadline', ARGV[7], 'attempts', 0, 'enq', now_ms(), 'ctok', ARGV[10], 'pkey', ARGV[11],
-           'tenant', ARGV[12] or '')
+           'tenant', ARGV[12] or '', 'weight', ARGV[13] or 1)
 redis.call('PEXPIRE', key, tonumber(ARGV[9]))
 redis.call('RPUSH', q, rid)
 activate(job)
@@ -72,11 +73,14 @@ for _, rid in ipairs(expired) do
     activate(job)
   end
 end
--- 2. Round-robin across tenants, then across each tenant's jobs: one request per tenant per round (the first of
--- its jobs in the ring; that job then goes to the back, so the tenant's next job has the next turn), so that
--- a tenant's share does not grow with its number of job ids. A request's tenant is the token that queued it
--- (its job when none was given). Within the token budget: the fresh requests (the first of each prompt; all of
--- them without reuse) cost their count x the longest of them, the others their completion tokens.
+-- 2. Round-robin across tenants, then across each tenant's jobs: `weight` requests per tenant per round (1 unless
+-- its token says otherwise), each from the first of its jobs in the ring that has one; that job then goes to the
+-- back, so the tenant's next job has the next turn. A tenant's share thus follows its weight, not its number of
+-- job ids. A round is one or more passes over the ring: a tenant still under its weight after a pass (fewer jobs
+-- than its weight) takes its next claims in the next pass, the others wait for the next round. A request's tenant
+-- is the token that queued it (its job when none was given). Within the token budget: the fresh requests (the
+-- first of each prompt; all of them without reuse) cost their count x the longest of them, the others their
+-- completion tokens.
 local out, n, full = {}, 0, false
 local fresh, longest, packed, prompts = 0, 0, 0, {}
 while n < max_n and not full do
@@ -84,70 +88,76 @@ while n < max_n and not full do
   if #jobs == 0 then break end
   local progressed = false
   local served = {}
-  for _, job in ipairs(jobs) do
-    if n >= max_n then break end
-    local q = NS .. 'q:' .. job
-    local rid = redis.call('LINDEX', q, 0)
-    local tenant = job
-    if rid then
-      local t = redis.call('HGET', NS .. 'req:' .. rid, 'tenant')
-      if t and t ~= '' then tenant = t end
-    end
-    if not rid then
-      redis.call('ZREM', NS .. 'jobs', job)
-    elseif served[tenant] then
-      progressed = true  -- this tenant had its turn in this round: its job waits for the next one
-    else
-      local key = NS .. 'req:' .. rid
-      local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error', 'enq',
-                           'ctok', 'pkey')
-      if not h[1] then
-        redis.call('LPOP', q)  -- its hash expired or was withdrawn: nobody waits for it any more
-        progressed = true
-      elseif tonumber(h[4]) > 0 and tonumber(h[4]) < now then
-        redis.call('LPOP', q)  -- its deadline passed in the queue: dropped before any forward pass
-        redis.call('DEL', key)
-        redis.call('HINCRBY', NS .. 'stats', 'expired', 1)
-        progressed = true
+  local again = true
+  while again and n < max_n and not full do
+    again = false
+    for _, job in ipairs(jobs) do
+      if n >= max_n then break end
+      local q = NS .. 'q:' .. job
+      local rid = redis.call('LINDEX', q, 0)
+      local tenant, weight = job, 1
+      if rid then
+        local tw = redis.call('HMGET', NS .. 'req:' .. rid, 'tenant', 'weight')
+        if tw[1] and tw[1] ~= '' then tenant = tw[1] end
+        weight = tonumber(tw[2]) or 1
+      end
+      if not rid then
+        redis.call('ZREM', NS .. 'jobs', job)
+      elseif (served[tenant] or 0) >= weight then
+        progressed = true  -- this tenant had its turns in this round: its job waits for the next one
       else
-        served[tenant] = true
-        local tok = tonumber(h[2])
-        local ctok, pkey = tonumber(h[8] or h[2]), h[9]
-        local shares = reuse and pkey and pkey ~= '' and prompts[pkey]
-        local cost
-        if shares then
-          cost = fresh * longest + packed + ctok
+        local key = NS .. 'req:' .. rid
+        local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error',
+                             'enq', 'ctok', 'pkey')
+        if not h[1] then
+          redis.call('LPOP', q)  -- its hash expired or was withdrawn: nobody waits for it any more
+          progressed = true
+        elseif tonumber(h[4]) > 0 and tonumber(h[4]) < now then
+          redis.call('LPOP', q)  -- its deadline passed in the queue: dropped before any forward pass
+          redis.call('DEL', key)
+          redis.call('HINCRBY', NS .. 'stats', 'expired', 1)
+          progressed = true
         else
-          cost = (fresh + 1) * math.max(longest, tok) + packed
-        end
-        if n > 0 and cost > budget then
-          full = true
-          break
-        end
-        redis.call('LPOP', q)
-        local attempts = tonumber(h[5]) + 1
-        if attempts > max_tries then
-          give_up(rid, h[3], max_tries, h[6], ttl)
-        else
-          redis.call('HSET', key, 'attempts', attempts)
-          redis.call('ZADD', NS .. 'inflight', now + vis, rid)
-          table.insert(out, rid)
-          table.insert(out, h[1])
-          table.insert(out, attempts)
-          table.insert(out, h[3])
-          table.insert(out, h[4])
-          table.insert(out, now - tonumber(h[7] or now))
-          n = n + 1
+          local tok = tonumber(h[2])
+          local ctok, pkey = tonumber(h[8] or h[2]), h[9]
+          local shares = reuse and pkey and pkey ~= '' and prompts[pkey]
+          local cost
           if shares then
-            packed = packed + ctok
+            cost = fresh * longest + packed + ctok
           else
-            fresh, longest = fresh + 1, math.max(longest, tok)
-            if pkey and pkey ~= '' then prompts[pkey] = true end
+            cost = (fresh + 1) * math.max(longest, tok) + packed
           end
+          if n > 0 and cost > budget then
+            full = true
+            break
+          end
+          served[tenant] = (served[tenant] or 0) + 1
+          if served[tenant] < weight then again = true end
+          redis.call('LPOP', q)
+          local attempts = tonumber(h[5]) + 1
+          if attempts > max_tries then
+            give_up(rid, h[3], max_tries, h[6], ttl)
+          else
+            redis.call('HSET', key, 'attempts', attempts)
+            redis.call('ZADD', NS .. 'inflight', now + vis, rid)
+            table.insert(out, rid)
+            table.insert(out, h[1])
+            table.insert(out, attempts)
+            table.insert(out, h[3])
+            table.insert(out, h[4])
+            table.insert(out, now - tonumber(h[7] or now))
+            n = n + 1
+            if shares then
+              packed = packed + ctok
+            else
+              fresh, longest = fresh + 1, math.max(longest, tok)
+              if pkey and pkey ~= '' then prompts[pkey] = true end
+            end
+          end
+          redis.call('ZADD', NS .. 'jobs', redis.call('INCR', NS .. 'seq'), job)
+          if redis.call('LLEN', q) == 0 then redis.call('ZREM', NS .. 'jobs', job) end
+          progressed = true
         end
-        redis.call('ZADD', NS .. 'jobs', redis.call('INCR', NS .. 'seq'), job)
-        if redis.call('LLEN', q) == 0 then redis.call('ZREM', NS .. 'jobs', job) end
-        progressed = true
       end
     end
   end

@@ -162,7 +162,8 @@ class TeacherSettings(BaseSettings):
     # -- security ----------------------------------------------------------------------------------------------
     auth_tokens_file: str = Field(
         "",
-        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X] [max_queued_bytes=B]` per line (a `#` at "
+        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X] [max_queued_bytes=B] [job=J] [weight=W]` per line (weight: "
+        "the token's claims per batching round, default 1; a `#` at "
         "the start of a line or after whitespace starts a comment; a `#` inside a token is part of it). When set, every call but /healthz (and /metrics, see metrics_need_token) needs a listed "
         "token, and a token serves only job ids starting with its prefix. Also --auth-tokens.",
         json_schema_extra={"flag_aliases": ["--auth-tokens"]},
