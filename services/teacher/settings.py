@@ -90,13 +90,15 @@ class TeacherSettings(BaseSettings):
         "auto",
         description="Linear kernels on a CPU: oneDNN with pre-packed weights (1.2-2x MKL's float32 speed on "
         "AMD CPUs; float32 results differ at rounding level), torch's own, or auto: oneDNN where a probe of the "
-        "model's projection shapes at load finds it faster.",
+        "model's projection shapes at load finds it faster in each of 3 interleaved trials (trials that disagree, "
+        "as on a busy machine, keep torch). The worker logs the kernels chosen, and why, at start-up.",
     )
     cpu_attention: Literal["auto", "sdpa", "blocked"] = Field(
         "auto",
         description="hf backend on a CPU: torch's sdpa (flash kernel), blocked (causal query blocks on batched "
         "GEMMs: 1.15x the bfloat16 SmolLM2 engine on AVX512-BF16 cores, 1.035x in float32), or auto: blocked "
-        "where a probe at load finds it faster than sdpa for the model's heads.",
+        "where a probe at load finds it faster than sdpa for the model's heads in each of 3 interleaved trials "
+        "(else sdpa).",
     )
     cpu_keep_heap: bool = Field(
         True,
