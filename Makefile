@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser proto vllm test-vllm bench-throughput test test-slow test-faults test-testbed soak test-all lint demo bench-paper bench-tune bench-shortcuts bench-budget clean docker-tools test-compose
+.PHONY: install browser proto vllm test-vllm bench-throughput test test-slow test-faults test-testbed soak test-all lint demo bench-paper bench-tune bench-shortcuts bench-budget bench-tenants clean docker-tools test-compose
 
 install: $(VENV)/.installed browser
 
@@ -120,6 +120,11 @@ bench-paper: install
 # docs/results/paper_budget.{md,json}.
 bench-budget: install
 	$(BIN)/python bench/paper_budget.py
+
+# Tenant B's p50/p99 alone, with tenant A flooding on one job id and on 200 (issue 27; ~2-3 min on 2 cores):
+# docs/results/tenant_latency.{md,json,png}.
+bench-tenants: install
+	$(BIN)/python bench/tenant_latency.py $(TENANT_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info

@@ -175,6 +175,30 @@ def trainer_kill(stack: Stack, student: Path, folder: Path, reference: list[dict
     return _trainer_figures("trainer-kill-9 (resumed)", resumed.rows(), reference, code, recovery)
 
 
+def redis_outage_with_trainer(folder: Path, down_s: float = 60.0, steps: int = 10) -> Figures:
+    """Redis (no persistence) down for `down_s` while a trainer streams, then back empty: the trainer, with the
+    client's default retry budget, must finish with the metrics of an uninterrupted run (tests/test_faults.py)."""
+    teacher, student = tiny_models(folder / "models")
+    stack = Stack(teacher, folder / "outage").start()
+    try:
+        reference = reference_run(stack, student, folder, steps)
+        run = TrainerRun(student, stack.target, folder / "outage-trainer", steps=steps)
+        while run.steps_done() < 3 and run.proc.alive():
+            time.sleep(0.05)
+        t = time.monotonic()
+        steps_before = run.steps_done()
+        stack.restart_redis(down_s=down_s)
+        while run.steps_done() <= steps_before and run.proc.alive():
+            time.sleep(0.05)
+        recovery = time.monotonic() - t
+        code = run.wait()
+        return _trainer_figures(
+            f"redis-down-{down_s:.0f}s (the trainer)", run.rows(), reference, code, recovery
+        )
+    finally:
+        stack.stop()
+
+
 def reference_run(stack: Stack, student: Path, folder: Path, steps: int, save_every: int = 0) -> list[dict]:
     run = TrainerRun(student, stack.target, folder / f"reference-{steps}", steps=steps, save_every=save_every)
     assert run.wait() == 0, run.proc.tail()

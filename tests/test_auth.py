@@ -324,3 +324,20 @@ def test_analysis_page_on_a_tls_teacher(tiny_teacher, tiny_student, tmp_path):
     finally:
         proc.stop()
         redis.stop()
+
+
+def test_token_weights_default_to_one_and_are_bounded(tmp_path):
+    """`weight=N` gives a tenant N claims per batching round (tests/test_queue.py); default 1, refused outside
+    [1, MAX_WEIGHT] or when not an integer, naming the line."""
+    from services.teacher.auth import MAX_WEIGHT
+
+    path = tmp_path / "t.txt"
+    path.write_text("heavy team-a/ weight=3\nplain team-b/\n")
+    table = TokenTable.load(path, {"max_pending": 0, "tokens_per_s": 0.0})
+    assert table.authenticate("Bearer heavy").weight == 3
+    assert table.authenticate("Bearer plain").weight == 1
+    for bad in ("0", str(MAX_WEIGHT + 1), "-1", "1.5", "two"):
+        path.write_text(f"s3cret team-a/ weight={bad}\n")
+        with pytest.raises(ValueError, match=r"t.txt:1: weight must be") as ei:
+            TokenTable.load(path, {})
+        assert "s3cret" not in str(ei.value)

@@ -139,3 +139,86 @@ def test_a_broken_stream_is_retried_a_server_internal_is_not():
     assert (core.code, server.code, cancelled.code) == ("UNAVAILABLE", "INTERNAL", "UNAVAILABLE")
     assert [retryable(e) for e in (core, server, cancelled, full)] == [True, False, True, True]
     assert (full.param, full.retry_after_s) == ("job_id", 0.25)
+
+
+class FakeClock:
+    """A clock that moves only when the code under test sleeps (the retry budget's arithmetic, no waiting)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def spend(budget, clock: FakeClock, call_s: float = 0.0, err=None) -> list[float]:
+    """Every delay `budget` grants, the clock advancing by each delay plus a failed call's `call_s`."""
+    delays = []
+    while (d := budget.next_delay(err)) is not None:
+        delays.append(d)
+        clock.t += d + call_s
+        assert len(delays) < 10_000
+    return delays
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.5, 0.999999])
+def test_the_retry_budget_is_a_time_from_the_first_failure(jitter):
+    """A budget of 120 s: back-off 0.2 s doubling to 2 s (+-50% jitter), the last retry sent when the budget
+    ends; whatever the jitter, the retries span exactly the budget, and no gap between two exceeds 3 s (the cap
+    plus its jitter), so a request is sent again at most 3 s after an outage of any length up to the budget
+    ends. 20 retries (the old count) spanned 35 s on average and 52.5 s at most: less than a 60 s outage."""
+    from services.teacher.client import BACKOFF_CAP_S, ClientOptions, RetryBudget, retry_delay
+
+    clock = FakeClock()
+    budget = RetryBudget(120.0, 1000, clock=clock, rand=lambda: jitter)
+    delays = spend(budget, clock)
+    assert sum(delays) == pytest.approx(120.0)
+    assert max(delays) <= BACKOFF_CAP_S * 1.5
+    scale = 0.5 + jitter
+    assert delays[:4] == pytest.approx([0.2 * scale, 0.4 * scale, 0.8 * scale, 1.6 * scale])
+    assert budget.next_delay(None) is None  # spent stays spent
+    old = sum(retry_delay(a, None, lambda: 0.999999) for a in range(1, 21))
+    assert old < 60.0 <= ClientOptions().retry_budget_s / 2  # the default covers a 60 s outage twice over
+    # time spent in the failed calls themselves counts against the budget too
+    clock = FakeClock()
+    slow_calls = spend(RetryBudget(120.0, 1000, clock=clock, rand=lambda: jitter), clock, call_s=5.0)
+    assert 115.0 <= sum(slow_calls) + 5.0 * (len(slow_calls) - 1) <= 120.0 + 1e-9
+
+
+def test_the_retry_budget_count_zero_hints_and_reset():
+    """The count still bounds the retries (`retries=3`: three); a budget of 0 s, or `retries=0`, never retries;
+    a server's retry-after hint is the delay (within the budget left); `reset` (a stream answered) starts a new
+    budget."""
+    from services.teacher.client import RetryBudget
+    from services.teacher.errors import QueueFull
+
+    clock = FakeClock()
+    assert len(spend(RetryBudget(120.0, 3, clock=clock), clock)) == 3
+    assert RetryBudget(0.0, 1000, clock=clock).next_delay(None) is None
+    assert RetryBudget(120.0, 0, clock=clock).next_delay(None) is None
+    full = QueueFull("busy", "job_id", retry_after_s=7.0)
+    hinted = spend(RetryBudget(20.0, 1000, clock=clock, rand=lambda: 0.5), clock, err=full)
+    assert hinted == pytest.approx([7.7, 7.7, 4.6])  # 7 s + 10% jitter, the last one cut to the budget's end
+    budget = RetryBudget(10.0, 1000, clock=clock)
+    spend(budget, clock)
+    budget.reset()
+    assert budget.next_delay(None) is not None
+
+
+def test_an_unreachable_teacher_is_retried_for_the_budget_then_unavailable():
+    """The budget is real time on the wire: a stream to a closed port is reopened for retry_budget_s (3 s here,
+    count unbounded), then UNAVAILABLE; a unary call likewise."""
+
+    async def go(many: bool):
+        async with TeacherClient("127.0.0.1:1", retry_budget_s=3.0, timeout_s=2) as c:
+            if many:
+                await c.score_many(reqs(2))
+            else:
+                await c.score(reqs(1)[0])
+            return c.stats
+
+    for many in (True, False):
+        t0 = time.perf_counter()
+        with pytest.raises(Unavailable):
+            asyncio.run(go(many))
+        assert 3.0 <= time.perf_counter() - t0 < 8.0

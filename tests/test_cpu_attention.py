@@ -85,9 +85,10 @@ def test_choose():
     assert cpu_attention.choose("sdpa", cpu, torch.float32, *heads) == "sdpa"
     assert cpu_attention.choose("blocked", cpu, torch.float32, *heads) == "blocked"
     assert cpu_attention.choose("blocked", torch.device("cuda"), torch.bfloat16, *heads) == "sdpa"
-    speedup = cpu_attention.blocked_speedup(torch.float32, *heads)
-    want = "blocked" if speedup >= cpu_attention.MIN_SPEEDUP else "sdpa"
+    verdict = cpu_attention.blocked_probe(torch.float32, *heads)
+    want = "blocked" if verdict.faster else "sdpa"
     assert cpu_attention.choose("auto", cpu, torch.float32, *heads) == want  # measured once per shape
+    assert cpu_attention.choose_why("auto", cpu, torch.float32, *heads) == (want, f"probe: {verdict.why}")
     with pytest.raises(ValueError, match="cpu_attention"):
         cpu_attention.choose("flash", cpu, torch.float32, *heads)
 

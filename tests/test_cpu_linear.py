@@ -49,9 +49,10 @@ def test_choose():
     assert cpu_linear.choose("onednn", cpu, lin) == "onednn"
     assert cpu_linear.choose("auto", torch.device("cuda"), lin) == "torch"  # CPU engines only
     assert cpu_linear.choose("auto", cpu, torch.nn.Embedding(4, 4)) == "torch"  # not a plain Linear
-    auto = cpu_linear.choose("auto", cpu, lin)
-    speedup = cpu_linear.onednn_speedup(torch.float32, ((64, 96, 1),))
-    assert auto == ("onednn" if speedup >= cpu_linear.MIN_SPEEDUP else "torch")
+    auto, why = cpu_linear.choose_why("auto", cpu, lin)
+    verdict = cpu_linear.onednn_probe(torch.float32, ((64, 96, 1),))
+    assert auto == ("onednn" if verdict.faster else "torch") and why == f"probe: {verdict.why}"
+    assert len(verdict.ratios) == cpu_linear.PROBE_TRIALS
     assert cpu_linear.choose("auto", cpu, torch.nn.Linear(64, 96)) == auto  # measured once per shape mix
     assert cpu_linear.choose("auto", cpu, torch.nn.Sequential(torch.nn.ReLU())) == "torch"  # no linear at all
     # bfloat16 runs on oneDNN either way where the CPU has its kernels: packing only saves the per-call reorder
@@ -130,3 +131,44 @@ def test_bfloat_valued_linear_is_a_float32_product():
     linear.weight.data += 1e-4  # no longer bfloat16 values: rounding them would change the product
     with pytest.raises(ValueError, match="bfloat16 values"):
         cpu_linear.BfloatValuedLinear(linear)
+
+
+def pairs(*ratios: float, base: float = 1.0) -> list[list[tuple[float, float]]]:
+    """Trials of 5 interleaved (baseline_s, candidate_s) timings whose best times are in ratio `ratios[i]`; each
+    trial's other rounds are noisier (slower) on both sides."""
+    return [[(base * (1 + 0.1 * k), base / r * (1 + 0.1 * k)) for k in range(5)] for r in ratios]
+
+
+def test_the_probe_decision_takes_the_candidate_only_when_every_trial_agrees():
+    """`decide` over timings (a pure function): the candidate (oneDNN, blocked attention) only when it is at least
+    the margin faster by best time in every trial and wins most pairs; slower, inside the margin, trials that
+    disagree (a probe on a busy machine) or no timings keep the default, and the reason says which."""
+    from services.teacher.engine.cpu_linear import decide
+
+    take = decide(pairs(1.3, 1.25, 1.4), 1.05)
+    assert (
+        take.faster and take.ratios == pytest.approx((1.3, 1.25, 1.4)) and take.speedup == pytest.approx(1.3)
+    )
+    assert take.won == take.pairs == 15 and ">= x1.05 in every trial" in take.why
+    slower = decide(pairs(0.8, 0.9, 0.85), 1.05)
+    assert not slower.faster and "the default" in slower.why and "ambiguous" not in slower.why
+    inside = decide(pairs(1.02, 1.04, 1.03), 1.05)  # faster, but within the margin: two equal kernels
+    assert not inside.faster and "under x1.05" in inside.why
+    busy = decide(
+        pairs(1.6, 0.9, 1.3), 1.05
+    )  # one trial read the other way: the machine decided, not the kernel
+    assert not busy.faster and busy.why.startswith("ambiguous")
+    # the best times agree but the candidate loses most pairs: its best was one lucky round
+    lucky = [[(1.0, 0.7)] + [(1.0, 1.5)] * 4 for _ in range(3)]
+    assert not decide(lucky, 1.05).faster and decide(lucky, 1.05).why.startswith("ambiguous")
+    assert not decide([], 1.05).faster and decide([], 1.05).speedup == 0.0
+    assert decide(pairs(1.3), 1.05).faster  # one trial: its own verdict
+
+
+def test_the_probe_times_interleaved_trials_in_alternating_order():
+    """`time_pairs`: one warm-up call of each, then trials x rounds pairs, the two sides alternating which runs
+    first (so a noisy stretch falls on both)."""
+    calls = []
+    out = cpu_linear.time_pairs(lambda: calls.append("b"), lambda: calls.append("c"), trials=2, rounds=3)
+    assert [len(t) for t in out] == [3, 3] and all(b >= 0 and c >= 0 for t in out for b, c in t)
+    assert calls == ["b", "c"] + ["b", "c", "c", "b", "b", "c"] * 2

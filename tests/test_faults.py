@@ -35,3 +35,14 @@ def test_every_fault_loses_nothing():
     import json
 
     check([faults.Figures(**f) for f in json.loads(out.with_suffix(".json").read_text())])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_trainer_rides_out_a_60s_redis_outage(tmp_path):
+    """A real training run (bench/faults.py's trainer, default client options) through Redis stopped for 60 s
+    after its third step and started again empty: it exits 0, every request its steps made was answered, and its
+    metrics equal an uninterrupted run's (the old budget, 20 retries, gave up within ~35 s)."""
+    figures = faults.redis_outage_with_trainer(tmp_path, down_s=60.0)
+    check([figures])
+    assert figures.note.startswith("exit 0;") and figures.recovery_s >= 60.0, figures

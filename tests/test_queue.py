@@ -355,3 +355,57 @@ def test_batching_is_fair_across_tenants_before_jobs(server):
     got = [it.rid for it in w.claim(budget_tokens=10_000, max_n=12)]
     assert [r for r in got if r.startswith("b")] == [f"b{i}" for i in range(6)], got
     assert got[:4] == ["a0", "b0", "a1", "b1"], got  # A's jobs j0, j1, ... in turn
+
+
+def claim_order(server, c: QueueConfig, tenants: dict[str, tuple[int, int, int]], n: int) -> list[str]:
+    """Queues, for each tenant name: (weight, jobs, requests) spread over its jobs in turn, tenant by tenant in
+    the dict's order; then one claim of `n`. Returns the claimed rids (`<tenant><i>`)."""
+
+    async def go():
+        q = FrontendQueue(server.url, c)
+        deadline = int(time.time() * 1000) + 60_000
+        for name, (weight, jobs, count) in tenants.items():
+            for i in range(count):
+                job = f"team-{name}/j{i % jobs}"
+                await q.enqueue(
+                    f"{name}{i}", b"p", job, 10, "pd:test:reply:fe", deadline, tenant=name, weight=weight
+                )
+        await q.close()
+
+    asyncio.run(go())
+    return [it.rid for it in WorkerQueue(server.url, cfg()).claim(budget_tokens=10_000, max_n=n)]
+
+
+def test_a_tenant_of_weight_2_gets_two_claims_per_round(server):
+    """Weights 2:1, one job each: A gets two places for each of B's (a0 b0 a1, then a2 b1 a3, ...), in every
+    round, not only on average, interleaved with B's rather than in a row; A's requests leave its job in order."""
+    got = claim_order(server, cfg(), {"a": (2, 1, 30), "b": (1, 1, 30)}, 12)
+    assert got == ["a0", "b0", "a1", "a2", "b1", "a3", "a4", "b2", "a5", "a6", "b3", "a7"], got
+    for end in range(3, 13, 3):  # every round of three: two of A, one of B
+        assert sum(r.startswith("a") for r in got[end - 3 : end]) == 2, got
+
+
+def test_weights_hold_across_tenants_whatever_their_job_count(server):
+    """A (weight 2) spreads over 7 job ids, B (weight 1) over 1, C (weight 1) over 50: 2:1:1 per round, and A's
+    two claims of a round come from two of its jobs in turn."""
+    got = claim_order(server, cfg(), {"a": (2, 7, 40), "b": (1, 1, 40), "c": (1, 50, 60)}, 40)
+    counts = {t: sum(r.startswith(t) for r in got) for t in "abc"}
+    assert counts == {"a": 20, "b": 10, "c": 10}, got
+    a = [int(r[1:]) % 7 for r in got if r.startswith("a")]
+    assert a[:7] == list(range(7)), a  # A's jobs j0..j6 take turns
+
+
+def test_a_claim_reads_the_ring_once_not_once_per_request(server):
+    """A tenant on 200 job ids and another on one: a claim of 64 reads each job's head about once (Redis' own
+    command counts: LINDEX calls), where walking the whole ring every round read it once per request (~12,800):
+    the claim's cost, and so every tenant's latency, must not grow with one tenant's job count."""
+    import redis
+
+    got = claim_order(server, cfg(), {"a": (1, 200, 400), "b": (1, 1, 40)}, 0)
+    assert got == []  # queued only
+    r = redis.Redis.from_url(server.url)
+    r.config_resetstat()
+    claimed = [it.rid for it in WorkerQueue(server.url, cfg()).claim(budget_tokens=100_000, max_n=64)]
+    assert sum(x.startswith("b") for x in claimed) == 32, claimed
+    lindex = r.info("commandstats").get("cmdstat_lindex", {}).get("calls", 0)
+    assert lindex <= 2 * (201 + 64), lindex

@@ -236,3 +236,80 @@ def test_redis_keys_and_memory_return_to_baseline(tiny_teacher, own_redis, tmp_p
         assert mem1 - mem0 < 256 * 1024
     finally:
         t.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_60s_redis_outage_loses_no_request_with_the_default_retry_budget(tiny_teacher, own_redis, tmp_path):
+    """Redis (no persistence) stopped for 60 s under `score_many` traffic (the trainer's path), then started
+    again, empty: with the client's default options (retry_budget_s=120) every request of two jobs is answered,
+    exactly once and equal to a direct forward pass, and the chunks in flight at the stop waited the outage out.
+    A third job with the old budget (20 retries, ~35 s) loses requests in the same outage. The front-end answers
+    UNAVAILABLE at once while Redis is away (tests above), which is what the client keeps retrying."""
+    from services.teacher.client import ClientOptions
+
+    t = Teacher(tiny_teacher, own_redis.url, tmp_path)
+    outage_s, stop_at = 60.0, {}
+    try:
+        t.wait_healthy()
+
+        async def job(name: str, options: ClientOptions, log: list, until: float) -> None:
+            async with TeacherClient(t.target, options) as c:
+                for seed in range(10_000):
+                    if time.monotonic() > until:
+                        break
+                    chunk = requests(16, seed, name)
+                    t0 = time.monotonic()
+                    got = await c.score_many(chunk, return_exceptions=True)
+                    log.append((chunk, got, t0, time.monotonic() - t0))
+                    await asyncio.sleep(0.1)
+                log.append(c.stats)
+
+        async def outage() -> None:
+            await asyncio.sleep(5.0)
+            stop_at["t"] = time.monotonic()
+            await asyncio.to_thread(own_redis.stop)
+            await asyncio.sleep(outage_s)
+            await asyncio.to_thread(own_redis.start, 30)
+            stop_at["back"] = time.monotonic()
+
+        logs = {"a": [], "b": [], "old": []}
+
+        async def go():
+            until = time.monotonic() + 5.0 + outage_s + 12.0
+            old = ClientOptions(retry_budget_s=1e6, retries=20)
+            await asyncio.gather(
+                outage(),
+                job("a", ClientOptions(), logs["a"], until),
+                job("b", ClientOptions(), logs["b"], until),
+                job("old", old, logs["old"], until),
+            )
+
+        asyncio.run(go())
+        engine = load_engine(str(tiny_teacher))
+        lost_old = sum(isinstance(r, Exception) for chunk in logs["old"][:-1] for r in chunk[1])
+        for name in ("a", "b"):
+            chunks, stats = logs[name][:-1], logs[name][-1]
+            sent = [q for chunk, *_ in chunks for q in chunk]
+            got = [r for _, res, *_ in chunks for r in res]
+            failed = [r for r in got if isinstance(r, Exception)]
+            across = [
+                dur for _, _, t0, dur in chunks if t0 < stop_at["back"] < t0 + dur
+            ]  # in flight at the return
+            after = [c for c in chunks if c[2] > stop_at["back"]]
+            print(
+                f"job {name}: {len(sent)} requests, {len(failed)} failed, {stats.retried} retried, "
+                f"{stats.reconnects} reconnects; the chunk in flight when Redis returned took {max(across, default=0):.1f} s; "
+                f"{len(after)} chunks after; old budget lost {lost_old}"
+            )
+            assert failed == [], failed[:3]
+            assert across and max(across) > outage_s - 5.0  # sent at the stop, answered after Redis returned
+            assert after  # the traffic went on afterwards
+            assert stats.retried > 0 and stats.duplicates == 0
+            for q, r, e in zip(sent, got, engine.score(sent), strict=True):
+                assert r.request_id == q.request_id
+                np.testing.assert_allclose(r.token_logprobs, e.token_logprobs, atol=1e-4)
+                np.testing.assert_array_equal(r.top_k_ids, e.top_k_ids)
+        assert lost_old > 0  # the old count ran out within the outage
+    finally:
+        t.stop()

@@ -8,6 +8,7 @@ whitespace; a `#` at the start of a line or after whitespace starts a comment, a
     s3cr3t-for-team-a-0123456789abcdef team-a/         max_pending=256 tokens_per_s=50000
     s3cr3t-for-the-ci-0123456789abcdef                 (no prefix: any job id)
     s3cr3t-for-a-trl-job-0123456789abc team-b/         job=team-b/trl-1   (the job of requests naming none)
+    s3cr3t-for-team-c-0123456789abcdef team-c/         weight=2   (two claims per batching round, default 1)
 
 A call carries its token as `Authorization: Bearer TOKEN` (HTTP; or Basic credentials whose password is the
 token, as a client sends for http://user:TOKEN@host) or `authorization: Bearer TOKEN` metadata
@@ -30,7 +31,9 @@ from services.teacher.types import check_id
 ANONYMOUS_NAME = "anonymous"
 _COMMENT = re.compile(r"(?:^|\s)#")
 """Where a comment starts: a `#` at the start of a line or after whitespace; a `#` inside a token is part of it."""
-_QUOTA_KEYS = {"max_pending": int, "tokens_per_s": float, "max_queued_bytes": int}
+_QUOTA_KEYS = {"max_pending": int, "tokens_per_s": float, "max_queued_bytes": int, "weight": int}
+MAX_WEIGHT = 64
+"""The largest `weight=`: a round of the worker's claim serves a tenant at most this many times."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Principal:
     job: str = ""
     """The job of this caller's requests that name none (the vLLM dialect's stock clients send no job id);
     "" for none. Must lie within `job_prefix`."""
+    weight: int = 1
+    """This caller's share of the batching: claims per round of the worker's round-robin across tenants (a tenant
+    of weight 2 gets two requests batched for every one of a tenant of weight 1), in 1..MAX_WEIGHT."""
 
     def authorize(self, job_id: str) -> None:
         """PermissionDenied (naming `job_id`) when `job_id` is outside this caller's prefix."""
@@ -80,6 +86,8 @@ def _parse_line(fields: list[str], where: str, defaults: dict) -> tuple[str, str
             quotas[key] = _QUOTA_KEYS[key](value)
         except ValueError:
             raise ValueError(f"{where}: {key} must be a number, got {value!r}") from None
+        if key == "weight" and not 1 <= quotas[key] <= MAX_WEIGHT:
+            raise ValueError(f"{where}: weight must be in [1, {MAX_WEIGHT}], got {value!r}")
         if quotas[key] < 0:
             raise ValueError(f"{where}: {key} must be >= 0")
     return token, prefix, quotas

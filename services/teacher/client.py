@@ -4,16 +4,17 @@
 matches responses by request id (they may arrive out of order) and returns results in request order as numpy
 arrays. Retries happen here and nowhere else, request by request:
 - an in-band UNAVAILABLE, or RESOURCE_EXHAUSTED with a retry-after hint (a full job queue, a spent quota), sends
-  that one request again after the hint (else an exponential back-off), at most `retries` times; the others go
-  on meanwhile;
+  that one request again after the hint (else an exponential back-off capped at BACKOFF_CAP_S) for as long as
+  its `retry_budget_s` lasts (a time from its first failure, not a count: a Redis failover of a minute is
+  ridden out whatever the back-off); the others go on meanwhile;
 - a broken stream (a front-end restart, a Redis outage) is reopened after a back-off and every unanswered request
-  is sent again; `retries` bounds the reopenings in a row that bring no answer;
+  is sent again, for `retry_budget_s` without an answer;
 - any other error is final for its request only: the others are still answered, then the first error is raised
   (or, with `return_exceptions=True`, each failed request's error takes its place in the results).
 The server does not deduplicate by request id: a resent request is scored again, which is safe (scoring has no
 side effects); an answer to a request that already has one is dropped here and counted in `stats.duplicates`.
 
-`ClientOptions` holds the client's knobs (in-flight window, deadline, retries, token, TLS, message size) with
+`ClientOptions` holds the client's knobs (in-flight window, deadline, retry budget, token, TLS, message size) with
 their one default each; the trainer's `teacher_client` config section is that dataclass.
 """
 
@@ -23,8 +24,9 @@ import asyncio
 import dataclasses
 import os
 import random
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,8 @@ from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
 _METHOD = "/teacher.v1.Teacher/"
 TOKEN_ENV = "PREFIX_DISTILL_TEACHER_TOKEN"
 MAX_DELAY_S = 30.0  # the longest wait before a retry, whatever the server hints
+BACKOFF_START_S = 0.2  # the first back-off without a hint; it doubles per retry ...
+BACKOFF_CAP_S = 2.0  # ... up to this (a restart of Redis or of a front-end takes about a second)
 
 
 def _opt(default, help: str):
@@ -59,10 +63,17 @@ class ClientOptions:
 
     max_in_flight: int = _opt(64, "Requests in flight to the teacher at once (per client: per rank) (>= 1).")
     timeout_s: float = _opt(120.0, "Deadline of one teacher request in seconds (> 0).")
+    retry_budget_s: float = _opt(
+        120.0,
+        "How long one request is retried on UNAVAILABLE or RESOURCE_EXHAUSTED with a retry-after hint (and a "
+        "broken stream reopened without an answer), in seconds from its first failure, with a back-off of "
+        f"{BACKOFF_START_S} s doubling to {BACKOFF_CAP_S} s (+-50% jitter); the last retry is sent when it ends "
+        "(>= 0; 0: never retry). The default rides out a Redis failover or restart of a minute or two.",
+    )
     retries: int = _opt(
-        20,
-        "Retries of one request on UNAVAILABLE or RESOURCE_EXHAUSTED with a retry-after hint, and reopenings "
-        "in a row of a broken stream (>= 0).",
+        1000,
+        "A bound on the number of those retries as well (>= 0; 0: never retry); the default leaves the bound to "
+        "retry_budget_s (kept for configs that set a count).",
     )
     token: str = _opt(
         "",
@@ -79,6 +90,7 @@ class ClientOptions:
         for name, ok, rule in (
             ("max_in_flight", self.max_in_flight >= 1, ">= 1"),
             ("timeout_s", self.timeout_s > 0, "> 0"),
+            ("retry_budget_s", self.retry_budget_s >= 0, ">= 0"),
             ("retries", self.retries >= 0, ">= 0"),
             ("max_message_mb", self.max_message_mb >= 4, ">= 4"),
         ):
@@ -135,24 +147,64 @@ def _in_band_error(resp: pb.ScoreResponse) -> TeacherError:
     return from_code(e.code, e.message, e.param, _hint_s(e.retry_after_ms))
 
 
-def retry_delay(attempt: int, err: TeacherError | None) -> float:
+def retry_delay(attempt: int, err: TeacherError | None, rand: Callable[[], float] = random.random) -> float:
     """Seconds before retry number `attempt` (1, 2, ...): the server's hint when it gave one (plus up to 20%
-    jitter, at most MAX_DELAY_S), else an exponential back-off from 0.2 s to 2 s with +-50% jitter (a restart of
-    Redis or of a front-end takes about a second: retrying every few seconds finds it back soon)."""
+    jitter, at most MAX_DELAY_S), else an exponential back-off from BACKOFF_START_S to BACKOFF_CAP_S with +-50%
+    jitter (a restart of Redis or of a front-end takes about a second: retrying every few seconds finds it back
+    soon). `rand` gives the jitter (uniform in [0, 1))."""
     if err is not None and err.retry_after_s is not None:
-        return min(MAX_DELAY_S, err.retry_after_s * (1.0 + 0.2 * random.random()))
-    return min(2.0, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random())
+        return min(MAX_DELAY_S, err.retry_after_s * (1.0 + 0.2 * rand()))
+    return min(BACKOFF_CAP_S, BACKOFF_START_S * 2 ** min(attempt - 1, 30)) * (0.5 + rand())
+
+
+@dataclass
+class RetryBudget:
+    """The retries left to one request (or to one stream's reopenings without an answer): a time, `budget_s`
+    from the first failure, and a count, `retries`. `next_delay` says how long to wait before the next retry,
+    or None when the budget is spent; the retry that would start past the budget's end is sent at its end
+    instead, so the whole budget is used."""
+
+    budget_s: float
+    retries: int
+    clock: Callable[[], float] = time.monotonic
+    rand: Callable[[], float] = random.random
+    attempts: int = 0
+    """Retries granted so far."""
+    since: float | None = None
+    """Clock time of the first failure (None before it)."""
+
+    def next_delay(self, err: TeacherError | None) -> float | None:
+        now = self.clock()
+        if self.since is None:
+            self.since = now
+        left = self.budget_s - (now - self.since)
+        if self.attempts >= self.retries or left <= 0:
+            return None
+        self.attempts += 1
+        return min(retry_delay(self.attempts, err, self.rand), left)
+
+    def reset(self) -> None:
+        """Progress was made (a stream answered): the next failure starts a budget of its own."""
+        self.attempts, self.since = 0, None
 
 
 class _Batch:
     """The state of one `score_many`: wire messages, results or errors, and retries per request."""
 
-    def __init__(self, requests: Sequence[ScoreRequest], wire: list[pb.ScoreRequest]) -> None:
+    def __init__(
+        self, requests: Sequence[ScoreRequest], wire: list[pb.ScoreRequest], budget: Callable[[], RetryBudget]
+    ) -> None:
         self.requests, self.wire = requests, wire
         self.results: list[ScoreResult | TeacherError | None] = [None] * len(requests)
         self.open = set(range(len(requests)))
-        self.attempts = [0] * len(requests)
+        self._budget = budget
+        self.budgets: dict[int, RetryBudget] = {}  # of the requests that failed in-band at least once
         self.progressed = False
+
+    def budget(self, i: int) -> RetryBudget:
+        if i not in self.budgets:
+            self.budgets[i] = self._budget()
+        return self.budgets[i]
 
     def settle(self, i: int, outcome: ScoreResult | TeacherError) -> None:
         self.results[i] = outcome
@@ -226,18 +278,23 @@ class TeacherClient:
         await self.close()
 
     # -- API -----------------------------------------------------------------------------------------------------
+    def retry_budget(self) -> RetryBudget:
+        """A fresh budget of retries under this client's options."""
+        return RetryBudget(self.options.retry_budget_s, self.options.retries)
+
     async def _retrying(self, call, message, timeout_s: float):
-        """A unary call, retried (at most `retries` times) while it fails with a retryable error."""
-        for attempt in range(1, self.options.retries + 2):
+        """A unary call, retried while it fails with a retryable error and its retry budget lasts."""
+        budget = self.retry_budget()
+        while True:
             try:
                 return await call(message, timeout=timeout_s, metadata=self.metadata)
             except grpc.aio.AioRpcError as rpc_err:
                 err = _rpc_error(rpc_err)
-                if not retryable(err) or attempt > self.options.retries:
+                delay = budget.next_delay(err) if retryable(err) else None
+                if delay is None:
                     raise err from None
             self.stats.retried += 1
-            await asyncio.sleep(retry_delay(attempt, err))
-        raise AssertionError("unreachable")
+            await asyncio.sleep(delay)
 
     def _wire(self, request: ScoreRequest) -> pb.ScoreRequest:
         """The request's wire form, with this client's timeout as its deadline unless it has its own."""
@@ -297,8 +354,8 @@ class TeacherClient:
             m = self._wire(r)
             m.request_id = f"{tag}:{i}"  # unique on the wire; the caller's id is restored at the end
             wire.append(m)
-        batch = _Batch(requests, wire)
-        fruitless = 0  # broken streams in a row that answered nothing
+        batch = _Batch(requests, wire, self.retry_budget)
+        reopen = self.retry_budget()  # broken streams in a row that answered nothing
         while batch.open:
             batch.progressed = False
             try:
@@ -308,13 +365,15 @@ class TeacherClient:
             if not batch.open:
                 break
             assert err is not None
-            fruitless = 0 if batch.progressed else fruitless + 1
-            if not retryable(err) or fruitless > self.options.retries:
+            if batch.progressed:
+                reopen.reset()
+            delay = reopen.next_delay(err) if retryable(err) else None
+            if delay is None:
                 batch.fail_open(err)
                 break
             self.stats.reconnects += 1
             self.stats.retried += len(batch.open)
-            await asyncio.sleep(retry_delay(max(1, fruitless), err))
+            await asyncio.sleep(delay)
         return batch.outcome(return_exceptions)
 
     async def _stream(self, batch: _Batch) -> TeacherError | None:
@@ -385,9 +444,9 @@ class TeacherClient:
             batch.settle(i, ScoreResult.from_pb(resp))
             return
         err = _in_band_error(resp)
-        if retryable(err) and batch.attempts[i] < self.options.retries:
-            batch.attempts[i] += 1
+        delay = batch.budget(i).next_delay(err) if retryable(err) else None
+        if delay is not None:
             self.stats.retried += 1
-            schedule(i, retry_delay(batch.attempts[i], err))
+            schedule(i, delay)
             return
         batch.settle(i, err)

@@ -105,7 +105,7 @@ class Dispatcher:
             req.cache_scope = "" if self.settings.share_prompt_cache else who.name
             payload = req.to_pb().SerializeToString()  # known fields only, whatever `wire` held
             with self.quotas.admit(who, req.num_tokens, len(payload)):
-                out = await self._submit(req, payload, deadline_s, who.name)
+                out = await self._submit(req, payload, deadline_s, who.name, who.weight)
             metrics.TOKENS.inc(out[1].tokens)
             self._rate.add(out[1].tokens)
             metrics.QUEUE_WAIT.observe(out[1].queue_ms / 1000.0)
@@ -129,7 +129,12 @@ class Dispatcher:
         return timeout_s
 
     async def _submit(
-        self, req: ScoreRequest, payload: bytes, deadline_s: float | None, tenant: str = ""
+        self,
+        req: ScoreRequest,
+        payload: bytes,
+        deadline_s: float | None,
+        tenant: str = "",
+        weight: int = 1,
     ) -> tuple[bytes, ReplyStats]:
         validate_request(req, self.info)
         if not self.redis_ok:
@@ -153,6 +158,7 @@ class Dispatcher:
                 completion_tokens=req.completion_token_ids.size,
                 prompt_key=prompt_key(req.prompt_token_ids, req.cache_scope),
                 tenant=tenant,
+                weight=weight,
             )
             try:  # waits for a pooled connection under a burst: bounded by the request's own deadline
                 accepted = await asyncio.wait_for(enqueue, timeout_s)

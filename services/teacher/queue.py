@@ -5,7 +5,7 @@ Keys (all under the namespace `pd:<name>:`, so one Redis serves several teachers
   jobs          ZSET  jobs with queued work; score = service order (lowest is served next: round-robin)
   seq           STRING counter giving the order
   req:<rid>     HASH  payload (ScoreRequest bytes), job, tokens, ctok (completion tokens), pkey (prompt key),
-                      reply, deadline, attempts, last_error
+                      tenant, weight (its claims per round), reply, deadline, attempts, last_error
   inflight      ZSET  claimed request ids; score = visibility deadline (ms, Redis clock)
   bell          LIST  doorbell: workers block on it to wake as soon as work arrives
   workers       ZSET  worker id -> last heartbeat (ms)
@@ -15,7 +15,8 @@ Keys (all under the namespace `pd:<name>:`, so one Redis serves several teachers
                       withdrawn (taken back by a front-end whose caller gave up)
 
 Every state change is one Lua script (`queue_scripts.py`), so it is atomic and works alike on Redis 6.2 and
-7.x (no streams). Claims are round-robin across jobs (one request per job per round) within a token budget,
+7.x (no streams). Claims are round-robin across tenants (the token that queued a request; `weight` requests of
+a tenant per round), then across a tenant's jobs, within a token budget,
 `max_batch_tokens`: requests x longest prompt + completion, or with a worker that reuses prompts, counting only
 the completion of a request whose prompt the batch already holds (batch_cost.py).
 
@@ -266,11 +267,13 @@ class FrontendQueue:
         completion_tokens: int | None = None,
         prompt_key: bytes = b"",
         tenant: str = "",
+        weight: int = 1,
     ) -> bool:
         """Queues a request of `tokens` (prompt + completion); False when the job already has
         max_pending_per_job queued. `completion_tokens` and `prompt_key` (batch_cost.prompt_key) let a worker that
         reuses prompts claim more requests of one prompt (without them the request counts as one with a prompt of
-        its own). `tenant` (the caller's token) is what batching is fair across first; "" makes the job its own."""
+        its own). `tenant` (the caller's token) is what batching is fair across first; "" makes the job its own.
+        `weight` is the tenant's claims per round (auth.Principal.weight)."""
         c = self.cfg
         ttl = max(1, deadline_ms - int(time.time() * 1000)) + c.reply_ttl_ms
         ctok = tokens if completion_tokens is None else completion_tokens
@@ -288,6 +291,7 @@ class FrontendQueue:
                 ctok,
                 prompt_key.hex(),
                 tenant,
+                weight,
             ]
         )
         return bool(ok)

@@ -35,7 +35,8 @@ end
 """
 
 # ARGV: namespace, rid, payload, job, tokens, reply, deadline_ms, max_pending, hash_ttl_ms, completion tokens,
-# prompt key (hex; batch_cost.prompt_key), tenant (the caller's token; '' for none: the job is its own tenant)
+# prompt key (hex; batch_cost.prompt_key), tenant (the caller's token; '' for none: the job is its own tenant),
+# weight (the tenant's claims per round; absent from an older front-end: 1)
 _ENQUEUE = """
 local rid, job = ARGV[2], ARGV[4]
 local q = NS .. 'q:' .. job
@@ -43,7 +44,7 @@ if redis.call('LLEN', q) >= tonumber(ARGV[8]) then return 0 end
 local key = NS .. 'req:' .. rid
 redis.call('HSET', key, 'payload', ARGV[3], 'job', job, 'tokens', ARGV[5], 'reply', ARGV[6],
            'deadline', ARGV[7], 'attempts', 0, 'enq', now_ms(), 'ctok', ARGV[10], 'pkey', ARGV[11],
-           'tenant', ARGV[12] or '')
+           'tenant', ARGV[12] or '', 'weight', ARGV[13] or 1)
 redis.call('PEXPIRE', key, tonumber(ARGV[9]))
 redis.call('RPUSH', q, rid)
 activate(job)
@@ -72,86 +73,144 @@ for _, rid in ipairs(expired) do
     activate(job)
   end
 end
--- 2. Round-robin across tenants, then across each tenant's jobs: one request per tenant per round (the first of
--- its jobs in the ring; that job then goes to the back, so the tenant's next job has the next turn), so that
--- a tenant's share does not grow with its number of job ids. A request's tenant is the token that queued it
--- (its job when none was given). Within the token budget: the fresh requests (the first of each prompt; all of
--- them without reuse) cost their count x the longest of them, the others their completion tokens.
+-- 2. Round-robin across tenants, then across each tenant's jobs: `weight` requests per tenant per round (1 unless
+-- its token says otherwise), each from the tenant's next job in the ring, so that a tenant's share follows its
+-- weight, not its number of job ids. A round is one or more passes over the tenants: in each pass every tenant
+-- still under its weight takes one request. A request's tenant is the token that queued it (its job when none was
+-- given); a job counts as the tenant of its first request. The ring is read once per claim (the tenants and their
+-- jobs in ring order), so a claim costs the jobs once plus its requests, not the jobs once per request: a tenant
+-- with 200 job ids made each round walk all of them. A job that gave a request goes to the back of the ring (a new
+-- order from `seq`), so the next claim starts with the jobs and tenants that waited. Within the token budget: the
+-- fresh requests (the first of each prompt; all of them without reuse) cost their count x the longest of them,
+-- the others their completion tokens.
 local out, n, full = {}, 0, false
 local fresh, longest, packed, prompts = 0, 0, 0, {}
-while n < max_n and not full do
-  local jobs = redis.call('ZRANGE', NS .. 'jobs', 0, -1)
-  if #jobs == 0 then break end
-  local progressed = false
-  local served = {}
-  for _, job in ipairs(jobs) do
-    if n >= max_n then break end
-    local q = NS .. 'q:' .. job
-    local rid = redis.call('LINDEX', q, 0)
-    local tenant = job
-    if rid then
-      local t = redis.call('HGET', NS .. 'req:' .. rid, 'tenant')
-      if t and t ~= '' then tenant = t end
+local tenants, of = {}, {}  -- tenants in ring order; tenant -> {weight, jobs (ring order), next job}
+for _, job in ipairs(redis.call('ZRANGE', NS .. 'jobs', 0, -1)) do
+  local q = NS .. 'q:' .. job
+  local rid, h = redis.call('LINDEX', q, 0), nil
+  while rid do
+    h = redis.call('HMGET', NS .. 'req:' .. rid, 'job', 'tenant', 'weight')
+    if h[1] then break end
+    redis.call('LPOP', q)  -- its hash expired or was withdrawn: nobody waits for it any more
+    rid = redis.call('LINDEX', q, 0)
+  end
+  if not rid then
+    redis.call('ZREM', NS .. 'jobs', job)
+  else
+    local tenant = (h[2] and h[2] ~= '') and h[2] or job
+    local t = of[tenant]
+    if not t then
+      t = {weight = tonumber(h[3]) or 1, jobs = {}, at = 1}
+      of[tenant] = t
+      table.insert(tenants, tenant)
     end
+    table.insert(t.jobs, job)
+  end
+end
+
+-- One request from job `job` into the batch: 'taken', 'empty' (nothing live left in it) or 'full' (the budget).
+-- Heads whose hash expired or was withdrawn, or whose deadline passed, are dropped on the way.
+local function take(job)
+  local q = NS .. 'q:' .. job
+  while true do
+    local rid = redis.call('LINDEX', q, 0)
     if not rid then
       redis.call('ZREM', NS .. 'jobs', job)
-    elseif served[tenant] then
-      progressed = true  -- this tenant had its turn in this round: its job waits for the next one
+      return 'empty'
+    end
+    local key = NS .. 'req:' .. rid
+    local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error', 'enq',
+                         'ctok', 'pkey')
+    if not h[1] then
+      redis.call('LPOP', q)  -- its hash expired or was withdrawn: nobody waits for it any more
+    elseif tonumber(h[4]) > 0 and tonumber(h[4]) < now then
+      redis.call('LPOP', q)  -- its deadline passed in the queue: dropped before any forward pass
+      redis.call('DEL', key)
+      redis.call('HINCRBY', NS .. 'stats', 'expired', 1)
     else
-      local key = NS .. 'req:' .. rid
-      local h = redis.call('HMGET', key, 'payload', 'tokens', 'reply', 'deadline', 'attempts', 'last_error', 'enq',
-                           'ctok', 'pkey')
-      if not h[1] then
-        redis.call('LPOP', q)  -- its hash expired or was withdrawn: nobody waits for it any more
-        progressed = true
-      elseif tonumber(h[4]) > 0 and tonumber(h[4]) < now then
-        redis.call('LPOP', q)  -- its deadline passed in the queue: dropped before any forward pass
-        redis.call('DEL', key)
-        redis.call('HINCRBY', NS .. 'stats', 'expired', 1)
-        progressed = true
+      local tok = tonumber(h[2])
+      local ctok, pkey = tonumber(h[8] or h[2]), h[9]
+      local shares = reuse and pkey and pkey ~= '' and prompts[pkey]
+      local cost
+      if shares then
+        cost = fresh * longest + packed + ctok
       else
-        served[tenant] = true
-        local tok = tonumber(h[2])
-        local ctok, pkey = tonumber(h[8] or h[2]), h[9]
-        local shares = reuse and pkey and pkey ~= '' and prompts[pkey]
-        local cost
+        cost = (fresh + 1) * math.max(longest, tok) + packed
+      end
+      if n > 0 and cost > budget then return 'full' end
+      redis.call('LPOP', q)
+      local attempts = tonumber(h[5]) + 1
+      if attempts > max_tries then
+        give_up(rid, h[3], max_tries, h[6], ttl)
+      else
+        redis.call('HSET', key, 'attempts', attempts)
+        redis.call('ZADD', NS .. 'inflight', now + vis, rid)
+        table.insert(out, rid)
+        table.insert(out, h[1])
+        table.insert(out, attempts)
+        table.insert(out, h[3])
+        table.insert(out, h[4])
+        table.insert(out, now - tonumber(h[7] or now))
+        n = n + 1
         if shares then
-          cost = fresh * longest + packed + ctok
+          packed = packed + ctok
         else
-          cost = (fresh + 1) * math.max(longest, tok) + packed
+          fresh, longest = fresh + 1, math.max(longest, tok)
+          if pkey and pkey ~= '' then prompts[pkey] = true end
         end
-        if n > 0 and cost > budget then
-          full = true
-          break
+      end
+      redis.call('ZADD', NS .. 'jobs', redis.call('INCR', NS .. 'seq'), job)
+      if redis.call('LLEN', q) == 0 then
+        redis.call('ZREM', NS .. 'jobs', job)
+        return 'taken', true
+      end
+      return 'taken', false
+    end
+  end
+end
+
+-- One turn of tenant `t`: a request from its next job that has one. False when it has none left.
+local function turn(t)
+  while #t.jobs > 0 do
+    if t.at > #t.jobs then t.at = 1 end
+    local job = t.jobs[t.at]
+    local got, emptied = take(job)
+    if got == 'full' then
+      full = true
+      return true
+    end
+    if got == 'empty' or emptied then
+      table.remove(t.jobs, t.at)  -- the next job slides into this place
+    else
+      t.at = t.at + 1
+    end
+    if got == 'taken' then return true end
+  end
+  return false
+end
+
+while n < max_n and not full and #tenants > 0 do
+  local served, active = {}, {}
+  for _, tenant in ipairs(tenants) do served[tenant] = 0 end
+  local again = true
+  while again and n < max_n and not full do
+    again = false
+    for _, tenant in ipairs(tenants) do
+      if n >= max_n or full then break end
+      local t = of[tenant]
+      if served[tenant] < t.weight and #t.jobs > 0 then
+        if turn(t) and not full then
+          served[tenant] = served[tenant] + 1
+          if served[tenant] < t.weight then again = true end
         end
-        redis.call('LPOP', q)
-        local attempts = tonumber(h[5]) + 1
-        if attempts > max_tries then
-          give_up(rid, h[3], max_tries, h[6], ttl)
-        else
-          redis.call('HSET', key, 'attempts', attempts)
-          redis.call('ZADD', NS .. 'inflight', now + vis, rid)
-          table.insert(out, rid)
-          table.insert(out, h[1])
-          table.insert(out, attempts)
-          table.insert(out, h[3])
-          table.insert(out, h[4])
-          table.insert(out, now - tonumber(h[7] or now))
-          n = n + 1
-          if shares then
-            packed = packed + ctok
-          else
-            fresh, longest = fresh + 1, math.max(longest, tok)
-            if pkey and pkey ~= '' then prompts[pkey] = true end
-          end
-        end
-        redis.call('ZADD', NS .. 'jobs', redis.call('INCR', NS .. 'seq'), job)
-        if redis.call('LLEN', q) == 0 then redis.call('ZREM', NS .. 'jobs', job) end
-        progressed = true
       end
     end
   end
-  if not progressed then break end
+  for _, tenant in ipairs(tenants) do
+    if #of[tenant].jobs > 0 then table.insert(active, tenant) end
+  end
+  tenants = active
 end
 return out
 """

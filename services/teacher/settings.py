@@ -90,13 +90,15 @@ class TeacherSettings(BaseSettings):
         "auto",
         description="Linear kernels on a CPU: oneDNN with pre-packed weights (1.2-2x MKL's float32 speed on "
         "AMD CPUs; float32 results differ at rounding level), torch's own, or auto: oneDNN where a probe of the "
-        "model's projection shapes at load finds it faster.",
+        "model's projection shapes at load finds it faster in each of 3 interleaved trials (trials that disagree, "
+        "as on a busy machine, keep torch). The worker logs the kernels chosen, and why, at start-up.",
     )
     cpu_attention: Literal["auto", "sdpa", "blocked"] = Field(
         "auto",
         description="hf backend on a CPU: torch's sdpa (flash kernel), blocked (causal query blocks on batched "
         "GEMMs: 1.15x the bfloat16 SmolLM2 engine on AVX512-BF16 cores, 1.035x in float32), or auto: blocked "
-        "where a probe at load finds it faster than sdpa for the model's heads.",
+        "where a probe at load finds it faster than sdpa for the model's heads in each of 3 interleaved trials "
+        "(else sdpa).",
     )
     cpu_keep_heap: bool = Field(
         True,
@@ -162,7 +164,8 @@ class TeacherSettings(BaseSettings):
     # -- security ----------------------------------------------------------------------------------------------
     auth_tokens_file: str = Field(
         "",
-        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X] [max_queued_bytes=B]` per line (a `#` at "
+        description="Token file: one `TOKEN [JOB_PREFIX] [max_pending=N] [tokens_per_s=X] [max_queued_bytes=B] [job=J] [weight=W]` per line (weight: "
+        "the token's claims per batching round, default 1; a `#` at "
         "the start of a line or after whitespace starts a comment; a `#` inside a token is part of it). When set, every call but /healthz (and /metrics, see metrics_need_token) needs a listed "
         "token, and a token serves only job ids starting with its prefix. Also --auth-tokens.",
         json_schema_extra={"flag_aliases": ["--auth-tokens"]},

@@ -89,9 +89,12 @@ def attention(
 
 @functools.cache
 @torch.inference_mode()
-def blocked_speedup(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, tokens: int = 256) -> float:
-    """How much faster `attention` runs than torch's sdpa on this CPU for 4 causal sequences of `tokens` with
-    this head layout. Measured once per process and shape, so every engine of a process chooses alike."""
+def blocked_probe(
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, tokens: int = 256
+) -> cpu_linear.Verdict:
+    """Whether `attention` runs at least MIN_SPEEDUP faster than torch's sdpa on this CPU for 4 causal sequences
+    of `tokens` with this head layout (cpu_linear.probe: repeated, interleaved trials). Measured once per process
+    and shape, so every engine of a process chooses alike."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(4, heads, tokens, head_dim, generator=g).to(dtype)
     k, v = (torch.randn(4, kv_heads, tokens, head_dim, generator=g).to(dtype) for _ in range(2))
@@ -100,40 +103,50 @@ def blocked_speedup(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
     def sdpa():
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
-    return cpu_linear.speedup(sdpa, lambda: attention(q, k, v, None, head_dim**-0.5))
+    return cpu_linear.probe(sdpa, lambda: attention(q, k, v, None, head_dim**-0.5), MIN_SPEEDUP)
 
 
 def choose(setting: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int):
-    """`sdpa` or `blocked` for an engine. `auto` on a CPU: blocked where a probe of the model's head layout finds
-    it at least MIN_SPEEDUP faster than sdpa (on AVX512-BF16 EPYC cores: ~2x in bfloat16, ~1.2-1.4x in
-    float32, i.e. 1.15x and 1.035x the SmolLM2 engine). A GPU keeps sdpa (flash kernels)."""
+    """`sdpa` or `blocked` for an engine: `choose_why`'s choice."""
+    return choose_why(setting, device, dtype, heads, kv_heads, head_dim)[0]
+
+
+def choose_why(
+    setting: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+) -> tuple[str, str]:
+    """`sdpa` or `blocked` for an engine, and why (for the start-up log). `auto` on a CPU: blocked where a probe
+    of the model's head layout finds it at least MIN_SPEEDUP faster than sdpa in every trial (on AVX512-BF16 EPYC
+    cores: ~2x in bfloat16, ~1.2-1.4x in float32, i.e. 1.15x and 1.035x the SmolLM2 engine); sdpa, the default,
+    where it does not or the trials disagree. A GPU keeps sdpa (flash kernels)."""
     if setting not in CHOICES:
         raise ValueError(f"`cpu_attention` must be one of {list(CHOICES)}, got {setting!r}.")
-    if device.type != "cpu" or setting == "sdpa":
-        return "sdpa"
-    if setting == "blocked":
-        return "blocked"
-    return "blocked" if blocked_speedup(dtype, heads, kv_heads, head_dim) >= MIN_SPEEDUP else "sdpa"
+    if device.type != "cpu":
+        return "sdpa", f"on {device.type}"
+    if setting != "auto":
+        return setting, "asked for"
+    verdict = blocked_probe(dtype, heads, kv_heads, head_dim)
+    return ("blocked" if verdict.faster else "sdpa"), f"probe: {verdict.why}"
 
 
-def apply(setting: str, model, device: torch.device, dtype: torch.dtype) -> str:
-    """Sets `model`'s attention as `choose` says, where the model can take it: a model with attention-logit
-    softcapping, or one whose code predates transformers' attention interface, keeps sdpa. Returns the
-    attention in use."""
+def apply(setting: str, model, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """Sets `model`'s attention as `choose_why` says, where the model can take it: a model with attention-logit
+    softcapping, or one whose code predates transformers' attention interface, keeps sdpa. Returns the attention
+    in use and why."""
     cfg = model.config.get_text_config()
     if getattr(cfg, "attn_logit_softcapping", None):
-        return "sdpa"
+        return "sdpa", "attention-logit softcapping"
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    if choose(setting, device, dtype, heads, kv_heads, head_dim) == "sdpa":
-        return "sdpa"
+    choice, why = choose_why(setting, device, dtype, heads, kv_heads, head_dim)
+    if choice == "sdpa":
+        return "sdpa", why
     register()
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, NotImplementedError):
-        return "sdpa"
-    return "blocked"
+        return "sdpa", "the model takes no attention implementation of ours"
+    return "blocked", why
 
 
 def _forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):

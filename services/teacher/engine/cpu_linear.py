@@ -5,7 +5,8 @@ projection (2048 x 576 @ 576 x 1536) ran at ~200 GFLOPS on MKL against ~450 on o
 into oneDNN's blocked layout (torch's own `mkldnn._linear_pointwise` op): the float32 SmolLM2 engine went from
 ~450 to ~800 positions/s. The two kernels sum in different orders, so float32 results differ at rounding level
 (max 4.6e-5 nats on SmolLM2); `choose` times both on the model's mix of projection shapes once per process and
-keeps oneDNN where it is faster, so a CPU where MKL wins (or a torch without oneDNN) keeps plain torch. On 2 Zen 4
+keeps oneDNN where it is faster in each of several interleaved trials (`decide`: a probe on a busy machine that
+reads both ways keeps torch), so a CPU where MKL wins (or a torch without oneDNN) keeps plain torch. On 2 Zen 4
 EPYC cores (AVX-512 on 256-bit units, ~140-210 GFLOPS) oneDNN ran the float32 engine 1.2-1.3x faster than MKL.
 
 bfloat16 linears already run on oneDNN, reordering the weight on every call; packing it once gave the
@@ -23,7 +24,10 @@ float64 product against 2.1e-6 for float32's own kernel).
 from __future__ import annotations
 
 import functools
+import statistics
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,9 +39,11 @@ PACK_ROWS_HINT = 1024
 # against flipping between two equal kernels: 1.15 (an earlier value) sat inside the probe's noise on 2 Zen 4
 # EPYC cores, where oneDNN ran the float32 trunk 1.2x faster and a 256-row probe of one shape read 1.03-1.32x.
 MIN_SPEEDUP = 1.05
-# A probe times each projection shape on about this many FLOPs (`probe_rows`), in this many interleaved rounds.
+# A probe times each projection shape on about this many FLOPs (`probe_rows`), in PROBE_TRIALS trials of
+# PROBE_ROUNDS interleaved rounds each (see `decide`).
 PROBE_FLOPS = 8e9
-PROBE_ROUNDS = 7
+PROBE_TRIALS = 3
+PROBE_ROUNDS = 5
 CHOICES = ("auto", "torch", "onednn")
 
 
@@ -120,14 +126,82 @@ def probe_rows(shapes: dict[tuple[int, int], int]) -> int:
     return 1 << max(6, min(10, int(PROBE_FLOPS / max(flops_per_row, 1)).bit_length() - 1))
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What a probe found: take the candidate kernel or keep the default, and why (logged at start-up)."""
+
+    faster: bool
+    """Take the candidate: it was at least the margin faster in every trial."""
+    ratios: tuple[float, ...]
+    """Per trial: the baseline's best time over the candidate's (> 1: the candidate is faster)."""
+    won: int
+    """Interleaved pairs of timings in which the candidate was the faster, of `pairs`."""
+    pairs: int
+    why: str
+
+    @property
+    def speedup(self) -> float:
+        """The median trial's ratio (0 for no trials)."""
+        return statistics.median(self.ratios) if self.ratios else 0.0
+
+
+def decide(trials: Sequence[Sequence[tuple[float, float]]], margin: float) -> Verdict:
+    """The choice between a default (baseline) kernel and a candidate from timings, a pure function: `trials`
+    holds, per trial, interleaved (baseline_s, candidate_s) pairs. The candidate is taken only when its best time
+    is at least `margin` faster than the baseline's in every trial and it wins most pairs; otherwise the default
+    stays: where it is as fast or faster, and also where the trials disagree (one reads 1.3x, another 0.9x: a
+    probe on a busy machine, whose noise would otherwise decide for the whole life of the process). A wrong
+    default costs at most the candidate's speed-up; a wrong candidate, whatever a noisy probe made it look."""
+    ratios = tuple(min(b for b, _ in t) / min(c for _, c in t) for t in trials if t)
+    pairs = sum(len(t) for t in trials)
+    won = sum(c < b for t in trials for b, c in t)
+    span = f"x{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} trials" if ratios else "no timings"
+    wins = f"faster in {won}/{pairs} pairs"
+    if ratios and all(r >= margin for r in ratios) and 2 * won > pairs:
+        return Verdict(True, ratios, won, pairs, f"{span}, {wins}, >= x{margin:g} in every trial")
+    if ratios and all(r < margin for r in ratios):
+        return Verdict(False, ratios, won, pairs, f"{span}, under x{margin:g}: the default")
+    return Verdict(False, ratios, won, pairs, f"ambiguous ({span}, {wins}): the default")
+
+
+def time_pairs(
+    baseline: Callable[[], object], candidate: Callable[[], object], trials: int, rounds: int
+) -> list[list[tuple[float, float]]]:
+    """`trials` x `rounds` interleaved timings (baseline_s, candidate_s) after one warm-up call of each; the two
+    alternate which runs first, so a noisy stretch of a shared machine falls on both sides alike."""
+    baseline(), candidate()
+    out = []
+    for _ in range(trials):
+        pairs = []
+        for r in range(rounds):
+            times = {}
+            for name, fn in (("b", baseline), ("c", candidate))[:: 1 if r % 2 == 0 else -1]:
+                t0 = time.perf_counter()
+                fn()
+                times[name] = time.perf_counter() - t0
+            pairs.append((times["b"], times["c"]))
+        out.append(pairs)
+    return out
+
+
+def probe(
+    baseline, candidate, margin: float, trials: int = PROBE_TRIALS, rounds: int = PROBE_ROUNDS
+) -> Verdict:
+    """Times `candidate()` against `baseline()` (`time_pairs`) and decides (`decide`). On a shared 2-core machine
+    the best time of a trial is its least disturbed one; medians swung more (0.88-1.14x for blocked attention in
+    bfloat16, where the best times read 1.18-1.40x); repeating the trial catches a probe that one noisy stretch
+    decided."""
+    return decide(time_pairs(baseline, candidate, trials, rounds), margin)
+
+
 @functools.cache
 @torch.inference_mode()
-def onednn_speedup(dtype: torch.dtype, shapes: tuple[tuple[int, int, int], ...]) -> float:
-    """How much faster oneDNN runs the projections `shapes` ((in, out, count) each, a model's mix) in `dtype`
-    than torch does on this CPU (0 where oneDNN has no kernel for the dtype), by `speedup`. Measured once per
-    process, dtype and mix, so every engine of a process makes the same choice."""
+def onednn_probe(dtype: torch.dtype, shapes: tuple[tuple[int, int, int], ...]) -> Verdict | None:
+    """Whether oneDNN runs the projections `shapes` ((in, out, count) each, a model's mix) in `dtype` at least
+    MIN_SPEEDUP faster than torch on this CPU, by `probe`; None where oneDNN has no kernel for the dtype.
+    Measured once per process, dtype and mix, so every engine of a process makes the same choice."""
     if not available():
-        return 0.0
+        return None
     torch.manual_seed(0)
     counts = {(i, o): n for i, o, n in shapes}
     rows = probe_rows(counts)
@@ -136,7 +210,7 @@ def onednn_speedup(dtype: torch.dtype, shapes: tuple[tuple[int, int, int], ...])
     try:
         packed = {s: PackedLinear(lin) for s, lin in plain.items()}
     except RuntimeError:  # no oneDNN kernel for this dtype on this CPU
-        return 0.0
+        return None
 
     least = min(counts.values())
     calls = [(s, min(4, round(n / least))) for s, n in counts.items()]  # the mix, in small whole numbers
@@ -146,46 +220,45 @@ def onednn_speedup(dtype: torch.dtype, shapes: tuple[tuple[int, int, int], ...])
             for _ in range(n):
                 layers[s](xs[s[0]])
 
-    return speedup(lambda: run(plain), lambda: run(packed))
-
-
-def speedup(baseline, candidate, rounds: int | None = None) -> float:
-    """How much faster `candidate()` runs than `baseline()`: the ratio of their best times over `rounds`
-    (PROBE_ROUNDS) interleaved timings, after one warm-up call of each. On a shared 2-core machine the best time
-    is the least disturbed one; interleaving gives a noisy stretch to both sides (medians swung more: 0.88-1.14x
-    for blocked attention in bfloat16, where the best times read 1.18-1.40x)."""
-    baseline(), candidate()
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds or PROBE_ROUNDS):
-        for i, fn in enumerate((baseline, candidate)):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0] / best[1]
+    return probe(lambda: run(plain), lambda: run(packed), MIN_SPEEDUP)
 
 
 def choose(setting: str, device: torch.device, module: nn.Module | None) -> str:
-    """The kernels for the `nn.Linear` layers under `module` (the decoder, or the LM head): `torch` or
-    `onednn`. For `auto` on a CPU with oneDNN: oneDNN in bfloat16; in float32 and float16 where the probe of the
-    module's mix of shapes finds it at least MIN_SPEEDUP faster; torch where oneDNN has no kernel for the dtype
-    on this CPU, and for a module with no `nn.Linear`."""
+    """The kernels for the `nn.Linear` layers under `module`: `choose_why`'s choice."""
+    return choose_why(setting, device, module)[0]
+
+
+def choose_why(setting: str, device: torch.device, module: nn.Module | None) -> tuple[str, str]:
+    """The kernels for the `nn.Linear` layers under `module` (the decoder, or the LM head), `torch` or `onednn`,
+    and why (for the start-up log). For `auto` on a CPU with oneDNN: oneDNN in bfloat16; in float32 and float16
+    where the probe of the module's mix of shapes finds it at least MIN_SPEEDUP faster in every trial (`decide`);
+    torch where oneDNN has no kernel for the dtype on this CPU, and for a module with no `nn.Linear`."""
     if setting not in CHOICES:
         raise ValueError(f"`cpu_linear` must be one of {list(CHOICES)}, got {setting!r}.")
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)] if module is not None else []
-    if device.type != "cpu" or setting == "torch" or not linears:
-        return "torch"
+    if device.type != "cpu":
+        return "torch", f"on {device.type}"
+    if setting == "torch":
+        return "torch", "asked for"
+    if not linears:
+        return "torch", "no nn.Linear"
     if not available():
         if setting == "onednn":
             raise ValueError("`cpu_linear` is 'onednn' but this torch build has no oneDNN linear kernel.")
-        return "torch"
+        return "torch", "no oneDNN in this torch"
     dtype = linears[0].weight.dtype
     if dtype == torch.bfloat16 and not packs_bfloat16():
         if setting == "onednn":
             raise ValueError(
                 "`cpu_linear` is 'onednn' but this CPU has no oneDNN bfloat16 kernel (needs AVX-512)."
             )
-        return "torch"
-    if setting == "onednn" or dtype == torch.bfloat16:  # bfloat16: oneDNN either way, reordered once here
-        return "onednn"
+        return "torch", "no oneDNN bfloat16 kernel on this CPU"
+    if setting == "onednn":
+        return "onednn", "asked for"
+    if dtype == torch.bfloat16:  # oneDNN either way, reordered once here
+        return "onednn", "bfloat16 runs on oneDNN anyway: packed once"
     mix = tuple((i, o, n) for (i, o), n in linear_shapes(module).items())
-    return "onednn" if onednn_speedup(dtype, mix) >= MIN_SPEEDUP else "torch"
+    verdict = onednn_probe(dtype, mix)
+    if verdict is None:
+        return "torch", f"no oneDNN {str(dtype).removeprefix('torch.')} kernel"
+    return ("onednn" if verdict.faster else "torch"), f"probe: {verdict.why}"

@@ -10,6 +10,7 @@ and any candidate ids), top-k and optional full rows.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import socket
 import time
@@ -26,6 +27,8 @@ from services.teacher.engine.base import Engine
 from services.teacher.modelinfo import build_model_info
 from services.teacher.spec import EngineSpec
 from services.teacher.types import ScoreRequest, ScoreResult
+
+log = logging.getLogger("prefix_distill.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Rows of logits materialised at once, as elements (rows x vocab): 8M float32 = 32 MB, 170 rows of SmolLM2's
@@ -73,18 +76,33 @@ class HFEngine(Engine):
         self.head_dtype = torch.float32 if spec.lm_head_dtype == "float32" else self.dtype
         if self.head_dtype != self.dtype:  # a float32 copy (a tied embedding stays in the trunk's dtype)
             self.lm_head = copy.deepcopy(self.lm_head).to(self.head_dtype)
-        self.linear_kernels = cpu_linear.choose(spec.cpu_linear, self.device, self.decoder)
+        self.linear_kernels, linear_why = cpu_linear.choose_why(spec.cpu_linear, self.device, self.decoder)
         if self.linear_kernels == "onednn":
             cpu_linear.pack_linears(self.decoder)
         # the head chooses by its own shape and dtype (a vocabulary-wide projection, maybe float32 over bfloat16)
         if spec.cpu_linear != "torch" and self._head_on_bfloat16_units():
             self.lm_head, self.head_kernels = cpu_linear.BfloatValuedLinear(self.lm_head), "onednn bf16 units"
+            head_why = "a float32 head over a bfloat16 trunk"
         else:
-            self.head_kernels = cpu_linear.choose(spec.cpu_linear, self.device, self.lm_head)
+            self.head_kernels, head_why = cpu_linear.choose_why(spec.cpu_linear, self.device, self.lm_head)
         if self.head_kernels == "onednn":  # only ever chosen for a plain nn.Linear
             self.lm_head = cpu_linear.PackedLinear(self.lm_head)
         cfg = self.model.config.get_text_config()
-        self.attention = cpu_attention.apply(spec.cpu_attention, self.model, self.device, self.dtype)
+        self.attention, attention_why = cpu_attention.apply(
+            spec.cpu_attention, self.model, self.device, self.dtype
+        )
+        # one line, so a slow worker's log says at once which kernels a load-time probe gave it
+        log.info(
+            "kernels (%s, %s): linear %s (%s); lm_head %s (%s); attention %s (%s)",
+            self.device.type,
+            spec.dtype,
+            self.linear_kernels,
+            linear_why,
+            self.head_kernels,
+            head_why,
+            self.attention,
+            attention_why,
+        )
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
         # ModelInfo names the device actually used ("auto" resolved).
