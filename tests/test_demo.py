@@ -169,3 +169,28 @@ def test_the_demo_job_is_the_benchmark_method_it_names(pair):
     for field in ("prompts", "batch_size", "lr", "lr_schedule", "max_new_tokens", "loss", "prefix", "anchor",
                   "freeze", "lora", "temperature", "grad_clip", "weight_decay"):  # fmt: skip
         assert getattr(demo, field) == getattr(bench, field), field
+
+
+@pytest.mark.parametrize("reached", [3, 0])
+def test_the_demo_says_whether_its_method_reached_full_opd_in_the_benchmark(tmp_path, reached):
+    from rich.console import Console
+
+    from services.app.demo_report import DemoResult, print_results
+
+    ref = {
+        "method": "tail-L8",
+        "target": 0.40,
+        "full_reach": 6e12,
+        "reach": 2e12,
+        "reached": reached,
+        "seeds": 3,
+    }
+    result = DemoResult(tmp_path, {"eval/agreement": 0.25}, {"eval/agreement": 0.45}, None, None,
+                        {"flops/cum_total": 1e12}, [], full_opd=ref)  # fmt: skip
+    console = Console(record=True, width=200)
+    print_results(console, result, steps=600)
+    text = console.export_text()
+    if reached:
+        assert "6e+12, full OPD" not in text and "3.0x less" in text and "3/3 seeds" in text, text
+    else:
+        assert "did not reach full OPD's agreement (40.0%)" in text and "x less" not in text, text
