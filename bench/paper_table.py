@@ -15,6 +15,8 @@ paper's motivating analyses on the student's start (teacher-prefix rescue, KL by
     .venv/bin/python bench/paper_table.py --methods full --seeds 0 --tasks route   # one cell, to re-check it
     .venv/bin/python bench/paper_table.py --quick --out /tmp/quick # the pipeline in ~3 minutes
     .venv/bin/python bench/paper_table.py --report-only            # the report again from the JSON
+    .venv/bin/python bench/paper_table.py --combine A/paper_table.json,B/paper_table.json   # one report of
+                                                                   # runs made task by task
 """
 
 from __future__ import annotations
@@ -96,6 +98,16 @@ def cells_for(tasks, methods, seeds, quick: bool) -> list[Cell]:
     return [Cell(t, m, lr(t, m), s, "heldout", extra) for t in tasks for m in methods for s in seeds]
 
 
+def combine(parts: list[dict]) -> dict:
+    """One benchmark record from several made with the same settings (e.g. one task at a time)."""
+    metas = [p["meta"] for p in parts]
+    for key in ("quick", "seeds", "common"):
+        assert all(m[key] == metas[0][key] for m in metas), f"--combine: the runs differ in {key}"
+    meta = metas[0] | {"wall_s": sum(m["wall_s"] for m in metas), "date": max(m["date"] for m in metas)}
+    analyses = {task: a for p in parts for task, a in p["analyses"].items()}
+    return {"meta": meta, "analyses": analyses, "records": [r for p in parts for r in p["records"]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="One seed, 4 steps, 12 prompts, lr 1e-3.")
@@ -110,8 +122,20 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="Rewrite the report from OUT/paper_table.json."
     )
+    parser.add_argument(
+        "--combine",
+        default="",
+        help="Comma-separated paper_table.json files (e.g. one per task): one report.",
+    )
     args = parser.parse_args()
     from bench.paper_report import write_report
+
+    if args.combine:
+        data = combine([json.loads(Path(p).read_text()) for p in args.combine.split(",")])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "paper_table.json").write_text(json.dumps(data, indent=1) + "\n")
+        print(write_report(data, args.out))
+        return
 
     if args.report_only:
         print(write_report(json.loads((args.out / "paper_table.json").read_text()), args.out))

@@ -130,3 +130,17 @@ def test_every_method_is_a_valid_job(method):
     assert bool(cfg.freeze) == (method == "readout-L8")
     assert bool(cfg.lora and cfg.lora.rank) == method.startswith("lora")
     assert (cfg.anchor.tail_fraction > 0) == method.startswith("tail")
+
+
+def test_combine_joins_runs_made_task_by_task_and_refuses_different_settings():
+    from bench.paper_table import combine
+
+    def part(task, seeds, wall):
+        meta = {"quick": False, "seeds": seeds, "common": ["steps=600"], "wall_s": wall, "date": "2026-12-07"}
+        return {"meta": meta, "analyses": {task: {"rescue": {}}}, "records": [{"task": task}]}
+
+    both = combine([part("route", [0, 1, 2], 60.0), part("relay", [0, 1, 2], 30.0)])
+    assert both["meta"]["wall_s"] == 90.0 and set(both["analyses"]) == {"route", "relay"}
+    assert [r["task"] for r in both["records"]] == ["route", "relay"]
+    with pytest.raises(AssertionError, match="seeds"):
+        combine([part("route", [0, 1, 2], 60.0), part("relay", [0], 30.0)])
