@@ -105,14 +105,14 @@ demo: install
 bench-shortcuts: install
 	$(BIN)/python bench/shortcuts.py
 
-# The learning-rate sweep of the paper table on the validation split (one seed, 2 rates per method; ~15 min a
-# task on 2 cores): bench/paper_lr.json, which bench-paper reads.
+# The learning-rate sweep of the paper table on the validation split (seed 0, 3 rates per method, 600 steps;
+# ~25-30 min a task on 2 cores): bench/paper_lr.json, which bench-paper reads.
 bench-tune: install
 	$(BIN)/python bench/paper_tune.py
 
-# The paper's table on the testbed: both decision tasks, 6 methods at their tuned rates, 2 seeds, through the
-# teacher service, on the held-out split (~1 hour on 2 cores): docs/results/paper_table.{md,json,png},
-# rescue.{md,png}, kl_position.{md,png}. Not run yet: no method learned on validation (prefix_opd.md).
+# The paper's table on the testbed: both decision tasks, 8 methods at their tuned rates, 3 seeds, 600 steps,
+# through the teacher service, on the held-out split (~35-40 min a task on 2 cores):
+# docs/results/paper_table.{md,json,png}, rescue.{md,png}, kl_position.{md,png}.
 bench-paper: install
 	$(BIN)/python bench/paper_table.py
 

@@ -4,14 +4,14 @@ For each decision task (builtin:route, where the first token decides the answer;
 different decision is taken in each of 4 blocks), from the same warmed-up student, with the same prompts,
 batch and number of steps, every method of bench/paper_methods.py trains through the real teacher service (an
 embedded Redis and `teacher serve` on loopback) at the learning rate the validation sweep chose
-(bench/paper_lr.json, bench/paper_tune.py), 2 seeds each, and is evaluated on the held-out split every 25
+(bench/paper_lr.json, bench/paper_tune.py), 3 seeds each, and is evaluated on the held-out split every 50
 steps: accuracy (validity), agreement with the teacher's decisions, and execution (accuracy with the teacher's
 decision forced). The trivial baselines (forced first tags, banned tokens, constant tags) come from
 docs/results/shortcuts.json (bench/shortcuts.py) as rows of the same table. Before training it measures the
 paper's motivating analyses on the student's start (teacher-prefix rescue, KL by position). Writes, under --out
 (default docs/results): paper_table.md / .json / .png, rescue.md / .png, kl_position.md / .png.
 
-    .venv/bin/python bench/paper_table.py                          # the benchmark (~25 minutes on 2 cores)
+    .venv/bin/python bench/paper_table.py                          # the benchmark (~1.5 hours on 2 cores)
     .venv/bin/python bench/paper_table.py --methods full --seeds 0 --tasks route   # one cell, to re-check it
     .venv/bin/python bench/paper_table.py --quick --out /tmp/quick # the pipeline in ~3 minutes
     .venv/bin/python bench/paper_table.py --report-only            # the report again from the JSON
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="One seed, 4 steps, 12 prompts, lr 1e-3.")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default=",".join(RUN))
-    parser.add_argument("--seeds", default="0,1", help="Comma-separated seeds.")
+    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one torch thread each).")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument(
