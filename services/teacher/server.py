@@ -94,6 +94,7 @@ async def run_frontend(
     from services.teacher.frontend import Dispatcher
     from services.teacher.grpc_server import build_grpc_server
     from services.teacher.http_api import create_app
+    from services.teacher.http_guard import KeepAliveOn500, guarded_h11
     from services.teacher.modelinfo import describe
 
     info, tokenizer = await asyncio.to_thread(describe, settings.engine_spec())
@@ -108,8 +109,10 @@ async def run_frontend(
         routers = await asyncio.to_thread(http_routes, target, settings.tls_cert_file)
     app = create_app(dispatcher, routers)
     tls = {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
+    app.state.body_screen.start()
     config = uvicorn.Config(
-        app,
+        KeepAliveOn500(app),
+        http=guarded_h11(settings.http_header_timeout_s, settings.http_max_connections_per_client),
         log_level="warning",
         lifespan="off",
         access_log=False,
@@ -145,6 +148,7 @@ async def run_frontend(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(http_task, GRACE_S)
         await dispatcher.stop()
+        app.state.body_screen.close()
         if pool is not None:
             await asyncio.to_thread(pool.stop)
         print("teacher front-end stopped", flush=True)
