@@ -221,4 +221,52 @@ def test_open_connections_are_bounded_per_client(teacher):
 # -- 3. a compare whose client has gone stops its teacher work ---------------------------------------------------
 
 
+def scored(teacher) -> int:
+    """Requests the teacher has answered (every transport)."""
+    text = httpx.get(teacher.http + "/metrics", timeout=30).text
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("teacher_requests_total{") and 'code="OK"' in line
+        )
+    )
+
+
+@pytest.mark.parametrize("path", ["/v1/compare", "/v1/rescue"])
+def test_a_compare_whose_client_left_stops_its_teacher_work(teacher, path):
+    """An analysis that makes the teacher score many requests in calls of `per_call` (compare: 512 prompts, 8
+    calls of 64; rescue: 128 prompts, a 16-token teacher prefix, up to 16 calls of 128); its client disconnects
+    once the teacher has answered some. The teacher then answers at most the call in flight and the next (its
+    still-queued requests are withdrawn, no later call is sent). It used to answer all of them (512 and 2,018)
+    for a client that had gone."""
+    if path == "/v1/compare":
+        per_call, body = 64, {"prompts": [f"a b c {i}" for i in range(512)], "max_new_tokens": 8}
+    else:
+        items = [{"prompt": f"a b {i}", "answer": "1"} for i in range(128)]
+        per_call, body = 128, {"prompts": items, "lengths": [16], "max_new_tokens": 16, "examples": 0}
+    raw = json.dumps(body).encode()
+    start = scored(teacher)
+    s = raw_conn(teacher)
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+    end = time.monotonic() + 120
+    while scored(teacher) == start and time.monotonic() < end:
+        time.sleep(0.1)
+    at_leave = scored(teacher) - start
+    s.close()
+    assert at_leave > 0, "the teacher never started"
+    last, stable_since = at_leave, time.monotonic()
+    while time.monotonic() - stable_since < 5 and time.monotonic() < end:
+        time.sleep(0.25)
+        now = scored(teacher) - start
+        if now != last:
+            last, stable_since = now, time.monotonic()
+    print(f"{path}: {at_leave} answered when the client left, {last} in all")
+    assert last <= at_leave + 2 * per_call, (at_leave, last)
+
+
 # -- 4. a 500 keeps its keep-alive connection ------------------------------------------------------------------
