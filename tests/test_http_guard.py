@@ -269,4 +269,70 @@ def test_a_compare_whose_client_left_stops_its_teacher_work(teacher, path):
     assert last <= at_leave + 2 * per_call, (at_leave, last)
 
 
-# -- 4. a 500 keeps its keep-alive connection ------------------------------------------------------------------
+# -- 4. keep-alive: no delayed-ACK floor, and a 500 keeps the connection ---------------------------------------
+
+
+def test_keep_alive_requests_pay_no_delayed_ack_floor(teacher):
+    """Requests on one keep-alive connection: the median is far under the ~40 ms of a delayed ACK (it was 44 ms
+    for GET /v1/models: the accepted sockets lacked TCP_NODELAY, because the listening socket was made with
+    proto 0 and asyncio sets it only for IPPROTO_TCP)."""
+    from services.teacher.server import _bind
+
+    probe = _bind("127.0.0.1", 0)
+    assert probe.proto == socket.IPPROTO_TCP
+    probe.close()
+    with httpx.Client(base_url=teacher.http, timeout=30) as c:
+        c.get("/v1/models")
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            assert c.get("/v1/models").status_code == 200
+            times.append(time.perf_counter() - t0)
+    print(f"keep-alive GET /v1/models: median {statistics.median(times) * 1e3:.1f} ms")
+    assert statistics.median(times) < 0.025, times
+
+
+def test_a_500_keeps_its_keep_alive_connection():
+    """A route that raises, on the teacher's own HTTP stack (its error handlers, KeepAliveOn500, guarded_h11) in
+    a real uvicorn on loopback: the 500 comes in the error envelope, and the next request on the same
+    connection is answered (uvicorn used to close it, since Starlette re-raises after sending the 500)."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from services.teacher.http_api import install_error_handlers
+    from services.teacher.http_guard import KeepAliveOn500, guarded_h11
+    from services.util.net import free_port
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    @app.get("/ok")
+    async def ok():
+        return {"ok": True}
+
+    port = free_port()
+    config = uvicorn.Config(
+        KeepAliveOn500(app), host="127.0.0.1", port=port, http=guarded_h11(10, 0), log_level="critical"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + 30
+        while not server.started and time.monotonic() < end:
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            r = c.get("/boom")
+            assert r.status_code == 500 and r.json()["error"]["code"] == 500, r.text
+            assert r.headers.get("connection") != "close"
+            peer = r.extensions["network_stream"].get_extra_info("client_addr")
+            after = c.get("/ok")
+            assert after.status_code == 200
+            assert after.extensions["network_stream"].get_extra_info("client_addr") == peer  # the same one
+    finally:
+        server.should_exit = True
+        thread.join(10)
