@@ -18,6 +18,7 @@ import collections
 import json
 import logging
 import multiprocessing as mp
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -71,7 +72,11 @@ class BodyScreen:
     def start(self) -> None:
         """Starts the child now (else at the first large body); spawned, so it shares no thread of this one."""
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+            from services.teacher.worker import die_with_parent  # not left behind by a kill -9 either
+
+            self._pool = ProcessPoolExecutor(
+                1, mp_context=mp.get_context("spawn"), initializer=die_with_parent, initargs=(os.getpid(),)
+            )
             self._pool.submit(int)  # the child starts in the background
 
     async def __call__(self, raw: bytes) -> Verdict | None:
