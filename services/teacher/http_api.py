@@ -4,7 +4,7 @@ dialect (`GET /health`, `POST /v1/completions`: services/teacher/dialect/).
 For analysis and humans (curl, notebooks); students use gRPC. Errors are always
 `{"error": {"param": ..., "message": ..., "type": ..., "code": ...}}` (OpenAI's envelope, as vLLM writes it): 400 for bad values, 422 for a malformed body (types are strict, as
 on gRPC: `"top_k": "3"` is refused), 401 without a valid bearer token and 403 for a job outside the token's
-scope (when auth is on), 408 for a body not in within `http_body_timeout_s`, 413 for a body over `max_request_mb`, 429 (with `Retry-After`) for a full job queue or a
+scope (when auth is on), 408 for a body that did not arrive within `http_body_timeout_s`, 413 for a body over `max_request_mb`, 429 (with `Retry-After`) for a full job queue or a
 spent quota, 503 when Redis or every worker is unreachable; never a 500 for bad input (a 500 keeps its keep-alive connection). Bodies over 64 KiB are screened off the event loop first (services.teacher.http_guard). Authentication is one
 middleware (`_guard`) in front of every route, the analysis routers included, except `OPEN_PATHS`.
 """
