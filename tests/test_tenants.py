@@ -407,8 +407,9 @@ def test_a_tenant_is_bounded_in_bytes_held_across_all_its_jobs(teacher):
 # -- 5. processes ----------------------------------------------------------------------------------------------
 
 
-def _worker_pids(pid: int) -> list[int]:
-    """The worker processes `teacher serve` (pid) started (multiprocessing spawn children, not its tracker)."""
+def _spawned_pids(pid: int) -> list[int]:
+    """The processes `teacher serve` (pid) spawned with multiprocessing (its workers and the HTTP body screen,
+    not its resource tracker)."""
     out = []
     for child in open(f"/proc/{pid}/task/{pid}/children").read().split():  # noqa: SIM115
         cmd = open(f"/proc/{child}/cmdline", "rb").read()  # noqa: SIM115
@@ -426,15 +427,15 @@ def _alive(pid: int) -> bool:
 
 
 def test_workers_die_with_their_supervisor(tiny_teacher, redis_url, tmp_path):
-    """kill -9 of `teacher serve`: its worker does not stay behind unsupervised (it used to, and a restarted
-    teacher then reported 2 workers)."""
+    """kill -9 of `teacher serve`: its worker (nor the HTTP body screen's child) does not stay behind
+    unsupervised (the worker used to, and a restarted teacher then reported 2 workers)."""
     import os
     import signal
     import time
 
     with Teacher(tiny_teacher, redis_url, tmp_path, flags={"namespace": "pdeath27"}) as t:
-        workers = _worker_pids(t.front.p.pid)
-        assert len(workers) == 1, workers
+        workers = _spawned_pids(t.front.p.pid)
+        assert len(workers) == 2, workers  # one worker, one body screen
         os.kill(t.front.p.pid, signal.SIGKILL)
         end = time.monotonic() + 20
         while time.monotonic() < end and any(_alive(w) for w in workers):

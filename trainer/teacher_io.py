@@ -175,6 +175,42 @@ class TeacherIO:
         self._stop_loop()
 
 
+class CallAbandoned(Exception):
+    """Raised in place of a teacher answer that the caller of an `AbandonableTeacher` no longer waits for."""
+
+
+class AbandonableTeacher:
+    """`TeacherIO.score` for one caller who may leave (an HTTP client of the analysis routes): `abandon()`
+    cancels the calls in flight (a cancelled gRPC call has the teacher withdraw its still-queued requests) and
+    makes every later `score` raise CallAbandoned, so a long analysis stops making the teacher work."""
+
+    def __init__(self, io: TeacherIO) -> None:
+        self.io = io
+        self._lock = threading.Lock()
+        self._inflight: set[concurrent.futures.Future] = set()
+        self.abandoned = False
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        with self._lock:
+            if self.abandoned:
+                raise CallAbandoned("the caller left")
+            fut = self.io.submit(requests)
+            self._inflight.add(fut)
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            raise CallAbandoned("the caller left") from None
+        finally:
+            with self._lock:
+                self._inflight.discard(fut)
+
+    def abandon(self) -> None:
+        with self._lock:
+            self.abandoned = True
+            for fut in self._inflight:
+                fut.cancel()
+
+
 def check_teacher(
     info: ModelInfo,
     tokenizer,

@@ -11,19 +11,20 @@ services.app.analysis_service.
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.app.analysis_service import AnalysisService
 from services.teacher.errors import InvalidRequest
 from services.teacher.http_api import install_error_handlers
 from services.teacher.values import SamplingTemperature, Seed, Text, TokenIds, TopK, parse_json
+from trainer.teacher_io import AbandonableTeacher
 
 UI_DIR = Path(__file__).resolve().parent / "analysis_ui"
 UI_FILES = {"app.js": "text/javascript", "charts.js": "text/javascript", "style.css": "text/css"}
@@ -182,15 +183,31 @@ def _teacher_tokens(body) -> int:
     return n * body.max_new_tokens
 
 
-async def _charged(request: Request, body, run):
-    """`run(body)` in a thread, holding one in-flight slot of the caller's quota (and its estimated tokens), as
-    every request that makes the teacher work does; on the teacher's own front-end only (`app.state.quotas`),
-    since the analysis reaches the teacher with its own client's token."""
+async def _charged(request: Request, body, run, service: AnalysisService):
+    """`run(body, teacher)` in a thread, holding one in-flight slot of the caller's quota (and its estimated
+    tokens), as every request that makes the teacher work does (on the teacher's own front-end only:
+    `app.state.quotas`, since the analysis reaches the teacher with its own client's token). When the HTTP
+    client disconnects first, the run's teacher calls are abandoned: the queued requests are withdrawn and
+    no more are sent (the run's thread then stops at its next teacher call)."""
     quotas, principal = getattr(request.app.state, "quotas", None), getattr(request.state, "principal", None)
-    if quotas is None or principal is None:
-        return await asyncio.to_thread(run, body)
-    with quotas.admit(principal, _teacher_tokens(body)):
-        return await asyncio.to_thread(run, body)
+    teacher = AbandonableTeacher(service.teacher)
+    with quotas.admit(principal, _teacher_tokens(body)) if quotas and principal else nullcontext():
+        work = asyncio.ensure_future(asyncio.to_thread(run, body, teacher))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not work.done():
+            teacher.abandon()
+            with suppress(Exception):  # CallAbandoned, or whatever else ended it: nobody reads it
+                await work  # the quota slot is held until the thread has left the teacher
+            return Response(status_code=499)  # nobody reads it: the client has gone
+        return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client of `request` (whose body has been read) disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def analysis_router(service: AnalysisService) -> APIRouter:
@@ -203,13 +220,13 @@ def analysis_router(service: AnalysisService) -> APIRouter:
         body = await _compare_body(request)
         _authorize(request, body.job_id)
         run = service.compare_batch if isinstance(body, CompareBatchRequest) else service.compare_one
-        return JSONResponse(await _charged(request, body, run))
+        return JSONResponse(await _charged(request, body, run, service))
 
     @router.post("/v1/rescue")
     async def rescue(body: RescueRequest, request: Request) -> JSONResponse:
         """Teacher-prefix rescue: the student's accuracy after a teacher-written prefix of each length."""
         _authorize(request, body.job_id)
-        return JSONResponse(await _charged(request, body, service.rescue))
+        return JSONResponse(await _charged(request, body, service.rescue, service))
 
     @router.get("/v1/analysis")
     async def describe() -> JSONResponse:

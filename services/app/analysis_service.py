@@ -28,7 +28,7 @@ from trainer import analysis
 from trainer.losses import Need
 from trainer.sampling import pad_id_of
 from trainer.tasks import BUILTIN, Example, load_task, render
-from trainer.teacher_io import TeacherIO, TeacherMismatch, check_teacher
+from trainer.teacher_io import AbandonableTeacher, TeacherIO, TeacherMismatch, check_teacher
 
 
 @dataclass
@@ -169,8 +169,10 @@ class AnalysisService:
             raise _renamed(err, names) from None
 
     # -- the analyses ------------------------------------------------------------------------------------------
-    def compare_one(self, body) -> dict:
-        """POST /v1/compare, single form: one prompt, a given or student-generated completion, per token."""
+    def compare_one(self, body, teacher: AbandonableTeacher | None = None) -> dict:
+        """POST /v1/compare, single form: one prompt, a given or student-generated completion, per token.
+        `teacher`: the caller's view of the teacher (an AbandonableTeacher), default this service's client."""
+        teacher = teacher or self.teacher
         s = self.student(body.student, Need.FULL)
         gen = body.generate
         given = sum(x is not None for x in (body.completion, body.completion_token_ids, gen))
@@ -199,7 +201,7 @@ class AnalysisService:
                 s.model,
                 prompt,
                 completion,
-                self.teacher,
+                teacher,
                 top_k=body.top_k,
                 job_id=body.job_id,
                 pad_id=pad_id_of(s.tokenizer),
@@ -270,8 +272,10 @@ class AnalysisService:
                 )
         return examples, ids
 
-    def compare_batch(self, body) -> dict:
-        """POST /v1/compare, batch form: mean exact KL by position over the student's sampled answers."""
+    def compare_batch(self, body, teacher: AbandonableTeacher | None = None) -> dict:
+        """POST /v1/compare, batch form: mean exact KL by position over the student's sampled answers.
+        `teacher`: the caller's view of the teacher (an AbandonableTeacher), default this service's client."""
+        teacher = teacher or self.teacher
         s = self.student(body.student, Need.FULL)
         _, ids = self._examples(s, body, with_answers=False)
         for i, p in enumerate(ids):
@@ -287,7 +291,7 @@ class AnalysisService:
                 s.model,
                 s.tokenizer,
                 ids,
-                self.teacher,
+                teacher,
                 max_new_tokens=body.max_new_tokens,
                 vocab=self.info().vocab_size,
                 job_id=body.job_id,
@@ -305,8 +309,10 @@ class AnalysisService:
             "share_within": kl.shares()[:reached],
         }
 
-    def rescue(self, body) -> dict:
-        """POST /v1/rescue: the student's accuracy when it continues a teacher-written prefix of each length."""
+    def rescue(self, body, teacher: AbandonableTeacher | None = None) -> dict:
+        """POST /v1/rescue: the student's accuracy when it continues a teacher-written prefix of each length.
+        `teacher`: the caller's view of the teacher (an AbandonableTeacher), default this service's client."""
+        teacher = teacher or self.teacher
         s = self.student(body.student, Need.TOPK)
         for i, L in enumerate(body.lengths):
             if L > body.max_new_tokens:
@@ -326,7 +332,7 @@ class AnalysisService:
                 s.tokenizer,
                 examples,
                 ids,
-                self.teacher,
+                teacher,
                 lengths,
                 max_new_tokens=body.max_new_tokens,
                 job_id=body.job_id,

@@ -4,8 +4,8 @@ dialect (`GET /health`, `POST /v1/completions`: services/teacher/dialect/).
 For analysis and humans (curl, notebooks); students use gRPC. Errors are always
 `{"error": {"param": ..., "message": ..., "type": ..., "code": ...}}` (OpenAI's envelope, as vLLM writes it): 400 for bad values, 422 for a malformed body (types are strict, as
 on gRPC: `"top_k": "3"` is refused), 401 without a valid bearer token and 403 for a job outside the token's
-scope (when auth is on), 413 for a body over `max_request_mb`, 429 (with `Retry-After`) for a full job queue or a
-spent quota, 503 when Redis or every worker is unreachable; never a 500 for bad input. Authentication is one
+scope (when auth is on), 408 for a body that did not arrive within `http_body_timeout_s`, 413 for a body over `max_request_mb`, 429 (with `Retry-After`) for a full job queue or a
+spent quota, 503 when Redis or every worker is unreachable; never a 500 for bad input (a 500 keeps its keep-alive connection). Bodies over 64 KiB are screened off the event loop first (services.teacher.http_guard). Authentication is one
 middleware (`_guard`) in front of every route, the analysis routers included, except `OPEN_PATHS`.
 """
 
@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Sequence
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,6 +27,7 @@ from services.teacher import metrics
 from services.teacher.dialect.routes import vllm_router
 from services.teacher.errors import TeacherError, http_status
 from services.teacher.frontend import Dispatcher
+from services.teacher.http_guard import BodyGuard, BodyScreen
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.textapi import TokenTexts, logprobs_body, render_json, resolve_ids
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
@@ -69,6 +70,7 @@ ERROR_TYPES = {
     401: "AuthenticationError",
     403: "PermissionDeniedError",
     404: "NotFoundError",
+    408: "RequestTimeoutError",
     413: "RequestEntityTooLargeError",
     422: "UnprocessableEntityError",
     429: "RateLimitError",
@@ -119,32 +121,6 @@ def _install_guard(app: FastAPI, dispatcher: Dispatcher) -> None:
                 metrics.REQUESTS.labels(transport="http", code=err.code).inc()
                 return error_of(err)
         return await call_next(request)
-
-
-class BodyLimit:
-    """ASGI middleware: counts a request body's bytes as they arrive (chunked bodies have no Content-Length) and
-    stops reading at `limit`, answering 413 (a route reading the body gets an HTTPException(413))."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise HTTPException(  # fastapi's: its body parsing passes it on (not a 400)
-                        413, f"the request body is over the limit of {self.limit} bytes (stopped reading)."
-                    )
-            return message
-
-        await self.app(scope, counted, send)
 
 
 def _param_of(exc: RequestValidationError) -> tuple[str, str]:
@@ -226,6 +202,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def teacher_error(_request: Request, exc: TeacherError) -> JSONResponse:
         return error_of(exc)
 
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, _exc: Exception) -> JSONResponse:
+        # sent by Starlette's error middleware, which then re-raises for the server to log (http_guard's
+        # KeepAliveOn500 logs it instead, keeping the connection)
+        metrics.REQUESTS.labels(transport="http", code="INTERNAL").inc()
+        return _error(500, "", "internal error (logged by the teacher).")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI's own refusals (a body that is not UTF-8, an unknown path or method) in the same shape
@@ -245,8 +228,16 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
     texts = TokenTexts(dispatcher.tokenizer)
     served_name, created = dispatcher.settings.served_model_name or info.model_id, int(time.time())
     install_error_handlers(app)
-    # inside the guard (added after it), so that the routes read the counted body directly
-    app.add_middleware(BodyLimit, limit=dispatcher.settings.max_request_bytes)
+    # inside the guard (added after it): a caller without a valid token is refused before its body is read
+    settings = dispatcher.settings
+    app.state.body_screen = BodyScreen(max(info.max_context, settings.max_pending_per_job))
+    app.add_middleware(
+        BodyGuard,
+        limit=settings.max_request_bytes,
+        timeout_s=settings.http_body_timeout_s,
+        error=_error,
+        screen=app.state.body_screen,
+    )
     _install_guard(app, dispatcher)
     app.include_router(vllm_router(dispatcher, served_name))
     app.state.quotas = dispatcher.quotas  # routes added by a composition root charge their callers here too

@@ -51,6 +51,11 @@ INFLIGHT = Gauge("teacher_inflight_requests", "Requests claimed by workers and n
 PENDING = Gauge("teacher_frontend_pending", "Requests this front-end is waiting on.")
 WORKERS = Gauge("teacher_live_workers", "Workers heard from within their TTL.")
 REDIS_UP = Gauge("teacher_redis_up", "1 when Redis answered the last health probe.")
+BODIES_SCREENED = Counter(
+    "teacher_http_bodies_screened_total",
+    "HTTP bodies over 64 KiB checked in the body screen's child process (off the event loop), by outcome.",
+    ["outcome"],
+)
 
 
 class TokenRate:

@@ -39,7 +39,10 @@ def local_target(host: str, port: int) -> str:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted sockets only when their proto says TCP (with 0,
+    # a keep-alive response's body waited for the ACK of its header: a ~40 ms delayed-ACK floor per request)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(1024)
@@ -94,6 +97,7 @@ async def run_frontend(
     from services.teacher.frontend import Dispatcher
     from services.teacher.grpc_server import build_grpc_server
     from services.teacher.http_api import create_app
+    from services.teacher.http_guard import KeepAliveOn500, guarded_h11
     from services.teacher.modelinfo import describe
 
     info, tokenizer = await asyncio.to_thread(describe, settings.engine_spec())
@@ -108,8 +112,10 @@ async def run_frontend(
         routers = await asyncio.to_thread(http_routes, target, settings.tls_cert_file)
     app = create_app(dispatcher, routers)
     tls = {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
+    app.state.body_screen.start()
     config = uvicorn.Config(
-        app,
+        KeepAliveOn500(app),
+        http=guarded_h11(settings.http_header_timeout_s, settings.http_max_connections_per_client),
         log_level="warning",
         lifespan="off",
         access_log=False,
@@ -145,6 +151,7 @@ async def run_frontend(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(http_task, GRACE_S)
         await dispatcher.stop()
+        app.state.body_screen.close()
         if pool is not None:
             await asyncio.to_thread(pool.stop)
         print("teacher front-end stopped", flush=True)

@@ -150,6 +150,25 @@ class TeacherSettings(BaseSettings):
         description="Largest request accepted (MiB): a gRPC message or an HTTP body; larger ones are refused "
         "(RESOURCE_EXHAUSTED / 413) before they are parsed.",
     )
+    http_body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Time an HTTP request's whole body has to arrive, from its first read (a slow or short "
+        "body is answered 408 naming `body`, and the connection closed); 30 s takes a 4 MiB body at 140 kB/s.",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time an HTTP connection has to send a request's whole header, from its opening or the "
+        "first byte of its next request (then 408 and closed). Idle keep-alive connections close after 5 s "
+        "(uvicorn's timeout_keep_alive); a header is at most 16 KiB (h11's incomplete-event bound).",
+    )
+    http_max_connections_per_client: int = Field(
+        256,
+        ge=0,
+        description="Open HTTP connections one client address may hold; more are answered 503 and closed (0: "
+        "no bound). Behind a proxy every client has the proxy's address: bound them there instead.",
+    )
     retry_after_s: float = Field(
         0.5,
         gt=0,
