@@ -1,6 +1,6 @@
 """docker-compose.yml: valid against the compose spec and Compose v1, consistent with the repository, and every
 service's command proven by running it natively (tests/compose_native.py) against a local Redis: the `models`
-service copies the shipped `plan` pair into the model-cache volume (and only says so the second time), the
+service copies the shipped `route` pair into the model-cache volume (and only says so the second time), the
 teacher front-end and a worker come up healthy, and both trainer jobs (the default one and the `two-jobs`
 profile's) complete against the one teacher. The same under a real Docker engine: tests/test_deploy_engine.py.
 """
@@ -104,7 +104,7 @@ def test_compose_structure():
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
         env = services[name]["environment"]
         assert env["TEACHER_REDIS_URL"] == "redis://redis:6379/0"
-        assert env["TEACHER_MODEL"] == "/models/plan/teacher"
+        assert env["TEACHER_MODEL"] == "/models/route/teacher"
         assert all(k.startswith("TEACHER_") for k in env)
     assert services["trainer-b"]["profiles"] == ["two-jobs"]
     assert "profiles" not in services["trainer"]
@@ -187,15 +187,16 @@ def test_compose_references_exist_and_configs_load():
     for path in configs:
         cfg = load_config(path, ["student=/models/s", "teacher=grpc://teacher:50051", "output_dir=/runs/x"])
         assert cfg.prompts.startswith("builtin:"), path
-    # the configs the trainer services name by default: short jobs on the task of the default pair (plan)
-    assert compose["services"]["models"]["command"] == ["plan", "/models/plan"]
+    # the configs the trainer services name by default: short jobs on the task of the default pair (route)
+    assert compose["services"]["models"]["command"] == ["route", "/models/route"]
     for name in ("trainer", "trainer-b"):
         config = compose["services"][name]["command"].split("--config ")[1].split()[0]
         cfg = load_config(
             ROOT / "configs" / Path(config).name, ["student=/s", "teacher=grpc://teacher:50051"]
         )
-        assert cfg.prompts == "builtin:plan", config
+        assert cfg.prompts == "builtin:route", config
         assert cfg.steps * cfg.batch_size * cfg.samples_per_prompt <= 4000, "the default job must stay short"
+        assert not cfg.freeze, "the withdrawn frozen-decoder recipe (only the output layer trains)"
 
 
 # -- every service, natively -----------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def run_stack(tmp_path: Path, redis_url: str, variables: dict[str, str] | None =
     }
     services = plan_services(COMPOSE, variables, volumes, base_env())
     assert set(services) == {"models", "teacher", "teacher-worker", "trainer", "trainer-b"}
-    pair = variables.get("MODELS", "plan")
+    pair = variables.get("MODELS", "route")
     teacher_dir = Path(services["teacher-worker"].env["TEACHER_MODEL"])
     assert teacher_dir.is_relative_to(volumes / "model-cache" / pair)
     logs = tmp_path / "logs"
@@ -298,7 +299,15 @@ def run_stack(tmp_path: Path, redis_url: str, variables: dict[str, str] | None =
             assert Path(saved["student"]).is_relative_to(volumes / "model-cache" / pair)
             assert saved["teacher"] == f"grpc://127.0.0.1:{variables['TEACHER_GRPC_PORT']}"
             assert saved["steps"] == 2
-        assert yaml.safe_load((runs / jobs[1] / "config.yaml").read_text())["prefix"]["schedule"] == "linear"
+        # each job ran its own config (job B's method is not job A's)
+        for job, key, default in (
+            (jobs[0], "TRAIN_CONFIG", "job-a.yaml"),
+            (jobs[1], "TRAIN_CONFIG_B", "job-b.yaml"),
+        ):
+            want = yaml.safe_load((ROOT / "configs" / variables.get(key, default)).read_text())
+            saved = yaml.safe_load((runs / job / "config.yaml").read_text())
+            assert saved["prefix"]["schedule"] == want["prefix"]["schedule"], job
+            assert saved["anchor"]["tail_fraction"] == want.get("anchor", {}).get("tail_fraction", 0.0), job
         assert "before" in services["trainer"].text() and "after" in services["trainer"].text()
 
         # 4. `docker compose down`: SIGTERM, clean exits
@@ -311,7 +320,7 @@ def run_stack(tmp_path: Path, redis_url: str, variables: dict[str, str] | None =
 
 
 def test_every_service_runs_natively_and_both_jobs_complete(tmp_path, local_redis):
-    """The default stack: the `models` service copies the shipped plan pair into the model-cache volume."""
+    """The default stack: the `models` service copies the shipped route pair into the model-cache volume."""
     run_stack(tmp_path, local_redis.url)
 
 

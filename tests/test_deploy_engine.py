@@ -53,16 +53,19 @@ BUILT = ("teacher", "trainer")
 
 
 def _bodies(n: int) -> list[dict]:
-    """/v1/logprobs requests on the plan task: prompts and answers of the teacher's own format, each answer
-    written twice (~200 of the teacher's 256 positions: batches heavy enough to keep a worker busy)."""
-    from services.models.rules import STEPS, plan_answer
+    """/v1/logprobs requests on the route task: prompts and valid answers of the teacher's own format (each of
+    the prompt's two valid tags in turn), each answer written twice (214 of the teacher's 256 positions: batches
+    heavy enough to keep a worker busy)."""
+    import random
 
-    tags = sorted(STEPS)
+    from services.models.decisions import ROUTE
+
+    rng = random.Random("compose-bodies")
     out = []
     for i in range(n):
-        number = 100 + 37 * i
-        answer = plan_answer(number, tags[i % len(tags)])
-        out.append({"prompt": f"P{number}=", "completion": f"{answer} {answer}", "top_k": 5})
+        x = tuple(rng.randrange(10) for _ in range(ROUTE.n_digits))
+        answer = ROUTE.answer(x, [ROUTE.valid_tags(x)[0][i % 2]])
+        out.append({"prompt": ROUTE.prompt(x), "completion": f"{answer} {answer}", "top_k": 5})
     return out
 
 
@@ -421,12 +424,12 @@ def run_stack(compose, engine, times, http, native_models, bodies, reference, in
     status, models = _post(f"{base}/v1/models")
     assert status == 200, models
     card, native_card = models["data"][0], native_models["data"][0]
-    assert card["id"] == "/models/plan/teacher"  # the model id is its folder: a path in each world
+    assert card["id"] == "/models/route/teacher"  # the model id is its folder: a path in each world
     same = {"id": None, "root": None, "created": None}  # the path, and the front-end's start time
     assert {**card, **same} == {**native_card, **same}, (card, native_card)
     status, answer = _post(f"{base}/v1/logprobs", bodies[0])  # idle: a batch of one, as natively
     assert status == 200, answer
-    assert answer["model"] == "/models/plan/teacher"
+    assert answer["model"] == "/models/route/teacher"
     assert {**answer, "model": None} == {**reference[0], "model": None}, "not the native answer, exactly"
 
     # a second `up` (as a user would): models only says the pair is there
@@ -434,7 +437,7 @@ def run_stack(compose, engine, times, http, native_models, bodies, reference, in
     compose("up", "-d", "teacher", timeout=600)
     (models_cid,) = compose.ids("models")
     assert _exit_code(compose, "models", 120) == 0
-    assert "already in /models/plan" in engine.docker("logs", models_cid).stdout
+    assert "already in /models/route" in engine.docker("logs", models_cid).stdout
     times.mark("second up: models already in place", t)
 
     # 5. two workers, both jobs of `two-jobs`, load from the host, a busy worker killed

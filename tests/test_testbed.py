@@ -10,7 +10,14 @@ import random
 import pytest
 
 from services.models import rules
-from services.models.testbed import PAIRS, SHIPPED, build_tokenizer, heldout_accuracy, prepare_pair
+from services.models.testbed import (
+    PAIRS,
+    SHIPPED,
+    build_tokenizer,
+    heldout_accuracy,
+    pair_names,
+    prepare_pair,
+)
 
 
 def _numbers_after(n: int, k: int, count: int) -> list[int]:
@@ -84,6 +91,21 @@ def test_shipped_pair_teacher_solves_the_task_and_the_student_lags(name):
     assert 0.10 <= s_acc <= 0.60, s_acc
     assert t_acc == pytest.approx(build["teacher"]["heldout_accuracy"], abs=1e-9), "build.json is stale"
     assert s_acc == pytest.approx(build["student"]["heldout_accuracy"], abs=1e-9), "build.json is stale"
+
+
+@pytest.mark.parametrize("name", pair_names())
+def test_models_prepare_copies_every_shipped_pair(name, tmp_path):
+    """`prefix-distill models prepare NAME --out DIR` (the compose `models` service's command) accepts every pair
+    prepare_pair knows, the decision tasks' included (it once accepted only PAIRS: `prepare route` failed)."""
+    from typer.testing import CliRunner
+
+    from services.models.commands import app
+
+    result = CliRunner().invoke(app, ["prepare", name, "--out", str(tmp_path / name)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / name / "teacher" / "config.json").is_file()
+    assert (tmp_path / name / "student" / "config.json").is_file()
+    assert name in CliRunner().invoke(app, ["prepare", "--help"], terminal_width=200).output
 
 
 @pytest.mark.slow

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import typer
 
+from services.models.testbed import pair_names
+
+TESTBED = " | ".join(pair_names())
+"""The testbed pairs `prepare` accepts (route and relay; plan and chain are withdrawn, kept to reproduce)."""
+
 app = typer.Typer(help="Prepare models (no hub needed).", no_args_is_help=True)
 
 
@@ -30,7 +35,8 @@ def tiny(
 def prepare(
     name: str = typer.Argument(
         "smollm2",
-        help="What to prepare: smollm2 (SmolLM2-135M-Instruct pair) | plan | chain (testbed pairs).",
+        help=f"What to prepare: smollm2 (SmolLM2-135M-Instruct pair) | {TESTBED} (testbed pairs, shipped; "
+        "plan and chain are withdrawn: a prompt-independent answer was valid on them).",
     ),
     student_layers: int = typer.Option(
         6, "--student-layers", help="smollm2: decoder layers the student keeps (of 30)."
@@ -39,7 +45,10 @@ def prepare(
         None, "--out", help="Folder (default: $PREFIX_DISTILL_CACHE or ~/.cache; testbed: the shipped copy)."
     ),
     rebuild: bool = typer.Option(
-        False, "--rebuild", help="plan | chain: train the pair again from its seeds (~15 min on 2 cores)."
+        False,
+        "--rebuild",
+        help=f"{TESTBED}: train the pair again from its seeds (30-45 min a pair on 2 cores; the shipped "
+        "figures in services/models/pairs/NAME/build.json).",
     ),
 ) -> None:
     """Prepare a teacher and a student folder: SmolLM2 from its GGUF, or a testbed pair (shipped or rebuilt)."""
@@ -52,10 +61,12 @@ def prepare(
 
             paths = prepare_smollm2(out, student_layers=student_layers)
         else:
-            from services.models.testbed import PAIRS, prepare_pair
+            from services.models.testbed import prepare_pair
 
-            if name not in PAIRS:
-                raise ValueError(f"name: unknown model pair {name!r}; expected smollm2, {', '.join(PAIRS)}.")
+            if name not in pair_names():
+                raise ValueError(
+                    f"name: unknown model pair {name!r}; expected smollm2, {', '.join(pair_names())}."
+                )
             paths = prepare_pair(name, out, rebuild=rebuild, say=typer.echo)
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)

@@ -1,5 +1,9 @@
 """The testbed pairs: a teacher that solves a rule task and a weaker student, small enough to train on 2 cores.
 
+`prepare_pair` returns every shipped pair (`pair_names()`): the decision tasks' `route` and `relay`, the
+testbed now (built by services.models.decision_pairs), and the withdrawn rule tasks' `plan` and `chain` built
+here (services.models.rules says why they were withdrawn), kept to reproduce that finding.
+
 `prefix-distill models prepare plan` (or `chain`) returns a teacher and a student folder for the task of the
 same name (services.models.rules). The repository ships both pairs as built (`services/models/pairs/NAME`,
 a few MB of safetensors, with the figures of their build in build.json); `--rebuild` trains them again from
@@ -111,6 +115,14 @@ PAIRS = {
         "chain", Recipe(4, 128, 4, 1500, seed=1), Recipe(2, 96, 4, 1000, seed=2), chain_sample, _chain_warmup
     ),
 }
+
+
+def pair_names() -> list[str]:
+    """Every pair `prepare_pair` accepts: the testbed's decision tasks (services.models.decision_pairs) first,
+    then the withdrawn rule tasks of PAIRS (kept to reproduce their finding)."""
+    from services.models.decisions import DECISION_TASKS
+
+    return [*DECISION_TASKS, *PAIRS]
 
 
 @dataclass
@@ -258,8 +270,8 @@ def prepare_pair(name: str, out: Path | None = None, rebuild: bool = False, say=
     given), or built from its seeds with `rebuild`."""
     from services.models.decisions import DECISION_TASKS
 
-    if name not in PAIRS and name not in DECISION_TASKS:
-        raise ValueError(f"`name` must be one of {sorted([*DECISION_TASKS, *PAIRS])}, got {name!r}.")
+    if name not in pair_names():
+        raise ValueError(f"`name` must be one of {pair_names()}, got {name!r}.")
     if rebuild:
         from services.models.smollm2 import default_cache
 
