@@ -80,6 +80,34 @@ def trial(r: dict) -> dict:
     return out | ({"source": r["source"]} if "source" in r else {})
 
 
+SWEEP_MD = ROOT / "docs" / "results" / "paper_sweep.md"
+
+
+def sweep_table(data: dict) -> str:
+    """docs/results/paper_sweep.md: every trial of the sweep, the chosen rate in bold."""
+    lines = [
+        "# The learning-rate sweep of the paper table (validation split, seed 0)",
+        "",
+        f"Grid {', '.join(f'{lr:g}' for lr in data['grid'])}; {steps_of(COMMON)} steps of 32 rollouts; the final "
+        "evaluation on 252 validation prompts (compositional: no held-out prompt's digit pair). The rule, fixed "
+        f"before the runs (bench/paper_tune.py): the best final accuracy; within {100 * WITHIN:g} point of it, the "
+        "best agreement; then the smaller rate. Written by `bench/paper_tune.py` from bench/paper_lr.json.",
+        "",
+    ]
+    for task, methods in data["tasks"].items():
+        lines += [f"## builtin:{task}", "", "| method | lr | accuracy % | agreement % | execution % | FLOPs |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for method, v in methods.items():
+            for t in v["trials"]:
+                mark = "**" if t["lr"] == v["lr"] else ""
+                lines.append(
+                    f"| {method} | {mark}{t['lr']:g}{mark} | {100 * t['accuracy']:.1f} | {100 * t['agreement']:.1f} "
+                    f"| {100 * t['execution']:.1f} | {t['flops']:.2g} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -87,7 +115,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one torch thread each).")
     parser.add_argument("--out", type=Path, default=CHOICES)
     parser.add_argument("--reuse", type=Path, action="append", default=[], help="Recorded runs to reuse.")
+    parser.add_argument("--report-only", action="store_true", help="Rewrite paper_sweep.md from the JSON.")
     args = parser.parse_args()
+    if args.report_only:
+        SWEEP_MD.write_text(sweep_table(load_choices(args.out)))
+        return
 
     from rich.console import Console
 
@@ -114,6 +146,7 @@ def main() -> None:
             data["tasks"].setdefault(task, {})[method] = {"lr": choose(trials), "trials": trials}
             console.print(f"[{task}] {method}: lr {data['tasks'][task][method]['lr']:g}")
     args.out.write_text(json.dumps(data, indent=1) + "\n")
+    SWEEP_MD.write_text(sweep_table(data))
 
 
 if __name__ == "__main__":
