@@ -315,7 +315,12 @@ def write_report(data: dict, out: Path) -> str:
     if data.get("analyses"):
         extra = ["## Teacher-prefix rescue (before training)", "", rescue_report(data["analyses"], out), "",
                  "## KL by position (before training)", "", kl_report(data["analyses"], out), ""]  # fmt: skip
-    seeds = ", ".join(str(s) for s in meta["seeds"])
+    by_task = meta.get("seeds_by_task")
+    seeds = (
+        "; ".join(f"{t}: {', '.join(map(str, s))}" for t, s in by_task.items())
+        if by_task
+        else ", ".join(str(s) for s in meta["seeds"])
+    )
     body = [
         "# The paper's table on the testbed",
         "",

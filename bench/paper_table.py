@@ -101,9 +101,15 @@ def cells_for(tasks, methods, seeds, quick: bool) -> list[Cell]:
 def combine(parts: list[dict]) -> dict:
     """One benchmark record from several made with the same settings (e.g. one task at a time)."""
     metas = [p["meta"] for p in parts]
-    for key in ("quick", "seeds", "common"):
+    for key in ("quick", "common"):
         assert all(m[key] == metas[0][key] for m in metas), f"--combine: the runs differ in {key}"
-    meta = metas[0] | {"wall_s": sum(m["wall_s"] for m in metas), "date": max(m["date"] for m in metas)}
+    by_task = {r["task"]: m["seeds"] for p, m in zip(parts, metas, strict=True) for r in p["records"]}
+    meta = metas[0] | {
+        "wall_s": sum(m["wall_s"] for m in metas),
+        "date": max(m["date"] for m in metas),
+        "seeds": sorted({s for m in metas for s in m["seeds"]}),
+        "seeds_by_task": by_task,
+    }
     analyses = {task: a for p in parts for task, a in p["analyses"].items()}
     return {"meta": meta, "analyses": analyses, "records": [r for p in parts for r in p["records"]]}
 

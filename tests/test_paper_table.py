@@ -142,5 +142,9 @@ def test_combine_joins_runs_made_task_by_task_and_refuses_different_settings():
     both = combine([part("route", [0, 1, 2], 60.0), part("relay", [0, 1, 2], 30.0)])
     assert both["meta"]["wall_s"] == 90.0 and set(both["analyses"]) == {"route", "relay"}
     assert [r["task"] for r in both["records"]] == ["route", "relay"]
-    with pytest.raises(AssertionError, match="seeds"):
-        combine([part("route", [0, 1, 2], 60.0), part("relay", [0], 30.0)])
+    fewer = combine([part("route", [0, 1, 2], 60.0), part("relay", [0, 1], 30.0)])
+    assert fewer["meta"]["seeds_by_task"] == {"route": [0, 1, 2], "relay": [0, 1]}
+    other = part("relay", [0, 1], 30.0)
+    other["meta"]["common"] = ["steps=200"]
+    with pytest.raises(AssertionError, match="common"):
+        combine([part("route", [0, 1, 2], 60.0), other])
