@@ -116,13 +116,15 @@ def task_table(records: list[dict], task: str) -> str:
 
 
 def best_prefix(groups, key: str, target: float) -> tuple[str, float] | None:
-    """The prefix method with the least compute to reach `target` on `key` (all seeds reaching), if any."""
+    """The prefix method with the least compute to reach `target` on `key` (every seed reaching it, and the
+    final mean still at or above it: touching the target once on the way down is not reaching it), if any."""
     best = None
     for m in PREFIX_METHODS:
         if m not in groups:
             continue
         mean, _, n = reach_stats(groups[m], key, target)
-        if n == len(groups[m]) and (best is None or mean < best[1]):
+        ends = mean_std([r[key] for r in groups[m]])[0] >= target  # reached once and still there at the end
+        if n == len(groups[m]) and ends and (best is None or mean < best[1]):
             best = (m, mean)
     return best
 
