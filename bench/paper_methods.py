@@ -56,6 +56,12 @@ COMMON = [
 Every 50, not every 10: a light evaluation costs ~6 s, so every 10 steps would double a run's cost on 2 cores;
 compute to reach is read on this grid of 13 points."""
 
+
+def common(name: str) -> int:
+    """One integer setting of COMMON (e.g. "steps", "max_new_tokens")."""
+    return int(dict(s.split("=", 1) for s in COMMON)[name])
+
+
 LR_GRID = (3e-4, 1e-3, 3e-3)
 """The learning rates the validation sweep tries for every method (bench/paper_tune.py)."""
 

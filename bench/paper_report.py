@@ -120,13 +120,16 @@ def best_prefix(groups, key: str, target: float) -> tuple[str, float] | None:
     final mean still at or above it: touching the target once on the way down is not reaching it), if any."""
     best = None
     for m in PREFIX_METHODS:
-        if m not in groups:
-            continue
-        mean, _, n = reach_stats(groups[m], key, target)
-        ends = mean_std([r[key] for r in groups[m]])[0] >= target  # reached once and still there at the end
-        if n == len(groups[m]) and ends and (best is None or mean < best[1]):
-            best = (m, mean)
+        if m in groups and reaches(groups[m], key, target):
+            mean = reach_stats(groups[m], key, target)[0]
+            if best is None or mean < best[1]:
+                best = (m, mean)
     return best
+
+
+def reaches(runs, key: str, target: float) -> bool:
+    """Every seed came to `target` on `key`, and the final mean is still there (reached once and kept)."""
+    return reach_stats(runs, key, target)[2] == len(runs) and _final(runs, key) >= target
 
 
 def verdict(records: list[dict], task: str) -> list[str]:
@@ -139,7 +142,7 @@ def verdict(records: list[dict], task: str) -> list[str]:
     for key in ("accuracy", "agreement"):
         full_reach = reach_stats(groups["full"], key, tg[key])[0]
         best = best_prefix(groups, key, tg[key])
-        final = {m: mean_std([r[key] for r in groups[m]])[0] for m in groups if m in PREFIX_METHODS}
+        final = {m: _final(groups[m], key) for m in groups if m in PREFIX_METHODS}
         if best is None:
             top = max(final, key=final.get) if final else "-"
             out.append(
@@ -168,11 +171,7 @@ def _final(runs, key: str) -> float:
 def safety(groups, tg, task: str) -> list[str]:
     """Which prefix methods reached full's agreement while keeping execution within 2 points of full's."""
     full_exe = _final(groups["full"], "execution")
-    reached = [
-        m
-        for m in PREFIX_METHODS
-        if m in groups and reach_stats(groups[m], "agreement", tg["agreement"])[2] == len(groups[m])
-    ]
+    reached = [m for m in PREFIX_METHODS if m in groups and reaches(groups[m], "agreement", tg["agreement"])]
     if not reached:
         return []
     safe = [m for m in reached if _final(groups[m], "execution") >= full_exe - WITHIN]

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.paper_methods import COMMON, RUN, TASKS  # noqa: E402
+from bench.paper_methods import COMMON, RUN, TASKS, common  # noqa: E402
 from bench.paper_runs import Cell, run_cells, teacher_service  # noqa: E402
 
 RESCUE_LENGTHS = (0, 1, 2, 8, 32, 64, 112)
@@ -54,7 +54,7 @@ def analyses(student_dir: Path, target: str, task: str, quick: bool) -> dict:
     held = load_task(f"builtin:{task}").heldout[: 16 if quick else None]
     ids = [render(ex, tokenizer) for ex in held]
     teacher = TeacherIO(target, ClientOptions())
-    max_new = int(dict(s.split("=", 1) for s in COMMON)["max_new_tokens"])
+    max_new = common("max_new_tokens")
     try:
         rescue = rescue_curve(
             model,

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.paper_methods import COMMON, LR_GRID, RUN, TASKS  # noqa: E402
+from bench.paper_methods import LR_GRID, RUN, TASKS, common  # noqa: E402
 from bench.paper_runs import Cell, run_cells  # noqa: E402
 
 CHOICES = ROOT / "bench" / "paper_lr.json"
@@ -58,16 +58,12 @@ def chosen_lr(task: str, method: str, path: Path = CHOICES) -> float:
         ) from None
 
 
-def steps_of(overrides) -> int:
-    return int(dict(s.split("=", 1) for s in overrides)["steps"])
-
-
 def reusable(paths: list[Path]) -> dict[tuple, dict]:
     """(task, method, lr) -> a recorded validation run of seed 0 trained for COMMON's steps, from `paths`."""
     out = {}
     for path in paths:
         data = json.loads(path.read_text())
-        if data.get("steps") != steps_of(COMMON):
+        if data.get("steps") != common("steps"):
             continue
         for r in data["records"]:
             if r["split"] == "validation" and r["seed"] == 0:
@@ -88,7 +84,7 @@ def sweep_table(data: dict) -> str:
     lines = [
         "# The learning-rate sweep of the paper table (validation split, seed 0)",
         "",
-        f"Grid {', '.join(f'{lr:g}' for lr in data['grid'])}; {steps_of(COMMON)} steps of 32 rollouts; the final "
+        f"Grid {', '.join(f'{lr:g}' for lr in data['grid'])}; {common('steps')} steps of 32 rollouts; the final "
         "evaluation on 252 validation prompts (compositional: no held-out prompt's digit pair). The rule, fixed "
         f"before the runs (bench/paper_tune.py): the best final accuracy; within {100 * WITHIN:g} point of it, the "
         "best agreement; then the smaller rate. Written by `bench/paper_tune.py` from bench/paper_lr.json.",
