@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from urllib.parse import urlsplit
 
 import grpc
@@ -274,10 +275,18 @@ def test_metrics_show_a_tenant_only_its_own_job_labels(teacher):
                     }
                     await c.post("/v1/logprobs", json=body, headers=hb)
 
-                await asyncio.gather(*(one() for _ in range(300)))
+                # The gauge is refreshed by the front-end's periodic probe: on a quiet machine 300 requests can
+                # drain between two refreshes, so B keeps flooding until its own scrape has seen the job (or 60 s).
+                deadline = time.monotonic() + 60
+                while secret not in seen_b and time.monotonic() < deadline:
+                    await asyncio.gather(*(one() for _ in range(300)))
+                flooding.clear()
+
+            flooding = asyncio.Event()
+            flooding.set()
 
             async def scrape():
-                for _ in range(60):
+                while flooding.is_set():
                     for token, seen in ((TOKEN_A, seen_a), (TOKEN_B, seen_b)):
                         r = await c.get("/metrics", headers={"authorization": f"Bearer {token}"})
                         seen |= {
