@@ -16,12 +16,14 @@ import statistics
 from pathlib import Path
 
 from bench.paper_methods import METHODS, PREFIX_METHODS
-from trainer.reach import WITHIN, mean_std, reach, reach_stats, targets
+from trainer.reach import WITHIN, mean_std, reach, reach_stats, reaches, targets
 from trainer.reach import by_method as _by_method
+from trainer.reach import final as _final
 
 __all__ = ["by_method", "reach", "reach_stats", "targets", "write_report"]
 
 SHORTCUTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "shortcuts.json"
+SWEEP = Path(__file__).resolve().parents[1] / "bench" / "paper_lr.json"
 
 
 def by_method(records: list[dict], task: str) -> dict[str, list[dict]]:
@@ -127,11 +129,6 @@ def best_prefix(groups, key: str, target: float) -> tuple[str, float] | None:
     return best
 
 
-def reaches(runs, key: str, target: float) -> bool:
-    """Every seed came to `target` on `key`, and the final mean is still there (reached once and kept)."""
-    return reach_stats(runs, key, target)[2] == len(runs) and _final(runs, key) >= target
-
-
 def verdict(records: list[dict], task: str) -> list[str]:
     """The plain statements the issue asks for, computed from the records."""
     groups = by_method(records, task)
@@ -162,10 +159,6 @@ def verdict(records: list[dict], task: str) -> list[str]:
 
 WHY = ("readout-L8", "lora-L8", "lora-full", "sft-gold")
 """The rows that say why: a bias of the output layer, a restricted update, no teacher at all."""
-
-
-def _final(runs, key: str) -> float:
-    return mean_std([r[key] for r in runs])[0]
 
 
 def safety(groups, tg, task: str) -> list[str]:
@@ -204,6 +197,29 @@ def moved(groups, method: str, task: str) -> str | None:
         f"builtin:{task}, `{method}`: agreement {100 * start:.1f}% -> {100 * _final(runs, 'agreement'):.1f}% "
         f"(full {100 * _final(full, 'agreement'):.1f}%), {parts}."
     )
+
+
+def split_rows(records: list[dict], task: str, sweep: dict) -> list[str]:
+    """Seed 0 at the chosen rate trains the same student in the sweep and in the table (same prompts, seed and
+    rate; evaluation is greedy and draws nothing): its validation figures (the sweep) beside its held-out ones
+    (the table) separate what the split changes from what the seed changes."""
+    lines = ["| method | rate | validation agr / acc / exec | held-out agr / acc / exec | "
+             "held-out, all seeds (agr) |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    chosen = sweep.get("tasks", {}).get(task, {})
+    for method, runs in by_method(records, task).items():
+        zero = next((r for r in runs if r["seed"] == 0), None)
+        trial = next(
+            (t for t in chosen.get(method, {}).get("trials", []) if zero and t["lr"] == zero["lr"]), None
+        )
+        if zero is None or trial is None:
+            continue
+
+        def cells(r):
+            return " / ".join(f"{100 * r[k]:.1f}" for k in ("agreement", "accuracy", "execution"))
+
+        lines.append(f"| {method} | {zero['lr']:g} | {cells(trial)} | {cells(zero)} | "
+                     f"{_pm([r['agreement'] for r in runs])} |")  # fmt: skip
+    return lines if len(lines) > 2 else []
 
 
 def _plt():
@@ -307,6 +323,25 @@ def _write(fig, lines: list[str], out: Path, name: str, heading: str, intro: str
     return table
 
 
+def split_section(records: list[dict], tasks: list[str], path: Path = SWEEP) -> list[str]:
+    """'The same training on both splits', one table per task, when the sweep's records are there."""
+    if not path.exists():
+        return []
+    sweep = json.loads(path.read_text())
+    tables = [(t, split_rows(records, t, sweep)) for t in tasks]
+    if not any(rows for _, rows in tables):
+        return []
+    out = ["## The same training on both splits (seed 0)", "",
+           "The sweep's seed-0 run at the chosen rate and the table's seed-0 run train the same student from the "
+           "same prompts, seed and rate (not bit for bit: the FLOP totals agree to 0.1%); only the evaluation prompts differ: 20 (first digit, second digit) pairs "
+           "each, none seen in training. The gap between the two columns is the split; the last column is the "
+           "seeds.", ""]  # fmt: skip
+    for t, rows in tables:
+        if rows:
+            out += [f"builtin:{t}", "", *rows, ""]
+    return out
+
+
 def write_report(data: dict, out: Path) -> str:
     """Writes the report files under `out`; returns the Markdown of paper_table.md."""
     meta, records = data["meta"], data["records"]
@@ -344,6 +379,7 @@ def write_report(data: dict, out: Path) -> str:
         "![accuracy and agreement against FLOPs](paper_table.png)",
         "",
         *extra,
+        *split_section(records, tasks),
         "Settings: `" + " ".join(meta["common"]) + "`.",
         "",
     ]

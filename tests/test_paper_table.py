@@ -148,3 +148,19 @@ def test_combine_joins_runs_made_task_by_task_and_refuses_different_settings():
     other["meta"]["common"] = ["steps=200"]
     with pytest.raises(AssertionError, match="common"):
         combine([part("route", [0, 1, 2], 60.0), other])
+
+
+def test_the_split_table_puts_the_sweeps_seed_zero_beside_the_tables_at_the_chosen_rate():
+    from bench.paper_report import split_rows
+
+    def run(seed, lr, agreement):
+        r = _run("full", seed, [0.5, 0.6], [0, 1e10], agreement=[0.25, agreement])
+        return r | {"lr": lr, "execution": 1.0}
+
+    records = [run(0, 3e-4, 0.32), run(1, 3e-4, 0.24)]
+    trial = {"accuracy": 0.62, "agreement": 0.44, "execution": 0.99, "flops": 1e10}
+    sweep = {"tasks": {"route": {"full": {"lr": 3e-4, "trials": [trial | {"lr": 3e-4}, trial | {"lr": 1e-3,
+             "agreement": 0.9}]}}}}  # fmt: skip
+    rows = split_rows(records, "route", sweep)
+    assert rows[2] == "| full | 0.0003 | 44.0 / 62.0 / 99.0 | 32.0 / 60.0 / 100.0 | 28.0 ± 5.7 |", rows
+    assert split_rows(records, "relay", sweep) == [], "no sweep of that task: no table"

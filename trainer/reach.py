@@ -55,3 +55,14 @@ def reach_stats(runs: list[dict], key: str, target: float) -> tuple[float, float
     got = [h for h in (reach(r["curve"], key, target) for r in runs) if h is not None]
     m, s = mean_std(got)
     return m, s, len(got)
+
+
+def final(runs: list[dict], key: str) -> float:
+    """The mean over seeds of each run's final `key`."""
+    return mean_std([r[key] for r in runs])[0]
+
+
+def reaches(runs: list[dict], key: str, target: float) -> bool:
+    """Every seed came to `target` on `key`, and the final mean is still there (reached once and kept): what
+    'this method reached full' means, in the benchmark's report and in the demo alike."""
+    return bool(runs) and reach_stats(runs, key, target)[2] == len(runs) and final(runs, key) >= target
