@@ -133,6 +133,16 @@ def _install_guard(app: FastAPI, dispatcher: Dispatcher) -> None:
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
+        if "content-length" in request.headers and "transfer-encoding" in request.headers:
+            # request smuggling: a proxy that reads the length and this server (the chunks) would split the
+            # stream differently; RFC 9112 §6.1: refuse or read the chunks, and close the connection either way
+            # (h11 read the chunks and kept it open, answering the request hidden behind them)
+            return _error(
+                400,
+                "body",
+                "`Content-Length` and `Transfer-Encoding` together (RFC 9112 §6.1): send one of them.",
+                {"Connection": "close"},
+            )
         size = request.headers.get("content-length", "")
         if size.isdigit() and int(size) > limit:
             return _error(413, "body", f"the request body is {size} bytes, over the limit of {limit}.")
