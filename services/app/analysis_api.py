@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.app.analysis_service import AnalysisService
 from services.teacher.errors import InvalidRequest
-from services.teacher.http_api import install_error_handlers
+from services.teacher.http_api import install_error_handlers, openapi_body
 from services.teacher.values import SamplingTemperature, Seed, Text, TokenIds, TopK, parse_json
 from trainer.teacher_io import AbandonableTeacher
 
@@ -114,35 +114,7 @@ def _field_error(loc: tuple, message: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", *loc), "msg": message, "type": "value_error"}])
 
 
-def _inline(schema: dict) -> dict:
-    """A pydantic JSON schema with its `$defs` references written out (for an OpenAPI body without components)."""
-    defs = schema.pop("$defs", {})
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {k: walk(v) for k, v in node.items()}
-        return [walk(v) for v in node] if isinstance(node, list) else node
-
-    return walk(schema)
-
-
-_COMPARE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "oneOf": [
-                        _inline(CompareRequest.model_json_schema()),
-                        _inline(CompareBatchRequest.model_json_schema()),
-                    ]
-                }
-            }
-        },
-    }
-}
+_COMPARE_BODY = openapi_body(CompareRequest, CompareBatchRequest)
 
 
 async def _compare_body(request: Request) -> CompareRequest | CompareBatchRequest:

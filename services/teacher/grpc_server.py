@@ -34,6 +34,7 @@ from services.teacher.errors import (
 from services.teacher.frontend import Dispatcher
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.types import ScoreRequest
+from services.teacher.wire import int32_overflow
 
 log = logging.getLogger("prefix_distill.grpc")
 SERVICE = "teacher.v1.Teacher"
@@ -66,6 +67,12 @@ class _Received:
         """The statically validated domain request; InvalidRequest for undecodable bytes."""
         if self.message is None:
             raise InvalidRequest("the request bytes are not a valid teacher.v1.ScoreRequest.", "request")
+        overflow = int32_overflow(self.data, pb.ScoreRequest.DESCRIPTOR)  # parsed as its low 32 bits
+        if overflow is not None:
+            raise InvalidRequest(
+                f"`{overflow}` holds a value outside int32 (the parser would keep only its low 32 bits).",
+                overflow,
+            )
         return ScoreRequest.from_pb(self.message)
 
 

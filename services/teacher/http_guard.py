@@ -23,6 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from starlette.responses import Response
+
 log = logging.getLogger("prefix_distill.http")
 
 INLINE_BYTES = 64 * 1024
@@ -124,7 +126,10 @@ class BodyGuard:
                 msg = f"the request body did not arrive within {self.timeout_s:g} s (http_body_timeout_s)."
                 return await self.error(408, "body", msg, close)(scope, receive, send)
             if message["type"] == "http.disconnect":
-                return None  # the client left: nobody to answer
+                # the client left, or its chunked framing broke (uvicorn has answered that with a 400): nobody
+                # reads this answer, but the middleware around must get one, else it raises "No response
+                # returned" and a 500 is logged and counted (issue 27 §4, a malformed chunk size)
+                return await Response(status_code=499)(scope, receive, send)
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:

@@ -15,7 +15,13 @@ import numpy as np
 from services.teacher import codec
 from services.teacher.errors import InvalidRequest
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
-from services.teacher.values import check_seed, check_temperature, check_token_id_range
+from services.teacher.values import (
+    MAX_INT64,
+    check_count,
+    check_seed,
+    check_temperature,
+    check_token_id_range,
+)
 
 MAX_ID_CHARS = 128
 """Longest `job_id` / `request_id`: a job id becomes part of Redis keys and a Prometheus label."""
@@ -129,10 +135,7 @@ class ScoreRequest:
             raise InvalidRequest(
                 "`completion_token_ids` must hold at least one token.", "completion_token_ids"
             )
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
-            raise InvalidRequest(f"`top_k` must be an integer, got {self.top_k!r}.", "top_k")
-        if self.top_k < 0:
-            raise InvalidRequest(f"`top_k` must be >= 0, got {self.top_k}.", "top_k")
+        self.top_k = check_count(self.top_k, "top_k")
         self.temperature = check_temperature(self.temperature)
         if not isinstance(self.full, (bool, np.bool_)):
             raise InvalidRequest(f"`full` must be true or false, got {self.full!r}.", "full")
@@ -141,10 +144,7 @@ class ScoreRequest:
                 f"`full_dtype` must be one of {list(codec.FLOAT_DTYPES)}, got {self.full_dtype!r}.",
                 "full_dtype",
             )
-        if isinstance(self.timeout_ms, bool) or not isinstance(self.timeout_ms, (int, np.integer)):
-            raise InvalidRequest(f"`timeout_ms` must be an integer, got {self.timeout_ms!r}.", "timeout_ms")
-        if self.timeout_ms < 0:
-            raise InvalidRequest(f"`timeout_ms` must be >= 0, got {self.timeout_ms}.", "timeout_ms")
+        self.timeout_ms = check_count(self.timeout_ms, "timeout_ms", MAX_INT64)
         self.candidate_ids = _as_candidates(self.candidate_ids, int(self.completion_token_ids.size))
         if not isinstance(self.cache_scope, str) or len(self.cache_scope) > MAX_ID_CHARS:
             raise InvalidRequest(

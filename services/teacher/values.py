@@ -17,16 +17,21 @@ from pydantic import AfterValidator, Field, StrictInt
 
 from services.teacher.errors import InvalidRequest
 
-MAX_TOKEN_ID = 2**31 - 1
+MAX_INT32 = 2**31 - 1
+"""Largest value of an int32 wire field (`top_k`, `num_candidates`, ids): a larger one cannot be queued (the
+protobuf encoder raises), so every route refuses it by name first (issue 27 §4: `"top_k": 2147483648` was a 500)."""
+MAX_TOKEN_ID = MAX_INT32
 """Largest token id any route accepts: ids travel as int32 on the wire (the model's vocabulary bounds them
 further, in validation.py)."""
+MAX_INT64 = 2**63 - 1
+"""Largest value of an int64 wire field (`timeout_ms`, `seed`)."""
 MIN_TEMPERATURE = 1e-6
 """Smallest temperature scored: below it float32 cannot compute the row (a denormal or zero divisor gives inf
 and NaN, and 1e-320 rounds to 0, which the wire reads as the default 1.0); at 1e-6 every logit gap above
 ~1e-4 already gives exp(-100), so a smaller temperature would change nothing but greedy ties."""
 MAX_TEMPERATURE = 1e6
 """Largest temperature scored (float32 rounds larger divisors of typical logits to a uniform row)."""
-MAX_SEED = 2**63 - 1
+MAX_SEED = MAX_INT64
 """Largest seed (int64 on the wire and in torch's generators)."""
 
 
@@ -58,6 +63,18 @@ def check_seed(value, param: str = "seed") -> int:
         raise InvalidRequest(f"`{param}` must be an integer, got {value!r}.", param)
     if not 0 <= value <= MAX_SEED:
         raise InvalidRequest(f"`{param}` must be in [0, 2^63), got {value}.", param)
+    return int(value)
+
+
+def check_count(value, param: str, high: int = MAX_INT32) -> int:
+    """`value` if it is an integer in [0, `high`] (a count or limit that travels as int32, or int64 with
+    `high=MAX_INT64`); InvalidRequest naming `param` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidRequest(f"`{param}` must be an integer, got {value!r}.", param)
+    if value < 0:
+        raise InvalidRequest(f"`{param}` must be >= 0, got {value}.", param)
+    if value > high:
+        raise InvalidRequest(f"`{param}` must be <= {high}, got {value}.", param)
     return int(value)
 
 
@@ -111,7 +128,7 @@ TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
 """A token id in a JSON body."""
 TokenIds = list[TokenId]
 """A list of token ids in a JSON body."""
-TopK = Annotated[StrictInt, Field(ge=0)]
+TopK = Annotated[StrictInt, Field(ge=0, le=MAX_INT32)]
 """`top_k` in a JSON body (the model's limit is checked against ModelInfo)."""
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 """A seed in a JSON body."""

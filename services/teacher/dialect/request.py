@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.teacher.errors import InvalidRequest
 from services.teacher.types import ModelInfo, check_id
-from services.teacher.values import TokenIds, check_temperature, parse_json
+from services.teacher.values import Seed, TokenIds, check_temperature, parse_json
 
 DEFAULT_MAX_TOKENS = 16
 """vLLM's default `max_tokens` for completions."""
@@ -53,7 +53,10 @@ class CompletionBody(BaseModel):
     user: str | None = Field(None, description="OpenAI's end-user id: the job, unless the token names one.")
     stream: bool | None = Field(False, description="Not supported: refused with a 400.")
     n: int | None = Field(1, description="Choices per prompt: 1 only.")
-    seed: int | None = Field(None, description="Seed of the generated tokens' draws.")
+    seed: Seed | None = Field(
+        None,
+        description="Seed of the generated tokens' draws, in [0, 2^63) (another is refused, not wrapped).",
+    )
     ignore_eos: bool = Field(False, description="Generate past the end-of-sequence token.")
     prompt_logprob_token_ids: list[list[int]] | list[list[list[int]]] | None = Field(
         None,
@@ -323,7 +326,7 @@ def plan_call(body: CompletionBody, tokenizer, info: ModelInfo, served: set[str]
         echo=bool(body.echo),
         as_token_ids=bool(body.return_tokens_as_token_ids),
         return_token_ids=bool(body.return_token_ids),
-        seed=None if body.seed is None else body.seed & (2**63 - 1),
+        seed=body.seed,
         ignore_eos=body.ignore_eos,
     )
 

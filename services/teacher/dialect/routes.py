@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from services.teacher import metrics
 from services.teacher.dialect.render import TokenTexts, completion_body, render
-from services.teacher.dialect.request import ModelNotFound, parse_body, plan_call
+from services.teacher.dialect.request import CompletionBody, ModelNotFound, parse_body, plan_call
 from services.teacher.dialect.scoring import CallScorer
 from services.teacher.errors import TeacherError
 from services.teacher.types import check_id
@@ -42,7 +42,7 @@ def job_of(principal, header: str | None, user: str | None) -> str:
 
 def vllm_router(dispatcher, served_name: str) -> APIRouter:
     """`POST /v1/completions` over a started Dispatcher (which carries the tokenizer)."""
-    from services.teacher.http_api import error_body, error_of  # the HTTP API includes this router
+    from services.teacher.http_api import error_body, error_of, openapi_body  # it includes this router
 
     router = APIRouter()
     info, tokenizer = dispatcher.info, dispatcher.tokenizer
@@ -50,7 +50,7 @@ def vllm_router(dispatcher, served_name: str) -> APIRouter:
     scorer = CallScorer(dispatcher, info.eos_token_id)
     served = {served_name, info.model_id}
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", openapi_extra=openapi_body(CompletionBody))
     async def completions(request: Request) -> Response:
         """vLLM's completions with `prompt_logprobs` (scoring) and one-token generations; see docs/vllm.md."""
         principal = request.state.principal
