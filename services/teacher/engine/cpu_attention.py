@@ -123,7 +123,7 @@ def choose_why(
     setting: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
 ) -> tuple[str, str]:
     """`sdpa` or `blocked` for an engine, and why (for the start-up log). `auto` on a CPU: blocked where a probe
-    of the model's head layout finds it faster than sdpa in every trial, MIN_SPEEDUP in the median (on AVX512-BF16 EPYC
+    of the model's head layout finds it MIN_SPEEDUP faster than sdpa in the median trial, the margin slower in none (on AVX512-BF16 EPYC
     cores: ~2x in bfloat16, ~1.2-1.4x in float32, i.e. 1.15x and 1.035x the SmolLM2 engine); sdpa, the default,
     where it does not or the trials disagree. A GPU keeps sdpa (flash kernels)."""
     if setting not in CHOICES:
