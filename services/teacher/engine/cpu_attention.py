@@ -87,23 +87,31 @@ def attention(
     return out_BQkGd.view(B, Q, h, d)
 
 
+def probe_kernels(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, tokens: int = 256):
+    """The two sides `blocked_probe` times, as (sdpa, blocked) callables over 4 random causal sequences of
+    `tokens` with this head layout in `dtype`. Call under `torch.inference_mode()`."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, heads, tokens, head_dim, generator=g).to(dtype)  # (B, h, Q, d)
+    k, v = (
+        torch.randn(4, kv_heads, tokens, head_dim, generator=g).to(dtype) for _ in range(2)
+    )  # (B, k, K, d)
+    gqa = heads != kv_heads
+
+    def sdpa():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    return sdpa, (lambda: attention(q, k, v, None, head_dim**-0.5))
+
+
 @functools.cache
 @torch.inference_mode()
 def blocked_probe(
     dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, tokens: int = 256
 ) -> cpu_linear.Verdict:
     """Whether `attention` runs at least MIN_SPEEDUP faster than torch's sdpa on this CPU for 4 causal sequences
-    of `tokens` with this head layout (cpu_linear.probe: repeated, interleaved trials). Measured once per process
-    and shape, so every engine of a process chooses alike."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(4, heads, tokens, head_dim, generator=g).to(dtype)
-    k, v = (torch.randn(4, kv_heads, tokens, head_dim, generator=g).to(dtype) for _ in range(2))
-    gqa = heads != kv_heads
-
-    def sdpa():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-
-    return cpu_linear.probe(sdpa, lambda: attention(q, k, v, None, head_dim**-0.5), MIN_SPEEDUP)
+    of `tokens` with this head layout (cpu_linear.probe of `probe_kernels`: repeated, interleaved trials).
+    Measured once per process and shape, so every engine of a process chooses alike."""
+    return cpu_linear.probe(*probe_kernels(dtype, heads, kv_heads, head_dim, tokens), MIN_SPEEDUP)
 
 
 def choose(setting: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int):
@@ -115,7 +123,7 @@ def choose_why(
     setting: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
 ) -> tuple[str, str]:
     """`sdpa` or `blocked` for an engine, and why (for the start-up log). `auto` on a CPU: blocked where a probe
-    of the model's head layout finds it at least MIN_SPEEDUP faster than sdpa in every trial (on AVX512-BF16 EPYC
+    of the model's head layout finds it MIN_SPEEDUP faster than sdpa in the median trial, the margin slower in none (on AVX512-BF16 EPYC
     cores: ~2x in bfloat16, ~1.2-1.4x in float32, i.e. 1.15x and 1.035x the SmolLM2 engine); sdpa, the default,
     where it does not or the trials disagree. A GPU keeps sdpa (flash kernels)."""
     if setting not in CHOICES:
