@@ -157,8 +157,9 @@ def verdict(records: list[dict], task: str) -> list[str]:
     return out + safety(groups, tg, task) + [line for m in WHY if (line := moved(groups, m, task))]
 
 
-WHY = ("readout-L8", "lora-L8", "lora-full", "sft-gold")
-"""The rows that say why: a bias of the output layer, a restricted update, no teacher at all."""
+WHY = ("readout-L8", "lora-L8", "lora-full", "sft-gold", "seqkd")
+"""The rows that say why: a bias of the output layer, a restricted update, no teacher at all, the teacher's
+own answers off-policy (SeqKD)."""
 
 
 def safety(groups, tg, task: str) -> list[str]:
