@@ -46,7 +46,10 @@ def tiny_other_tokenizer(models_dir) -> Path:
     return build_tiny(models_dir / "other", layers=1, hidden=32, seed=3, vocab_size=400)
 
 
-_DB_COUNTER = iter(range(1, 16))
+_FREE_DBS = list(range(15, 0, -1))
+"""Redis database numbers not held by a module (Redis has 16 by default; 0 is left to people). A module's
+number comes back when its fixture is torn down, after the processes that used it (they depend on it), so the
+suite may hold more modules than numbers."""
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +58,23 @@ def redis_url() -> str:
     import redis
 
     base = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
-    db = next(_DB_COUNTER, None)
-    if db is None:
+    if not _FREE_DBS:
         pytest.skip("out of Redis database numbers")
+    db = _FREE_DBS.pop()
     url = f"{base}/{db}"
     client = redis.Redis.from_url(url)
     try:
         client.ping()
     except redis.ConnectionError:
+        _FREE_DBS.append(db)
         pytest.skip(f"no Redis at {base}")
     client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+        _FREE_DBS.append(db)
 
 
 @pytest.fixture
