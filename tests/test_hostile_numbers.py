@@ -200,38 +200,39 @@ def refused_by_name(r: httpx.Response, field: str) -> bool:
     return r.status_code in (400, 422) and r.json()["error"]["param"].split("[")[0] == field
 
 
-def test_numeric_edges_over_http_logprobs(teacher):
+def edge_failures(teacher, path: str, bodies, unchanged) -> list[tuple]:
+    """POST each hostile body to `path`: a refusal must name its field; an answer (parsed with NaN and Infinity
+    refused) must pass `unchanged(answer, sent, field, value)`. Returns what did neither."""
     bad = []
-    for field, tok, body in hostile_bodies(LOGPROBS_BODY, LOGPROBS_FIELDS):
+    for field, tok, body in bodies:
         TALLY["numeric edges (HTTP)"] += 1
-        r = post(teacher, "/v1/logprobs", body)
+        r = post(teacher, path, body)
         if r.status_code != 200:
             if not refused_by_name(r, field):
                 bad.append((field, tok, r.status_code, r.text[:200]))
             continue
         out, sent = json.loads(r.text, parse_constant=no_constant), json.loads(body)
-        value = json.loads(tok)
+        if not unchanged(out, sent, field, json.loads(tok)):
+            bad.append((field, tok, 200, r.text[:200]))
+    return bad
+
+
+def test_numeric_edges_over_http_logprobs(teacher):
+    def unchanged(out, sent, field, value):
         ok = out["prompt_token_ids"] == sent["prompt_token_ids"]
         ok &= [t["token_id"] for t in out["tokens"]] == sent["completion_token_ids"]
         ok &= all(len(t["top"]) == sent["top_k"] for t in out["tokens"])
         if field == "temperature":
             ok &= np.float32(1e-6) <= np.float32(value) <= 1e6
-        if not ok:
-            bad.append((field, tok, 200, r.text[:200]))
-    assert not bad, bad
+        return ok
+
+    bodies = hostile_bodies(LOGPROBS_BODY, LOGPROBS_FIELDS)
+    assert not (bad := edge_failures(teacher, "/v1/logprobs", bodies, unchanged)), bad
 
 
 def test_numeric_edges_over_http_completions(teacher):
-    bad = []
-    for field, tok, body in hostile_bodies(COMPLETIONS_BODY, COMPLETIONS_FIELDS):
-        TALLY["numeric edges (HTTP)"] += 1
-        r = post(teacher, "/v1/completions", body)
-        if r.status_code != 200:
-            if not refused_by_name(r, field):
-                bad.append((field, tok, r.status_code, r.text[:200]))
-            continue
-        choice, sent = json.loads(r.text, parse_constant=no_constant)["choices"][0], json.loads(body)
-        value = json.loads(tok)
+    def unchanged(out, sent, field, value):
+        choice = out["choices"][0]
         ok = choice["prompt_token_ids"] == sent["prompt"]
         ok &= all(
             list(e)[0] == str(i)
@@ -241,6 +242,7 @@ def test_numeric_edges_over_http_completions(teacher):
             ok &= 0 <= value < 2**63  # the seed drawn with is the seed sent
         if field == "temperature":
             ok &= value == 0 or np.float32(1e-6) <= np.float32(value) <= 1e6
-        if not ok:
-            bad.append((field, tok, 200, r.text[:200]))
-    assert not bad, bad
+        return ok
+
+    bodies = hostile_bodies(COMPLETIONS_BODY, COMPLETIONS_FIELDS)
+    assert not (bad := edge_failures(teacher, "/v1/completions", bodies, unchanged)), bad
