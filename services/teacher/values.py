@@ -57,10 +57,15 @@ def check_temperature(value, param: str = "temperature", *, zero_ok: bool = Fals
     return t
 
 
-def check_seed(value, param: str = "seed") -> int:
-    """`value` if it is an integer in [0, MAX_SEED]; InvalidRequest naming `param` otherwise."""
+def _integer(value, param: str) -> None:
+    """InvalidRequest naming `param` unless `value` is a Python or numpy integer (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidRequest(f"`{param}` must be an integer, got {value!r}.", param)
+
+
+def check_seed(value, param: str = "seed") -> int:
+    """`value` if it is an integer in [0, MAX_SEED]; InvalidRequest naming `param` otherwise."""
+    _integer(value, param)
     if not 0 <= value <= MAX_SEED:
         raise InvalidRequest(f"`{param}` must be in [0, 2^63), got {value}.", param)
     return int(value)
@@ -69,8 +74,7 @@ def check_seed(value, param: str = "seed") -> int:
 def check_count(value, param: str, high: int = MAX_INT32) -> int:
     """`value` if it is an integer in [0, `high`] (a count or limit that travels as int32, or int64 with
     `high=MAX_INT64`); InvalidRequest naming `param` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidRequest(f"`{param}` must be an integer, got {value!r}.", param)
+    _integer(value, param)
     if value < 0:
         raise InvalidRequest(f"`{param}` must be >= 0, got {value}.", param)
     if value > high:
