@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
@@ -452,4 +453,51 @@ def test_workers_die_with_their_supervisor(tiny_teacher, redis_url, tmp_path):
         left = [w for w in workers if _alive(w)]
         for w in left:
             os.kill(w, signal.SIGKILL)  # leave nothing behind, whatever the outcome
-        assert not left, "the worker outlived its supervisor"
+        assert not left, f"the worker outlived its supervisor; its log:\n{t.front.log.read_text()[-3000:]}"
+
+
+ORPHAN = """
+import logging, os, signal, sys, time
+from services.teacher.worker import die_with_parent
+logging.basicConfig(level=logging.INFO)
+signal.signal(signal.SIGTERM, lambda *_: None)  # a graceful stop that never ends
+die_with_parent(os.getppid(), grace_s=1.0)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_orphan_whose_graceful_stop_hangs_still_exits(tmp_path):
+    """The parent-death watch's deadline: a child that ignores SIGTERM, its parent killed -9, is gone within
+    the grace period (and says why), instead of lingering unsupervised."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    err = tmp_path / "orphan.log"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {ORPHAN!r}],"
+            f" stderr=open({str(err)!r}, 'w'), stdout=subprocess.PIPE); print(p.pid, flush=True); p.stdout.readline();"
+            " print('up', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    child = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "up"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    end = time.monotonic() + 15
+    while time.monotonic() < end and _alive(child):
+        time.sleep(0.1)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the orphan ignored SIGTERM and outlived its deadline"
+    assert "exiting now" in err.read_text()
