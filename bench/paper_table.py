@@ -103,12 +103,19 @@ def combine(parts: list[dict]) -> dict:
     metas = [p["meta"] for p in parts]
     for key in ("quick", "common"):
         assert all(m[key] == metas[0][key] for m in metas), f"--combine: the runs differ in {key}"
-    by_task = {r["task"]: m["seeds"] for p, m in zip(parts, metas, strict=True) for r in p["records"]}
+    by_task: dict[str, set[int]] = {}
+    for (
+        p
+    ) in parts:  # a task's seeds are those of all its parts (seed 2 of a method may come apart from 0 and 1)
+        for r in p["records"]:
+            by_task.setdefault(r["task"], set()).add(r["seed"])
+    cells = [(r["task"], r["method"], r["seed"]) for p in parts for r in p["records"]]
+    assert len(cells) == len(set(cells)), "--combine: a (task, method, seed) run appears twice"
     meta = metas[0] | {
         "wall_s": sum(m["wall_s"] for m in metas),
         "date": max(m["date"] for m in metas),
         "seeds": sorted({s for m in metas for s in m["seeds"]}),
-        "seeds_by_task": by_task,
+        "seeds_by_task": {task: sorted(seeds) for task, seeds in by_task.items()},
     }
     analyses = {task: a for p in parts for task, a in p["analyses"].items()}
     return {"meta": meta, "analyses": analyses, "records": [r for p in parts for r in p["records"]]}

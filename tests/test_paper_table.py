@@ -135,15 +135,21 @@ def test_every_method_is_a_valid_job(method):
 def test_combine_joins_runs_made_task_by_task_and_refuses_different_settings():
     from bench.paper_table import combine
 
-    def part(task, seeds, wall):
+    def part(task, seeds, wall, method="full"):
         meta = {"quick": False, "seeds": seeds, "common": ["steps=600"], "wall_s": wall, "date": "2026-12-07"}
-        return {"meta": meta, "analyses": {task: {"rescue": {}}}, "records": [{"task": task}]}
+        records = [{"task": task, "method": method, "seed": s} for s in seeds]
+        return {"meta": meta, "analyses": {task: {"rescue": {}}}, "records": records}
 
     both = combine([part("route", [0, 1, 2], 60.0), part("relay", [0, 1, 2], 30.0)])
     assert both["meta"]["wall_s"] == 90.0 and set(both["analyses"]) == {"route", "relay"}
-    assert [r["task"] for r in both["records"]] == ["route", "relay"]
+    assert [r["task"] for r in both["records"]] == ["route"] * 3 + ["relay"] * 3
     fewer = combine([part("route", [0, 1, 2], 60.0), part("relay", [0, 1], 30.0)])
     assert fewer["meta"]["seeds_by_task"] == {"route": [0, 1, 2], "relay": [0, 1]}
+    # a third seed run on its own joins the task's first two (the last part does not replace them)
+    third = combine([part("relay", [0, 1], 30.0), part("relay", [2], 10.0), part("relay", [0], 5.0, "seqkd")])
+    assert third["meta"]["seeds_by_task"] == {"relay": [0, 1, 2]} and len(third["records"]) == 4
+    with pytest.raises(AssertionError, match="twice"):
+        combine([part("relay", [0, 1], 30.0), part("relay", [1], 10.0)])
     other = part("relay", [0, 1], 30.0)
     other["meta"]["common"] = ["steps=200"]
     with pytest.raises(AssertionError, match="common"):
