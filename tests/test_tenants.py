@@ -92,8 +92,10 @@ def test_the_smallest_accepted_temperature_gives_finite_logprobs(teacher):
     assert all(np.isfinite(t["logprob"]) for t in r.json()["tokens"])
 
 
-@pytest.mark.parametrize("value", [1e-40, 1.4e-45, 1e39])
+@pytest.mark.parametrize("value", [1e-40, 1.4e-45, 1e39, 1e-320, 0.0])
 def test_grpc_temperatures_float32_cannot_compute_are_refused(teacher, value):
+    """1e-320 is 0 in float32, and 0 was proto3's "unset": it was scored at T = 1. The field has presence now, so
+    a temperature set to anything float32 cannot compute is refused; one left unset is the default."""
     m = pb.ScoreRequest(
         job_id="team-a/g", prompt_token_ids=[5, 6], completion_token_ids=[7], temperature=value
     )

@@ -212,7 +212,7 @@ class ScoreRequest:
             job_id=m.job_id or "default",
             top_k=m.top_k,
             full=m.full,
-            temperature=m.temperature if m.temperature != 0 else 1.0,
+            temperature=m.temperature if m.HasField("temperature") else 1.0,  # an explicit 0 is refused
             full_dtype=full_dtype,
             timeout_ms=m.timeout_ms,
             candidate_ids=cls._candidates_of(m),
