@@ -15,6 +15,7 @@ import time
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 from teacher_proc import Teacher
 
@@ -74,6 +75,9 @@ HUGE = json.dumps(
 
 
 JSON = {"content-type": "application/json"}
+ROUTE_HUGE = json.dumps(
+    {"prompt_token_ids": [5, 6], "completion_token_ids": [7], "candidate_ids": [[3] * 120] * 4000}
+).encode()  # 1.4 MB of well-formed JSON, no array over the screen's bound: refused by the route's own checks
 
 
 # -- 1. refused bodies do not stall everyone -------------------------------------------------------------------
@@ -116,12 +120,13 @@ def test_a_large_refused_body_is_screened_off_the_event_loop(teacher):
     stop = threading.Event()
     codes: list[int] = []
 
-    def hostile():
+    def hostile(body: bytes):
         with httpx.Client(timeout=60) as c:
             while not stop.is_set():
-                codes.append(c.post(teacher.http + "/v1/logprobs", content=HUGE, headers=JSON).status_code)
+                codes.append(c.post(teacher.http + "/v1/logprobs", content=body, headers=JSON).status_code)
 
-    threads = [threading.Thread(target=hostile, daemon=True) for _ in range(4)]
+    refused = metric(teacher, "teacher_http_bodies_screened_total", outcome="refused")
+    threads = [threading.Thread(target=hostile, args=(b,), daemon=True) for b in (HUGE, ROUTE_HUGE) * 2]
     for t in threads:
         t.start()
     time.sleep(1.0)
@@ -130,11 +135,66 @@ def test_a_large_refused_body_is_screened_off_the_event_loop(teacher):
     for t in threads:
         t.join(60)
     print(
-        f"gRPC GetModelInfo p50: quiet {quiet * 1e3:.1f} ms, four clients looping 3.3 MB bodies {loaded * 1e3:.1f} ms "
+        f"gRPC GetModelInfo p50: quiet {quiet * 1e3:.1f} ms, four clients looping 3.3 and 1.4 MB bodies {loaded * 1e3:.1f} ms "
         f"({len(codes)} bodies refused)"
     )
     assert codes and set(codes) == {400}, set(codes)
+    # every one refused in the screen's child (before its route checks ran there, ROUTE_HUGE was parsed here)
+    assert metric(teacher, "teacher_http_bodies_screened_total", outcome="refused") == refused + len(codes)
     assert loaded < 0.25, loaded
+
+
+ROUTE_REFUSALS = [  # (route, body): bodies the structural screen passes and the route itself refuses
+    ("/v1/logprobs", {"prompt_token_ids": [5, 6], "completion_token_ids": [7], "top_k": "3"}),  # schema: 422
+    ("/v1/logprobs", {"prompt_token_ids": [5, 10**6], "completion_token_ids": [7]}),  # model: vocab, 400
+    ("/v1/logprobs", {"prompt_token_ids": [5], "completion_token_ids": [7], "candidate_ids": [[1], [2]]}),
+    ("/v1/completions", {"prompt": [5, 6], "max_tokens": 0, "prompt_logprobs": "8"}),  # schema
+    ("/v1/completions", {"prompt": [5, 10**6], "max_tokens": 0, "prompt_logprobs": 1}),  # model: vocab
+    ("/v1/completions", {"prompt": [5, 6], "max_tokens": 0, "model": "another-model"}),  # 404
+    ("/v1/compare", {"prompt_token_ids": [5, 6], "completion_token_ids": [7], "top_k": True}),  # schema
+    ("/v1/rescue", {"task": "builtin:route", "lengths": [-1]}),  # schema
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), ROUTE_REFUSALS, ids=[f"{p}-{i}" for i, (p, _) in enumerate(ROUTE_REFUSALS)]
+)
+def test_a_large_body_its_route_refuses_is_refused_by_the_screen_as_the_route_would(teacher, path, body):
+    """A body over the inline bound that is well-formed JSON with no over-long array, but that its route refuses
+    (its schema, or the model's limits), is refused in the screen's child, not parsed on the event loop: the
+    counter of screened refusals counts it, and the answer is the one the route gives the same body sent small
+    (here made large by JSON whitespace, so that only the size differs)."""
+    small = httpx.post(teacher.http + path, json=body, timeout=60)
+    assert 400 <= small.status_code < 500, small.text
+    before = metric(teacher, "teacher_http_bodies_screened_total", outcome="refused")
+    large = httpx.post(
+        teacher.http + path, content=json.dumps(body).encode() + b" " * 70_000, headers=JSON, timeout=60
+    )
+    assert (large.status_code, large.json()) == (small.status_code, small.json())
+    assert metric(teacher, "teacher_http_bodies_screened_total", outcome="refused") == before + 1
+
+
+def test_a_large_body_its_route_accepts_passes_the_screen(teacher):
+    """The same whitespace-padded form of a good body is screened, passes and is answered as the small one."""
+    body = {"prompt_token_ids": [5, 6], "completion_token_ids": [7, 8], "top_k": 2}
+    before = metric(teacher, "teacher_http_bodies_screened_total", outcome="passed")
+    small = httpx.post(teacher.http + "/v1/logprobs", json=body, timeout=60)
+    large = httpx.post(
+        teacher.http + "/v1/logprobs",
+        content=json.dumps(body).encode() + b" " * 70_000,
+        headers=JSON,
+        timeout=60,
+    )
+    assert small.status_code == large.status_code == 200, large.text
+
+    def flat(answer):  # (ids, logprobs) of every token and alternative (the second call may reuse the
+        # first's cached prompt: another summation order, equal within float32 rounding)
+        pairs = [(t["token_id"], t["logprob"]) for tok in answer["tokens"] for t in [tok, *tok["top"]]]
+        return [i for i, _ in pairs], np.array([lp for _, lp in pairs])
+
+    (ids_s, lp_s), (ids_l, lp_l) = flat(small.json()), flat(large.json())
+    assert ids_l == ids_s and np.allclose(lp_l, lp_s, atol=1e-4, rtol=0)
+    assert metric(teacher, "teacher_http_bodies_screened_total", outcome="passed") == before + 1
 
 
 # -- 2. header and body deadlines, connections per client ------------------------------------------------------

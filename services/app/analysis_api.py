@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.app.analysis_service import AnalysisService
 from services.teacher.errors import InvalidRequest
-from services.teacher.http_api import install_error_handlers, openapi_body
+from services.teacher.http_api import body_error, install_error_handlers, openapi_body, verdict_of
 from services.teacher.values import SamplingTemperature, Seed, Text, TokenIds, TopK, parse_json
 from trainer.teacher_io import AbandonableTeacher
 
@@ -117,21 +117,43 @@ def _field_error(loc: tuple, message: str) -> RequestValidationError:
 _COMPARE_BODY = openapi_body(CompareRequest, CompareBatchRequest)
 
 
-async def _compare_body(request: Request) -> CompareRequest | CompareBatchRequest:
-    """The body as the single or the batch form (`prompts` or `task` marks a batch), or a 422 naming the field."""
-    try:  # also JSON nested too deeply for the parser (RecursionError)
-        raw = parse_json(await request.body())
-    except InvalidRequest as err:
-        raise _field_error((), err.message) from None
+def compare_body(raw) -> CompareRequest | CompareBatchRequest:
+    """A parsed body as the single or the batch form (`prompts` or `task` marks a batch), or a 422 naming the
+    field (RequestValidationError)."""
     if not isinstance(raw, dict):
         raise _field_error((), "the body must be a JSON object")
     model = CompareBatchRequest if ("prompts" in raw or "task" in raw) else CompareRequest
     try:
         return model.model_validate(raw)
     except ValidationError as err:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
-        ) from None
+        raise body_error(err) from None
+
+
+async def _compare_body(request: Request) -> CompareRequest | CompareBatchRequest:
+    """The body of a /v1/compare call (see `compare_body`)."""
+    try:  # also JSON nested too deeply for the parser (RecursionError)
+        raw = parse_json(await request.body())
+    except InvalidRequest as err:
+        raise _field_error((), err.message) from None
+    return compare_body(raw)
+
+
+def screen_compare(value) -> tuple | None:
+    """/v1/compare's refusal of a parsed body's schema, in the HTTP body screen's child (http_guard.RouteCheck)."""
+    try:
+        compare_body(value)
+    except RequestValidationError as err:
+        return verdict_of(err)
+    return None
+
+
+def screen_rescue(value) -> tuple | None:
+    """/v1/rescue's refusal of a parsed body's schema, in the HTTP body screen's child."""
+    try:
+        RescueRequest.model_validate(value)
+    except ValidationError as err:
+        return verdict_of(body_error(err))
+    return None
 
 
 def _authorize(request: Request, job_id: str) -> None:
@@ -185,6 +207,10 @@ async def _disconnected(request: Request) -> None:
 def analysis_router(service: AnalysisService) -> APIRouter:
     """The analysis routes over `service` (the page, its data, and the two analyses)."""
     router = APIRouter(tags=["analysis"])
+    router.body_checks = {
+        "/v1/compare": screen_compare,
+        "/v1/rescue": screen_rescue,
+    }  # http_api's body screen
 
     @router.post("/v1/compare", openapi_extra=_COMPARE_BODY)
     async def compare(request: Request) -> JSONResponse:

@@ -12,6 +12,7 @@ middleware (`_guard`) in front of every route, the analysis routers included, ex
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -20,17 +21,18 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.teacher import metrics
 from services.teacher.dialect.routes import vllm_router
 from services.teacher.errors import TeacherError, http_status
 from services.teacher.frontend import Dispatcher
-from services.teacher.http_guard import BodyGuard, BodyScreen
+from services.teacher.http_guard import BodyGuard, BodyScreen, Verdict
 from services.teacher.pb.teacher.v1 import teacher_pb2 as pb
 from services.teacher.textapi import TokenTexts, logprobs_body, render_json, resolve_ids
 from services.teacher.types import ModelInfo, ScoreRequest, ScoreResult
+from services.teacher.validation import validate_request
 from services.teacher.values import StrictIds
 
 
@@ -196,30 +198,58 @@ def _model_card(info: ModelInfo, served_name: str, created: int) -> dict:
     }
 
 
+def _score_request(body: LogprobsRequest, tokenizer) -> ScoreRequest:
+    """The ScoreRequest of a /v1/logprobs body; InvalidRequest naming the field."""
+    p, c = resolve_ids(
+        tokenizer, body.prompt, body.prompt_token_ids, body.completion, body.completion_token_ids
+    )
+    return ScoreRequest(
+        p,
+        c,
+        request_id="http",
+        job_id=body.job_id,
+        top_k=body.top_k,
+        temperature=body.temperature,
+        candidate_ids=body.candidate_ids,
+    )
+
+
 async def _request_of(dispatcher: Dispatcher, body: LogprobsRequest) -> ScoreRequest:
     """The ScoreRequest of a body (text tokenized off the event loop); rejections are counted here, since
     they never reach the dispatcher (which counts its own outcomes)."""
     try:
-        p, c = await asyncio.to_thread(
-            resolve_ids,
-            dispatcher.tokenizer,
-            body.prompt,
-            body.prompt_token_ids,
-            body.completion,
-            body.completion_token_ids,
-        )
-        return ScoreRequest(
-            p,
-            c,
-            request_id="http",
-            job_id=body.job_id,
-            top_k=body.top_k,
-            temperature=body.temperature,
-            candidate_ids=body.candidate_ids,
-        )
+        return await asyncio.to_thread(_score_request, body, dispatcher.tokenizer)
     except TeacherError as err:
         metrics.REQUESTS.labels(transport="http", code=err.code).inc()
         raise
+
+
+def body_error(err: ValidationError) -> RequestValidationError:
+    """A body model's ValidationError as FastAPI reports a malformed body (its locations under `body`)."""
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)])
+
+
+def verdict_of(err: Exception) -> Verdict:
+    """(status, param, message) of a refusal, as the route's error handlers answer it (install_error_handlers)."""
+    if isinstance(err, RequestValidationError):
+        return 422, *_param_of(err)
+    assert isinstance(err, TeacherError), err
+    return http_status(err), err.param, err.message
+
+
+def screen_logprobs(value, info: ModelInfo) -> Verdict | None:
+    """/v1/logprobs's refusal of a parsed body, in the body screen's child (http_guard.RouteCheck): its schema,
+    then, for a body of token ids, the request's checks and the model's limits (a body with text needs the
+    tokenizer: its route decides)."""
+    try:
+        body = LogprobsRequest.model_validate(value)
+        if body.prompt is None and body.completion is None:
+            validate_request(_score_request(body, None), info)
+    except ValidationError as err:
+        return verdict_of(body_error(err))
+    except TeacherError as err:
+        return verdict_of(err)
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -263,7 +293,11 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
     install_error_handlers(app)
     # inside the guard (added after it): a caller without a valid token is refused before its body is read
     settings = dispatcher.settings
-    app.state.body_screen = BodyScreen(max(info.max_context, settings.max_pending_per_job))
+    dialect = vllm_router(dispatcher, served_name)
+    checks = {"/v1/logprobs": functools.partial(screen_logprobs, info=info)}
+    for router in (dialect, *routers):  # a router's own body checks (`body_checks`), by path
+        checks |= getattr(router, "body_checks", {})
+    app.state.body_screen = BodyScreen(max(info.max_context, settings.max_pending_per_job), checks)
     app.add_middleware(
         BodyGuard,
         limit=settings.max_request_bytes,
@@ -272,7 +306,7 @@ def create_app(dispatcher: Dispatcher, routers: Sequence[APIRouter] = ()) -> Fas
         screen=app.state.body_screen,
     )
     _install_guard(app, dispatcher)
-    app.include_router(vllm_router(dispatcher, served_name))
+    app.include_router(dialect)
     app.state.quotas = dispatcher.quotas  # routes added by a composition root charge their callers here too
     for router in routers:
         app.include_router(router)

@@ -34,14 +34,33 @@ Verdict = tuple[int, str, str]
 """(HTTP status, param, message) of a refused body."""
 
 
-def screen_json(raw: bytes, max_items: int) -> Verdict | None:
+RouteCheck = Callable[[object], "Verdict | None"]
+"""A route's own refusal of a parsed body, run in the screen's child (picklable: a module-level function or a
+`functools.partial` of one): the (status, param, message) its route would answer, or None to let it decide."""
+
+
+def screen_json(raw: bytes, max_items: int, check: RouteCheck | None = None) -> Verdict | None:
     """Runs in the screen's child process: the refusal of a body that is not JSON, nested too deeply for the
     parser, or holds an array longer than `max_items` (no route accepts one: token ids and candidate rows are
-    bounded by the model's context, a call's prompts by a job's queue); None for a body the route may parse."""
+    bounded by the model's context, a call's prompts by a job's queue), then the refusal its route's own `check`
+    gives (its schema and the model's limits, so that a large body the route would refuse is not parsed on the
+    event loop either); None for a body the route may parse."""
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return 422, "body", f"`body` is not valid JSON: {str(err)[:200]}."
+    verdict = _too_long(value, max_items)
+    if verdict is not None or check is None:
+        return verdict
+    try:
+        return check(value)
+    except Exception:  # noqa: BLE001 - a check that cannot tell leaves the body to its route, which can
+        log.exception("a route's body check failed; the route decides")
+        return None
+
+
+def _too_long(value, max_items: int) -> Verdict | None:
+    """The refusal of the first array longer than `max_items` in a parsed body, by its path."""
     stack = [(value, "")]
     while stack:  # iterative: the depth the parser accepted may exceed the recursion limit
         node, path = stack.pop()
@@ -65,8 +84,10 @@ class BodyScreen:
     body costs the event loop one copy of its bytes, not the ~100 ms (per 4 MB) of parsing it. A body that passes
     is then parsed by its route as usual; one child bounds what hostile bodies can take from the machine."""
 
-    def __init__(self, max_items: int) -> None:
+    def __init__(self, max_items: int, checks: dict[str, RouteCheck] | None = None) -> None:
         self.max_items = max_items
+        self.checks = dict(checks or {})
+        """Each route's own check by path (`screen_json`): routes not named get the structural screen only."""
         self._pool: ProcessPoolExecutor | None = None
         self.screened = 0
         """Bodies screened so far (the tests read it through `teacher_http_bodies_screened_total`)."""
@@ -81,12 +102,13 @@ class BodyScreen:
             )
             self._pool.submit(int)  # the child starts in the background
 
-    async def __call__(self, raw: bytes) -> Verdict | None:
+    async def __call__(self, raw: bytes, path: str = "") -> Verdict | None:
         from services.teacher import metrics
 
         self.start()
+        check = self.checks.get(path)
         try:
-            verdict = await asyncio.wrap_future(self._pool.submit(screen_json, raw, self.max_items))
+            verdict = await asyncio.wrap_future(self._pool.submit(screen_json, raw, self.max_items, check))
         except BrokenProcessPool:  # the child died (killed, out of memory): a fresh one for the next body
             self._pool = None
             return 503, "body", "the body screen restarted; send the request again."
@@ -138,7 +160,7 @@ class BodyGuard:
             more = message.get("more_body", False)
         raw = b"".join(chunks)
         if self.screen is not None and len(raw) > INLINE_BYTES:
-            verdict = await self.screen(raw)
+            verdict = await self.screen(raw, scope.get("path", ""))
             if verdict is not None:
                 return await self.error(*verdict)(scope, receive, send)
         replayed = False

@@ -70,9 +70,12 @@ class CompletionBody(BaseModel):
 
 def parse_body(raw: bytes) -> CompletionBody:
     """The body of a call; InvalidRequest naming the first bad field (or `body` for malformed JSON)."""
-    data = parse_json(
-        raw
-    )  # the standard parser keeps a lone surrogate, so that the check of `prompt` can name it
+    # the standard parser keeps a lone surrogate, so that the check of `prompt` can name it
+    return body_of(parse_json(raw))
+
+
+def body_of(data) -> CompletionBody:
+    """The body of a call from its parsed JSON; InvalidRequest naming the first bad field."""
     if not isinstance(data, dict):
         raise InvalidRequest("`body` must be a JSON object.", "body")
     try:

@@ -13,13 +13,14 @@ prefix is enforced on all of them (403 naming `job_id`).
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from services.teacher import metrics
 from services.teacher.dialect.render import TokenTexts, completion_body, render
-from services.teacher.dialect.request import CompletionBody, ModelNotFound, parse_body, plan_call
+from services.teacher.dialect.request import CompletionBody, ModelNotFound, body_of, parse_body, plan_call
 from services.teacher.dialect.scoring import CallScorer
 from services.teacher.errors import TeacherError
 from services.teacher.types import check_id
@@ -40,12 +41,34 @@ def job_of(principal, header: str | None, user: str | None) -> str:
     return principal.job_prefix + DEFAULT_JOB
 
 
+def screen_completions(value, info, served: frozenset[str]):
+    """/v1/completions's refusal of a parsed body, in the HTTP body screen's child (http_guard.RouteCheck): its
+    schema, then, when no prompt is text (text needs the tokenizer: the route decides), every limit of the call."""
+    from services.teacher.http_api import verdict_of
+
+    try:
+        body = body_of(value)
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if not any(isinstance(p, str) for p in prompts):
+            plan_call(body, None, info, served)
+    except ModelNotFound as err:
+        return 404, err.param, err.message
+    except TeacherError as err:
+        return verdict_of(err)
+    return None
+
+
 def vllm_router(dispatcher, served_name: str) -> APIRouter:
     """`POST /v1/completions` over a started Dispatcher (which carries the tokenizer)."""
     from services.teacher.http_api import error_body, error_of, openapi_body  # it includes this router
 
     router = APIRouter()
     info, tokenizer = dispatcher.info, dispatcher.tokenizer
+    router.body_checks = {  # read by http_api.create_app for its body screen
+        "/v1/completions": functools.partial(
+            screen_completions, info=info, served=frozenset({served_name, info.model_id})
+        )
+    }
     texts = TokenTexts(tokenizer)
     scorer = CallScorer(dispatcher, info.eos_token_id)
     served = {served_name, info.model_id}
