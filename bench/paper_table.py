@@ -103,10 +103,9 @@ def combine(parts: list[dict]) -> dict:
     metas = [p["meta"] for p in parts]
     for key in ("quick", "common"):
         assert all(m[key] == metas[0][key] for m in metas), f"--combine: the runs differ in {key}"
+    # a task's seeds are those of all its parts (seed 2 of a method may come apart from 0 and 1)
     by_task: dict[str, set[int]] = {}
-    for (
-        p
-    ) in parts:  # a task's seeds are those of all its parts (seed 2 of a method may come apart from 0 and 1)
+    for p in parts:
         for r in p["records"]:
             by_task.setdefault(r["task"], set()).add(r["seed"])
     cells = [(r["task"], r["method"], r["seed"]) for p in parts for r in p["records"]]

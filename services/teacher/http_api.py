@@ -259,7 +259,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.REQUESTS.labels(transport="http", code="INVALID_ARGUMENT").inc()
-        return _error(422, *_param_of(exc))
+        return _error(*verdict_of(exc))
 
     @app.exception_handler(TeacherError)
     async def teacher_error(_request: Request, exc: TeacherError) -> JSONResponse:

@@ -64,14 +64,12 @@ def vllm_router(dispatcher, served_name: str) -> APIRouter:
 
     router = APIRouter()
     info, tokenizer = dispatcher.info, dispatcher.tokenizer
+    served = frozenset({served_name, info.model_id})
     router.body_checks = {  # read by http_api.create_app for its body screen
-        "/v1/completions": functools.partial(
-            screen_completions, info=info, served=frozenset({served_name, info.model_id})
-        )
+        "/v1/completions": functools.partial(screen_completions, info=info, served=served)
     }
     texts = TokenTexts(tokenizer)
     scorer = CallScorer(dispatcher, info.eos_token_id)
-    served = {served_name, info.model_id}
 
     @router.post("/v1/completions", openapi_extra=openapi_body(CompletionBody))
     async def completions(request: Request) -> Response:
