@@ -132,7 +132,9 @@ class CallPlan:
 
 
 class ModelNotFound(InvalidRequest):
-    """`model` names another model than the served one (vLLM answers 404)."""
+    """`model` names another model than the served one (vLLM answers 404: errors.HTTP_STATUS)."""
+
+    code = "NOT_FOUND"
 
 
 def vllm_error(message: str, param: str, value=None) -> InvalidRequest:

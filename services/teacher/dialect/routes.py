@@ -16,11 +16,11 @@ import asyncio
 import functools
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from services.teacher import metrics
 from services.teacher.dialect.render import TokenTexts, completion_body, render
-from services.teacher.dialect.request import CompletionBody, ModelNotFound, body_of, parse_body, plan_call
+from services.teacher.dialect.request import CompletionBody, body_of, parse_body, plan_call
 from services.teacher.dialect.scoring import CallScorer
 from services.teacher.errors import TeacherError
 from services.teacher.types import check_id
@@ -51,8 +51,6 @@ def screen_completions(value, info, served: frozenset[str]):
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if not any(isinstance(p, str) for p in prompts):
             plan_call(body, None, info, served)
-    except ModelNotFound as err:
-        return 404, err.param, err.message
     except TeacherError as err:
         return verdict_of(err)
     return None
@@ -60,7 +58,7 @@ def screen_completions(value, info, served: frozenset[str]):
 
 def vllm_router(dispatcher, served_name: str) -> APIRouter:
     """`POST /v1/completions` over a started Dispatcher (which carries the tokenizer)."""
-    from services.teacher.http_api import error_body, error_of, openapi_body  # it includes this router
+    from services.teacher.http_api import error_of, openapi_body  # it includes this router
 
     router = APIRouter()
     info, tokenizer = dispatcher.info, dispatcher.tokenizer
@@ -80,9 +78,6 @@ def vllm_router(dispatcher, served_name: str) -> APIRouter:
             plan = await asyncio.to_thread(plan_call, body, tokenizer, info, served)
             job = job_of(principal, request.headers.get(JOB_HEADER), body.user)
             principal.authorize(job)
-        except ModelNotFound as err:
-            metrics.REQUESTS.labels(transport="vllm", code="NOT_FOUND").inc()
-            return JSONResponse(status_code=404, content=error_body(404, err.param, err.message))
         except TeacherError as err:
             metrics.REQUESTS.labels(transport="vllm", code=err.code).inc()
             return error_of(err)
