@@ -106,12 +106,12 @@ bench-shortcuts: install
 	$(BIN)/python bench/shortcuts.py
 
 # The learning-rate sweep of the paper table on the validation split (seed 0, 3 rates per method, 600 steps;
-# ~25-30 min a task on 2 cores): bench/paper_lr.json, which bench-paper reads.
+# ~1.5 h a task on 2 cores for the 14 methods): bench/paper_lr.json, which bench-paper reads.
 bench-tune: install
 	$(BIN)/python bench/paper_tune.py
 
-# The paper's table on the testbed: both decision tasks, 8 methods at their tuned rates, 3 seeds, 600 steps,
-# through the teacher service, on the held-out split (~35-40 min a task on 2 cores):
+# The paper's table on the testbed: both decision tasks, all 14 methods at their tuned rates, 3 seeds, 600 steps,
+# through the teacher service, on the held-out split (~1.5 h a task on 2 cores; one cell: --methods/--seeds):
 # docs/results/paper_table.{md,json,png}, rescue.{md,png}, kl_position.{md,png}.
 bench-paper: install
 	$(BIN)/python bench/paper_table.py

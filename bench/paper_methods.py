@@ -104,7 +104,23 @@ def methods_for(task: str) -> dict[str, list[str]]:
     return dict(METHODS)
 
 
-RUN = ("full", "tail-L8", "prefix-L2", "prefix-L8", "prefix-L32", "lora-L8", "sft-gold", "readout-L8")
-"""The methods the committed table runs (bench/paper_table.py's default), the expensive ones (full-length
-rollouts) first: what 2 cores allow in one session at 600 steps; the others are defined and tested, not yet
-in the table (each full-length method costs ~6.5 minutes of 2 cores a run)."""
+RUN = (
+    "full",
+    "lora-full",
+    "seqkd",
+    "tail-L8",
+    "tailref-L8",
+    "linear",
+    "prefix-L32",
+    "prefix-L2",
+    "prefix-L8",
+    "lora-L8",
+    "offpolicy-L8",
+    "l2-L8",
+    "sft-gold",
+    "readout-L8",
+)
+"""The methods the committed table and sweep run (bench/paper_table.py's and paper_tune.py's default): every
+method, the expensive ones (full-length rollouts or samples) first, so that a pool of runs ends together. At 600
+steps a full-length method costs ~10 minutes of a job, a prefix one ~3; the whole table, 3 seeds on both tasks,
+~3 hours of 2 cores at 3 jobs (the committed records were run in parts and combined: --combine)."""
